@@ -1,0 +1,441 @@
+//! The admin handle: subscriptions and the key life cycle (K2-K9, P1).
+//!
+//! [`KeyAdmin`] is the only way to change an org's key. Every change:
+//!
+//! 1. loads the org's current snapshot and validates the change against it;
+//! 2. builds the next snapshot: new key (if any), generation + 1, "last modified by / on" (K7);
+//! 3. installs it with a compare-and-swap on the snapshot it was built from (P1; a durable
+//!    store commits here first, in a later release);
+//! 4. records an [`AuditEvent`] and a `tracing` event (O1);
+//! 5. returns.
+//!
+//! So when a change returns, every request and login that begins afterwards is judged against
+//! the new state (K6).
+//!
+//! # Concurrent changes
+//!
+//! Two changes to the same org that race are never merged and never lost silently: exactly one
+//! installs its snapshot; every other gets [`AdminError::Conflict`] and changes nothing (no
+//! audit event either). A caller that still wants its change made may look at the new state
+//! ([`KeyAdmin::view`]) and try again. Changes to different orgs never conflict.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use crate::audit::{AuditEvent, AuditSink, KeyAction, TracingAuditSink};
+use crate::clock::{Clock, SharedClock};
+use crate::key::{ApiKey, KeyFormatError, RandomnessError};
+use crate::org::{Actor, Generation, OrgId};
+use crate::table::{OrgState, OrgTable};
+
+/// What an admin sees of the org's key (K9).
+///
+/// `Debug` is redacted (the key's `Debug` is); read the key with
+/// [`ApiKey::expose_secret`] on [`KeyInfo::key`].
+#[derive(Debug, Clone)]
+pub struct KeyInfo {
+    key: Option<ApiKey>,
+    generation: Generation,
+    last_modified_by: Option<Actor>,
+    last_modified_on: Option<SystemTime>,
+    base_url: Option<Arc<str>>,
+}
+
+impl KeyInfo {
+    fn from_state(state: &OrgState, base_url: Option<Arc<str>>) -> Self {
+        Self {
+            key: state.key.clone(),
+            generation: state.generation,
+            last_modified_by: state.last_modified_by.clone(),
+            last_modified_on: state.last_modified_on,
+            base_url,
+        }
+    }
+
+    /// The key, or `None` after a delete (K5).
+    pub fn key(&self) -> Option<&ApiKey> {
+        self.key.as_ref()
+    }
+
+    /// Whether the org has an enabled key: every key that exists is enabled.
+    pub fn enabled(&self) -> bool {
+        self.key.is_some()
+    }
+
+    /// The org's generation (K6).
+    pub fn generation(&self) -> Generation {
+        self.generation
+    }
+
+    /// The last admin (or system actor) to change the key (K7).
+    pub fn last_modified_by(&self) -> Option<&Actor> {
+        self.last_modified_by.as_ref()
+    }
+
+    /// When the key was last changed (K7).
+    pub fn last_modified_on(&self) -> Option<SystemTime> {
+        self.last_modified_on
+    }
+
+    /// The base URL of this deployment's API, shown beside the key, if configured.
+    pub fn base_url(&self) -> Option<&str> {
+        self.base_url.as_deref()
+    }
+}
+
+/// Why an admin call failed. Nothing was changed.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum AdminError {
+    /// No org has this id.
+    UnknownOrg,
+    /// An org with this id already exists.
+    OrgExists,
+    /// The org has no API subscription, so its key cannot be managed (K8; HTTP 403).
+    NoSubscription,
+    /// The org already has an API subscription.
+    AlreadySubscribed,
+    /// `add` while a key exists: delete the existing key first (K2).
+    KeyExists,
+    /// The org has no key to edit, regenerate or delete (K5).
+    NoKey,
+    /// The new key value is not valid for this deployment (K1).
+    InvalidKey(KeyFormatError),
+    /// Another change to the same org was made concurrently and won; this one was not applied.
+    Conflict,
+    /// The OS random number generator failed (K3).
+    Randomness(RandomnessError),
+}
+
+impl fmt::Display for AdminError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::UnknownOrg => f.write_str("unknown organization"),
+            Self::OrgExists => f.write_str("organization already exists"),
+            Self::NoSubscription => f.write_str("no API subscription"),
+            Self::AlreadySubscribed => f.write_str("organization already has an API subscription"),
+            Self::KeyExists => {
+                f.write_str("an API key already exists: delete the existing key first")
+            }
+            Self::NoKey => f.write_str("the organization has no API key"),
+            Self::InvalidKey(_) => f.write_str("invalid API key value"),
+            Self::Conflict => f.write_str(
+                "the key was changed concurrently by another request; reload and try again",
+            ),
+            Self::Randomness(_) => f.write_str("could not generate a key"),
+        }
+    }
+}
+
+impl std::error::Error for AdminError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::InvalidKey(e) => Some(e),
+            Self::Randomness(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl AdminError {
+    /// A stable lowercase name of the variant, for logs and metrics.
+    pub const fn as_str(&self) -> &'static str {
+        match self {
+            Self::UnknownOrg => "unknown_org",
+            Self::OrgExists => "org_exists",
+            Self::NoSubscription => "no_subscription",
+            Self::AlreadySubscribed => "already_subscribed",
+            Self::KeyExists => "key_exists",
+            Self::NoKey => "no_key",
+            Self::InvalidKey(_) => "invalid_key",
+            Self::Conflict => "conflict",
+            Self::Randomness(_) => "randomness",
+        }
+    }
+}
+
+/// The handle that manages orgs' subscriptions and keys. Cheap to clone.
+///
+/// ```
+/// # tokio_test_block_on(async {
+/// use orgkey::{Actor, KeyAdmin, OrgId, OrgTable};
+///
+/// let admin = KeyAdmin::new(OrgTable::default());
+/// let org = OrgId::new("acme").unwrap();
+/// let alice = Actor::new("alice@acme.example").unwrap();
+/// admin.create_org(&org).unwrap();
+/// let info = admin.subscribe(&org, &alice).await.unwrap();
+/// let old = info.key().unwrap().clone();
+/// admin.regenerate(&org, &alice).await.unwrap();
+/// // The old key is dead as soon as regenerate returned (K6).
+/// assert!(admin.table().verify("acme", old.expose_secret().as_bytes()).is_err());
+/// # });
+/// # fn tokio_test_block_on<F: std::future::Future>(f: F) -> F::Output {
+/// #     tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(f)
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct KeyAdmin {
+    table: OrgTable,
+    audit: Arc<dyn AuditSink>,
+    clock: SharedClock,
+    base_url: Option<Arc<str>>,
+}
+
+impl fmt::Debug for KeyAdmin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyAdmin")
+            .field("table", &self.table)
+            .field("base_url", &self.base_url)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KeyAdmin {
+    /// A handle over `table`, auditing to `tracing` and using the system clock.
+    pub fn new(table: OrgTable) -> Self {
+        Self {
+            table,
+            audit: Arc::new(TracingAuditSink),
+            clock: SharedClock::default(),
+            base_url: None,
+        }
+    }
+
+    /// Sends audit events to `sink` instead of `tracing`.
+    pub fn with_audit_sink(mut self, sink: impl AuditSink) -> Self {
+        self.audit = Arc::new(sink);
+        self
+    }
+
+    /// Uses `clock` for "last modified on" (tests inject a fixed clock).
+    pub fn with_clock(mut self, clock: impl Clock) -> Self {
+        self.clock = SharedClock::new(clock);
+        self
+    }
+
+    /// The base URL shown beside the key (K9), for example `https://gw.example/api/v1`.
+    pub fn with_base_url(mut self, base_url: &str) -> Self {
+        self.base_url = Some(Arc::from(base_url));
+        self
+    }
+
+    /// The table this handle changes; give it to [`OrgKeyLayer`](crate::OrgKeyLayer).
+    pub fn table(&self) -> &OrgTable {
+        &self.table
+    }
+
+    /// Creates an org with no subscription and no key.
+    ///
+    /// # Errors
+    ///
+    /// [`AdminError::OrgExists`] if the org exists.
+    pub fn create_org(&self, org: &OrgId) -> Result<(), AdminError> {
+        if self.table.insert_new(org.clone()) {
+            tracing::info!(target: "orgkey::admin", org = %org, "organization created");
+            Ok(())
+        } else {
+            Err(AdminError::OrgExists)
+        }
+    }
+
+    /// What an admin sees of the org's key (K9).
+    ///
+    /// # Errors
+    ///
+    /// [`AdminError::UnknownOrg`], or [`AdminError::NoSubscription`] (K8).
+    pub fn view(&self, org: &OrgId) -> Result<KeyInfo, AdminError> {
+        let state = self
+            .table
+            .state(org.as_str())
+            .ok_or(AdminError::UnknownOrg)?;
+        if !state.subscribed {
+            return Err(AdminError::NoSubscription);
+        }
+        Ok(KeyInfo::from_state(&state, self.base_url.clone()))
+    }
+
+    /// Applies an API subscription and provisions a random, enabled key (K8).
+    ///
+    /// # Errors
+    ///
+    /// [`AdminError::UnknownOrg`], [`AdminError::AlreadySubscribed`], [`AdminError::Conflict`],
+    /// [`AdminError::Randomness`].
+    pub async fn subscribe(&self, org: &OrgId, actor: &Actor) -> Result<KeyInfo, AdminError> {
+        self.change(org, actor, KeyAction::Subscribe, |state| {
+            if state.subscribed {
+                return Err(AdminError::AlreadySubscribed);
+            }
+            Ok((true, Some(self.random_key()?)))
+        })
+        .await
+    }
+
+    /// Removes the API subscription and with it the key (K8, K5, K6).
+    ///
+    /// # Errors
+    ///
+    /// [`AdminError::UnknownOrg`], [`AdminError::NoSubscription`], [`AdminError::Conflict`].
+    pub async fn unsubscribe(&self, org: &OrgId, actor: &Actor) -> Result<KeyInfo, AdminError> {
+        self.change(org, actor, KeyAction::Unsubscribe, |state| {
+            if !state.subscribed {
+                return Err(AdminError::NoSubscription);
+            }
+            Ok((false, None))
+        })
+        .await
+    }
+
+    /// Adds a random key to an org that has none (K2, K3).
+    ///
+    /// # Errors
+    ///
+    /// [`AdminError::KeyExists`] while a key exists (delete it first), and
+    /// [`AdminError::UnknownOrg`], [`AdminError::NoSubscription`], [`AdminError::Conflict`],
+    /// [`AdminError::Randomness`].
+    pub async fn add(&self, org: &OrgId, actor: &Actor) -> Result<KeyInfo, AdminError> {
+        self.change(org, actor, KeyAction::Add, |state| {
+            if state.key.is_some() {
+                return Err(AdminError::KeyExists);
+            }
+            Ok((true, Some(self.random_key()?)))
+        })
+        .await
+    }
+
+    /// Sets the key to an admin-chosen value (K4). The same value may be used by other orgs.
+    ///
+    /// # Errors
+    ///
+    /// [`AdminError::InvalidKey`] if `key` does not have the table's format,
+    /// [`AdminError::NoKey`] if the org has no key to edit (add one), and
+    /// [`AdminError::UnknownOrg`], [`AdminError::NoSubscription`], [`AdminError::Conflict`].
+    pub async fn edit(
+        &self,
+        org: &OrgId,
+        key: ApiKey,
+        actor: &Actor,
+    ) -> Result<KeyInfo, AdminError> {
+        let format = self.table.format();
+        if key.format() != format {
+            return Err(AdminError::InvalidKey(KeyFormatError::WrongLength {
+                expected: format.len(),
+                actual: key.len(),
+            }));
+        }
+        self.change(org, actor, KeyAction::Edit, |state| {
+            if state.key.is_none() {
+                return Err(AdminError::NoKey);
+            }
+            Ok((true, Some(key.clone())))
+        })
+        .await
+    }
+
+    /// Replaces the key with a new random one (K3).
+    ///
+    /// # Errors
+    ///
+    /// [`AdminError::NoKey`], [`AdminError::UnknownOrg`], [`AdminError::NoSubscription`],
+    /// [`AdminError::Conflict`], [`AdminError::Randomness`].
+    pub async fn regenerate(&self, org: &OrgId, actor: &Actor) -> Result<KeyInfo, AdminError> {
+        self.change(org, actor, KeyAction::Regenerate, |state| {
+            if state.key.is_none() {
+                return Err(AdminError::NoKey);
+            }
+            Ok((true, Some(self.random_key()?)))
+        })
+        .await
+    }
+
+    /// Deletes the key: no request or login for the org succeeds until a key is added (K5).
+    ///
+    /// # Errors
+    ///
+    /// [`AdminError::NoKey`], [`AdminError::UnknownOrg`], [`AdminError::NoSubscription`],
+    /// [`AdminError::Conflict`].
+    pub async fn delete(&self, org: &OrgId, actor: &Actor) -> Result<KeyInfo, AdminError> {
+        self.change(org, actor, KeyAction::Delete, |state| {
+            if state.key.is_none() {
+                return Err(AdminError::NoKey);
+            }
+            Ok((true, None))
+        })
+        .await
+    }
+
+    fn random_key(&self) -> Result<ApiKey, AdminError> {
+        ApiKey::generate_with(self.table.format()).map_err(AdminError::Randomness)
+    }
+
+    /// The write path shared by every change (P1): validate against one snapshot, build the
+    /// next, compare-and-swap, audit.
+    ///
+    /// `decide` sees the current state and returns the next (subscribed, key), or an error.
+    /// Subscription actions may run on unsubscribed orgs; every other action needs one (K8).
+    async fn change(
+        &self,
+        org: &OrgId,
+        actor: &Actor,
+        action: KeyAction,
+        decide: impl FnOnce(&OrgState) -> Result<(bool, Option<ApiKey>), AdminError>,
+    ) -> Result<KeyInfo, AdminError> {
+        let result = self.try_change(org, actor, action, decide);
+        if let Err(error) = &result {
+            tracing::info!(
+                target: "orgkey::admin",
+                org = %org,
+                actor = %actor,
+                action = action.as_str(),
+                outcome = "refused",
+                reason = error.as_str(),
+                "api key change refused"
+            );
+        }
+        result
+    }
+
+    fn try_change(
+        &self,
+        org: &OrgId,
+        actor: &Actor,
+        action: KeyAction,
+        decide: impl FnOnce(&OrgState) -> Result<(bool, Option<ApiKey>), AdminError>,
+    ) -> Result<KeyInfo, AdminError> {
+        let current = self
+            .table
+            .state(org.as_str())
+            .ok_or(AdminError::UnknownOrg)?;
+        let is_subscription_action =
+            matches!(action, KeyAction::Subscribe | KeyAction::Unsubscribe);
+        if !is_subscription_action && !current.subscribed {
+            return Err(AdminError::NoSubscription);
+        }
+        let (subscribed, key) = decide(&current)?;
+        let at = self.clock.now();
+        let next = Arc::new(OrgState {
+            subscribed,
+            key,
+            generation: current.generation.next(),
+            last_modified_by: Some(actor.clone()),
+            last_modified_on: Some(at),
+        });
+        match self
+            .table
+            .compare_and_swap(org.as_str(), &current, Arc::clone(&next))
+        {
+            Ok(true) => {}
+            Ok(false) => return Err(AdminError::Conflict),
+            Err(()) => return Err(AdminError::UnknownOrg),
+        }
+        self.audit.record(&AuditEvent {
+            org: org.clone(),
+            actor: actor.clone(),
+            action,
+            at,
+            generation: next.generation,
+        });
+        Ok(KeyInfo::from_state(&next, self.base_url.clone()))
+    }
+}

@@ -1,0 +1,110 @@
+//! What the inner service learns about an authenticated request (L2).
+
+use crate::org::{Generation, OrgId};
+
+/// Request extension set by the layer on every request it lets through (L2).
+///
+/// ```
+/// # use orgkey::Authenticated;
+/// fn handler(request: http::Request<()>) -> String {
+///     match request.extensions().get::<Authenticated>() {
+///         Some(auth) => format!("hello, {}", auth.org()),
+///         None => unreachable!("the layer rejects unauthenticated requests"),
+///     }
+/// }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Authenticated {
+    org: OrgId,
+    generation: Generation,
+    method: AuthMethod,
+}
+
+/// How a request was authenticated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AuthMethod {
+    /// Direct key mode: the request carried the org and its API key (L1).
+    ApiKey,
+}
+
+impl Authenticated {
+    pub(crate) fn new(org: OrgId, generation: Generation, method: AuthMethod) -> Self {
+        Self {
+            org,
+            generation,
+            method,
+        }
+    }
+
+    /// The org the request is for.
+    pub fn org(&self) -> &OrgId {
+        &self.org
+    }
+
+    /// The org's generation when the request was authenticated (K6).
+    pub fn generation(&self) -> Generation {
+        self.generation
+    }
+
+    /// How the request was authenticated.
+    pub fn method(&self) -> AuthMethod {
+        self.method
+    }
+}
+
+#[cfg(feature = "axum")]
+mod axum_impl {
+    use super::Authenticated;
+    use axum_core::extract::FromRequestParts;
+    use axum_core::response::{IntoResponse, Response};
+    use http::request::Parts;
+    use http::{header, HeaderValue, StatusCode};
+
+    /// The [`Authenticated`] extension is missing: the handler is not behind
+    /// [`OrgKeyLayer`](crate::OrgKeyLayer). A server misconfiguration, answered with 500.
+    #[derive(Debug, Clone, Copy)]
+    pub struct MissingAuthentication;
+
+    impl std::fmt::Display for MissingAuthentication {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("route is not protected by OrgKeyLayer")
+        }
+    }
+
+    impl std::error::Error for MissingAuthentication {}
+
+    impl IntoResponse for MissingAuthentication {
+        fn into_response(self) -> Response {
+            tracing::error!(target: "orgkey::auth", "Authenticated extractor used on a route without OrgKeyLayer");
+            let mut response = (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                r#"{"code":"INTERNAL_ERROR","message":"authentication is not configured for this route"}"#,
+            )
+                .into_response();
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            response
+        }
+    }
+
+    impl<S: Send + Sync> FromRequestParts<S> for Authenticated {
+        type Rejection = MissingAuthentication;
+
+        async fn from_request_parts(
+            parts: &mut Parts,
+            _state: &S,
+        ) -> Result<Self, Self::Rejection> {
+            parts
+                .extensions
+                .get::<Authenticated>()
+                .cloned()
+                .ok_or(MissingAuthentication)
+        }
+    }
+}
+
+#[cfg(feature = "axum")]
+pub use axum_impl::MissingAuthentication;

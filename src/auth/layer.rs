@@ -1,0 +1,212 @@
+//! [`OrgKeyLayer`]: configuration, and the check itself.
+
+use std::sync::Arc;
+
+use http::header::{HeaderName, HeaderValue};
+use http::request::Parts;
+use tower_layer::Layer;
+
+use super::extension::{AuthMethod, Authenticated};
+use super::rejection::RejectionReason;
+use super::resolver::{single_header, HeaderOrgResolver, OrgResolver, RequestView};
+use super::service::OrgKeyAuth;
+use super::DEFAULT_KEY_HEADER;
+use crate::org::is_valid_org_id;
+use crate::table::OrgTable;
+
+/// Layer that authenticates requests against an [`OrgTable`] (L1-L4).
+///
+/// Defaults: the org from header `X-Org-Id`, the key from header `X-API-Key`, realm `orgkey`.
+/// See the [module docs](crate::auth) for the acceptance rules and an example.
+#[derive(Clone, Debug)]
+pub struct OrgKeyLayer {
+    config: Arc<Config>,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    table: OrgTable,
+    resolver: Arc<dyn OrgResolver>,
+    key_header: HeaderName,
+    pub(crate) challenge: HeaderValue,
+}
+
+impl OrgKeyLayer {
+    /// A layer checking keys against `table`, with the default headers.
+    pub fn new(table: OrgTable) -> Self {
+        Self {
+            config: Arc::new(Config {
+                table,
+                resolver: Arc::new(HeaderOrgResolver::default()),
+                key_header: HeaderName::from_static(DEFAULT_KEY_HEADER),
+                challenge: challenge_for("orgkey", DEFAULT_KEY_HEADER),
+            }),
+        }
+    }
+
+    fn config_mut(&mut self) -> &mut Config {
+        // Builders run before the layer is shared, so this does not clone in practice; if it
+        // is shared, the change applies to this copy only.
+        Arc::make_mut(&mut self.config)
+    }
+
+    /// Reads the key from `header` instead of `X-API-Key`.
+    pub fn key_header(mut self, header: HeaderName) -> Self {
+        let config = self.config_mut();
+        config.challenge = challenge_for(realm_of(&config.challenge), header.as_str());
+        config.key_header = header;
+        self
+    }
+
+    /// Reads the org id from `header` instead of `X-Org-Id`.
+    pub fn org_header(self, header: HeaderName) -> Self {
+        self.org_resolver(HeaderOrgResolver::new(header))
+    }
+
+    /// Finds the org with `resolver` (for example [`HostOrgResolver`](super::HostOrgResolver)
+    /// or a closure in [`FnOrgResolver`](super::FnOrgResolver)).
+    pub fn org_resolver(mut self, resolver: impl OrgResolver) -> Self {
+        self.config_mut().resolver = Arc::new(resolver);
+        self
+    }
+
+    /// Sets the realm named in the `WWW-Authenticate` challenge.
+    ///
+    /// # Panics
+    ///
+    /// If `realm` contains characters other than visible ASCII without `"` and `\`.
+    pub fn realm(mut self, realm: &str) -> Self {
+        assert!(
+            realm
+                .bytes()
+                .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\'),
+            "realm must be visible ASCII without quotes or backslashes"
+        );
+        let config = self.config_mut();
+        config.challenge = challenge_for(realm, config.key_header.as_str());
+        self
+    }
+
+    /// The table this layer checks against.
+    pub fn table(&self) -> &OrgTable {
+        &self.config.table
+    }
+}
+
+fn challenge_for(realm: &str, key_header: &str) -> HeaderValue {
+    // Both parts were validated (realm by `realm`, header by `HeaderName`), so this is a
+    // valid header value.
+    HeaderValue::from_str(&format!(r#"ApiKey realm="{realm}", header="{key_header}""#))
+        .unwrap_or_else(|_| HeaderValue::from_static("ApiKey"))
+}
+
+fn realm_of(challenge: &HeaderValue) -> &str {
+    challenge
+        .to_str()
+        .ok()
+        .and_then(|s| s.split('"').nth(1))
+        .unwrap_or("orgkey")
+}
+
+impl<S> Layer<S> for OrgKeyLayer {
+    type Service = OrgKeyAuth<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        OrgKeyAuth::new(inner, Arc::clone(&self.config))
+    }
+}
+
+impl Config {
+    /// The whole check of L1-L4 on a request's head: resolver, key header, one table lookup.
+    ///
+    /// On success the key header is removed (L2). Nothing is logged here; the caller logs the
+    /// decision once.
+    pub(crate) fn authenticate(
+        &self,
+        parts: &mut Parts,
+    ) -> Result<Authenticated, (RejectionReason, Option<Box<str>>)> {
+        let view = RequestView::new(&parts.method, &parts.uri, &parts.headers, &parts.extensions);
+        let Some(org) = self.resolver.resolve(&view) else {
+            return Err((RejectionReason::MissingOrg, None));
+        };
+        let loggable = || is_valid_org_id(&org).then(|| Box::from(&*org));
+        let Some(key) = single_header(&parts.headers, &self.key_header) else {
+            let reason = if parts.headers.contains_key(&self.key_header) {
+                RejectionReason::MalformedKey // present more than once: ambiguous
+            } else if query_has_key(parts.uri.query(), &self.key_header) {
+                RejectionReason::KeyInQuery
+            } else {
+                RejectionReason::MissingKey
+            };
+            return Err((reason, loggable()));
+        };
+        match self.table.verify(&org, key.as_bytes()) {
+            Ok(verified) => {
+                parts.headers.remove(&self.key_header);
+                Ok(Authenticated::new(
+                    verified.org,
+                    verified.generation,
+                    AuthMethod::ApiKey,
+                ))
+            }
+            Err(e) => Err((e.into(), loggable())),
+        }
+    }
+
+    pub(crate) fn key_header(&self) -> &HeaderName {
+        &self.key_header
+    }
+}
+
+/// Whether a query string has a parameter that looks like an API key (`apikey`, `api_key`,
+/// `api-key`, `key`, or the key header's name). Only used to name the rejection reason.
+fn query_has_key(query: Option<&str>, key_header: &HeaderName) -> bool {
+    let Some(query) = query else { return false };
+    query.split('&').any(|pair| {
+        let name = pair.split('=').next().unwrap_or_default();
+        let normalized: String = name
+            .chars()
+            .filter(|c| *c != '-' && *c != '_')
+            .map(|c| c.to_ascii_lowercase())
+            .collect();
+        let header: String = key_header
+            .as_str()
+            .chars()
+            .filter(|c| *c != '-' && *c != '_')
+            .collect();
+        normalized == "apikey" || normalized == "key" || normalized == header
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_key_detection_matches_common_names_only() {
+        let h = HeaderName::from_static("x-api-key");
+        assert!(query_has_key(Some("apiKey=abc"), &h));
+        assert!(query_has_key(Some("a=1&api_key=abc"), &h));
+        assert!(query_has_key(Some("X-API-Key=abc"), &h));
+        assert!(query_has_key(Some("key=abc"), &h));
+        assert!(!query_has_key(Some("monkey=1&keys=2"), &h));
+        assert!(!query_has_key(None, &h));
+    }
+
+    #[test]
+    fn challenge_names_realm_and_header() {
+        let layer = OrgKeyLayer::new(OrgTable::default())
+            .realm("gw")
+            .key_header(HeaderName::from_static("x-key"));
+        assert_eq!(
+            layer.config.challenge,
+            HeaderValue::from_static(r#"ApiKey realm="gw", header="x-key""#)
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "realm must be visible ASCII")]
+    fn realm_with_quote_panics() {
+        let _ = OrgKeyLayer::new(OrgTable::default()).realm("a\"b");
+    }
+}

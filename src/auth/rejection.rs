@@ -1,0 +1,163 @@
+//! Rejections: the 401 response of L3 and the precise reason kept for the server.
+
+use std::fmt;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE, WWW_AUTHENTICATE};
+use http::{Response, StatusCode};
+
+use crate::table::VerifyError;
+
+/// The precise reason a request was rejected: for tracing, metrics and the server's own
+/// logic, never for the client (L3).
+///
+/// Found in the rejection response's extensions as a [`Rejection`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum RejectionReason {
+    /// The resolver found no org in the request.
+    MissingOrg,
+    /// The request carries no key header (exactly once).
+    MissingKey,
+    /// No key header, but the query string seems to carry a key: keys in URLs are never
+    /// accepted (L1).
+    KeyInQuery,
+    /// The key header is not a valid key for this deployment (K1).
+    MalformedKey,
+    /// The claimed org does not exist or its id is not valid.
+    UnknownOrg,
+    /// The org has no API subscription (K8).
+    NoSubscription,
+    /// The org has no key (K5).
+    NoKey,
+    /// The key does not match the org's key.
+    WrongKey,
+}
+
+impl RejectionReason {
+    /// A stable lowercase name, for logs and metrics labels.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::MissingOrg => "missing_org",
+            Self::MissingKey => "missing_key",
+            Self::KeyInQuery => "key_in_query",
+            Self::MalformedKey => "malformed_key",
+            Self::UnknownOrg => "unknown_org",
+            Self::NoSubscription => "no_subscription",
+            Self::NoKey => "no_key",
+            Self::WrongKey => "wrong_key",
+        }
+    }
+
+    /// Every reason, for exhaustive tests and metrics registration.
+    pub const ALL: [RejectionReason; 8] = [
+        Self::MissingOrg,
+        Self::MissingKey,
+        Self::KeyInQuery,
+        Self::MalformedKey,
+        Self::UnknownOrg,
+        Self::NoSubscription,
+        Self::NoKey,
+        Self::WrongKey,
+    ];
+
+    /// The JSON body the client sees. Unknown org, no subscription, no key and wrong key share
+    /// one body so that a client cannot tell them apart (L3).
+    fn body(self) -> &'static str {
+        match self {
+            Self::MissingOrg => {
+                r#"{"code":"AUTHENTICATION_FAILED","message":"organization not specified"}"#
+            }
+            Self::MissingKey | Self::KeyInQuery => {
+                r#"{"code":"AUTHENTICATION_FAILED","message":"API key required in the request header"}"#
+            }
+            Self::MalformedKey => {
+                r#"{"code":"AUTHENTICATION_FAILED","message":"API key malformed"}"#
+            }
+            Self::UnknownOrg | Self::NoSubscription | Self::NoKey | Self::WrongKey => {
+                r#"{"code":"AUTHENTICATION_FAILED","message":"invalid credentials"}"#
+            }
+        }
+    }
+}
+
+impl fmt::Display for RejectionReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl From<VerifyError> for RejectionReason {
+    fn from(e: VerifyError) -> Self {
+        match e {
+            VerifyError::MalformedKey => Self::MalformedKey,
+            VerifyError::UnknownOrg => Self::UnknownOrg,
+            VerifyError::NoSubscription => Self::NoSubscription,
+            VerifyError::NoKey => Self::NoKey,
+            VerifyError::WrongKey => Self::WrongKey,
+        }
+    }
+}
+
+/// Placed in the extensions of every rejection response the layer produces, so that outer
+/// layers (logging, metrics) can see why without parsing the body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rejection {
+    reason: RejectionReason,
+}
+
+impl Rejection {
+    pub(crate) fn new(reason: RejectionReason) -> Self {
+        Self { reason }
+    }
+
+    /// Why the request was rejected.
+    pub fn reason(&self) -> RejectionReason {
+        self.reason
+    }
+
+    /// The HTTP status of the rejection.
+    pub fn status(&self) -> StatusCode {
+        StatusCode::UNAUTHORIZED
+    }
+
+    pub(crate) fn into_response(self, challenge: &HeaderValue) -> Response<Bytes> {
+        let mut response = Response::new(Bytes::from_static(self.reason.body().as_bytes()));
+        *response.status_mut() = self.status();
+        let headers = response.headers_mut();
+        headers.insert(WWW_AUTHENTICATE, challenge.clone());
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        response.extensions_mut().insert(self);
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn indistinguishable_reasons_share_one_body() {
+        let generic = RejectionReason::WrongKey.body();
+        for r in [
+            RejectionReason::UnknownOrg,
+            RejectionReason::NoSubscription,
+            RejectionReason::NoKey,
+        ] {
+            assert_eq!(r.body(), generic);
+        }
+    }
+
+    #[test]
+    fn every_body_is_the_protocol_json_shape() {
+        for r in RejectionReason::ALL {
+            let body = r.body();
+            assert!(
+                body.starts_with(r#"{"code":"AUTHENTICATION_FAILED","message":""#),
+                "{body}"
+            );
+            assert!(body.ends_with(r#""}"#));
+        }
+    }
+}

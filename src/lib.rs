@@ -1,0 +1,31 @@
+//! # orgkey
+//!
+//! Per-organization API-key authentication for HTTP services built on
+//! [tower](https://docs.rs/tower): hyper servers, axum apps, API gateways and reverse proxies.
+//! Modelled on Zscaler's Cloud Service API Key: every organization has exactly one
+//! 12-character key, admins add, edit, regenerate and delete it, and every change kills the old
+//! key at once.
+//!
+//! - [`ApiKey`]: the secret (K1, K3): redacted `Debug`, constant-time comparison, zeroized.
+//! - [`OrgTable`]: every org's current state, one lock-free snapshot per org.
+//! - [`KeyAdmin`]: subscriptions and the key life cycle (K2-K9), audited.
+//! - [`OrgKeyLayer`]: the tower layer (L1-L4); see [`auth`] for the acceptance rules.
+//!
+//! Rule ids (K1, L3, ...) refer to the design contract reproduced in the README.
+#![forbid(unsafe_code)]
+#![cfg_attr(docsrs, feature(doc_auto_cfg))]
+
+pub mod admin;
+pub mod audit;
+pub mod auth;
+pub mod clock;
+pub mod key;
+pub mod org;
+pub mod table;
+
+pub use admin::{AdminError, KeyAdmin, KeyInfo};
+pub use audit::{AuditEvent, AuditSink, KeyAction, TracingAuditSink};
+pub use auth::{Authenticated, OrgKeyLayer, Rejection, RejectionReason};
+pub use key::{ApiKey, KeyFormat, KeyFormatError};
+pub use org::{Actor, Generation, OrgId};
+pub use table::OrgTable;

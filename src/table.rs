@@ -1,0 +1,215 @@
+//! The in-memory org table: every org's current state, read on the hot path.
+//!
+//! The table is a [`DashMap`] from [`OrgId`] to an [`ArcSwap`] snapshot of the org's
+//! [`OrgState`]. A check does one map lookup, one snapshot load and one constant-time compare;
+//! a change builds a new snapshot and installs it with a compare-and-swap, so a reader always
+//! sees one whole state (key and generation together), never a mix.
+//!
+//! The table is changed only through [`KeyAdmin`](crate::KeyAdmin); this module exposes
+//! reading.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use arc_swap::ArcSwap;
+use dashmap::mapref::entry::Entry;
+use dashmap::DashMap;
+
+use crate::key::{ApiKey, KeyFormat};
+use crate::org::{Actor, Generation, OrgId};
+
+/// One org's state at one instant: an immutable snapshot.
+#[derive(Debug, Clone)]
+pub struct OrgState {
+    pub(crate) subscribed: bool,
+    pub(crate) key: Option<ApiKey>,
+    pub(crate) generation: Generation,
+    pub(crate) last_modified_by: Option<Actor>,
+    pub(crate) last_modified_on: Option<SystemTime>,
+}
+
+impl OrgState {
+    fn new_unsubscribed() -> Self {
+        Self {
+            subscribed: false,
+            key: None,
+            generation: Generation::default(),
+            last_modified_by: None,
+            last_modified_on: None,
+        }
+    }
+
+    /// Whether the org has an API subscription (K8).
+    pub fn is_subscribed(&self) -> bool {
+        self.subscribed
+    }
+
+    /// The org's key, if it has one.
+    pub fn key(&self) -> Option<&ApiKey> {
+        self.key.as_ref()
+    }
+
+    /// The generation of this state (K6).
+    pub fn generation(&self) -> Generation {
+        self.generation
+    }
+
+    /// Who made the last change (K7).
+    pub fn last_modified_by(&self) -> Option<&Actor> {
+        self.last_modified_by.as_ref()
+    }
+
+    /// When the last change was made (K7).
+    pub fn last_modified_on(&self) -> Option<SystemTime> {
+        self.last_modified_on
+    }
+}
+
+/// Why a presented org + key pair was not accepted by [`OrgTable::verify`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum VerifyError {
+    /// The presented key does not have the configured format (K1).
+    MalformedKey,
+    /// No org has this id (or the id is not a valid [`OrgId`]).
+    UnknownOrg,
+    /// The org has no API subscription (K8).
+    NoSubscription,
+    /// The org has no key (K5).
+    NoKey,
+    /// The key does not match.
+    WrongKey,
+}
+
+/// The result of a successful [`OrgTable::verify`].
+#[derive(Debug, Clone)]
+pub struct Verified {
+    /// The org, as stored in the table (cheap to clone).
+    pub org: OrgId,
+    /// The generation of the snapshot the key was checked against.
+    pub generation: Generation,
+}
+
+/// The table of orgs. Cheap to clone: clones share the same table.
+#[derive(Clone)]
+pub struct OrgTable {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    orgs: DashMap<OrgId, ArcSwap<OrgState>>,
+    format: KeyFormat,
+}
+
+impl std::fmt::Debug for OrgTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OrgTable")
+            .field("orgs", &self.inner.orgs.len())
+            .field("format", &self.inner.format)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for OrgTable {
+    fn default() -> Self {
+        Self::new(KeyFormat::default())
+    }
+}
+
+impl OrgTable {
+    /// An empty table whose keys have `format`.
+    pub fn new(format: KeyFormat) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                orgs: DashMap::new(),
+                format,
+            }),
+        }
+    }
+
+    /// An empty table sized for `capacity` orgs.
+    pub fn with_capacity(format: KeyFormat, capacity: usize) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                orgs: DashMap::with_capacity(capacity),
+                format,
+            }),
+        }
+    }
+
+    /// The key format of this table (K1).
+    pub fn format(&self) -> KeyFormat {
+        self.inner.format
+    }
+
+    /// The number of orgs.
+    pub fn len(&self) -> usize {
+        self.inner.orgs.len()
+    }
+
+    /// Whether the table has no orgs.
+    pub fn is_empty(&self) -> bool {
+        self.inner.orgs.is_empty()
+    }
+
+    /// The current state of `org`, or `None` if there is no such org.
+    pub fn state(&self, org: &str) -> Option<Arc<OrgState>> {
+        self.inner.orgs.get(org).map(|cell| cell.load_full())
+    }
+
+    /// Checks a presented key for an org: the hot path of the layer.
+    ///
+    /// Order of checks: the presented value's format (length first, so a value of the wrong
+    /// length is never compared), then the org, then its subscription and key, then one
+    /// constant-time compare against the key of one snapshot.
+    ///
+    /// # Errors
+    ///
+    /// A [`VerifyError`] naming the precise reason, for tracing and metrics; callers must not
+    /// show it to clients (L3).
+    pub fn verify(&self, org: &str, presented: &[u8]) -> Result<Verified, VerifyError> {
+        if self.inner.format.validate(presented).is_err() {
+            return Err(VerifyError::MalformedKey);
+        }
+        let entry = self.inner.orgs.get(org).ok_or(VerifyError::UnknownOrg)?;
+        let snapshot = entry.value().load();
+        if !snapshot.subscribed {
+            return Err(VerifyError::NoSubscription);
+        }
+        let key = snapshot.key.as_ref().ok_or(VerifyError::NoKey)?;
+        if key.ct_eq_bytes(presented) {
+            Ok(Verified {
+                org: entry.key().clone(),
+                generation: snapshot.generation,
+            })
+        } else {
+            Err(VerifyError::WrongKey)
+        }
+    }
+
+    /// Adds an org without subscription or key. Returns `false` if it already exists.
+    pub(crate) fn insert_new(&self, org: OrgId) -> bool {
+        match self.inner.orgs.entry(org) {
+            Entry::Occupied(_) => false,
+            Entry::Vacant(slot) => {
+                slot.insert(ArcSwap::from_pointee(OrgState::new_unsubscribed()));
+                true
+            }
+        }
+    }
+
+    /// Installs `next` as the state of `org` if the current state is still `expected`.
+    ///
+    /// Returns `Ok(true)` when installed, `Ok(false)` when another change came first, and
+    /// `Err(())` when the org does not exist.
+    pub(crate) fn compare_and_swap(
+        &self,
+        org: &str,
+        expected: &Arc<OrgState>,
+        next: Arc<OrgState>,
+    ) -> Result<bool, ()> {
+        let entry = self.inner.orgs.get(org).ok_or(())?;
+        let previous = entry.value().compare_and_swap(expected, next);
+        Ok(Arc::ptr_eq(&previous, expected))
+    }
+}

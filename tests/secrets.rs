@@ -1,0 +1,50 @@
+//! Secret hygiene: `ApiKey` cannot be compared with `==`, printed with `Display`, or hashed;
+//! `Debug` of every type that holds a key never shows it.
+#![allow(clippy::unwrap_used)]
+
+use orgkey::{Actor, ApiKey, KeyAdmin, KeyInfo, OrgId, OrgTable};
+use static_assertions::{assert_impl_all, assert_not_impl_any};
+
+// Compile-time proof (the test crate does not build if any of these is implemented).
+assert_not_impl_any!(ApiKey: PartialEq, Eq, PartialOrd, std::fmt::Display, std::hash::Hash, Copy);
+assert_not_impl_any!(KeyInfo: PartialEq, std::fmt::Display);
+assert_not_impl_any!(orgkey::table::OrgState: PartialEq, std::fmt::Display);
+assert_impl_all!(ApiKey: subtle::ConstantTimeEq, zeroize::ZeroizeOnDrop, std::fmt::Debug, Send, Sync);
+
+const KEY: &str = "Zx9Qw8Er7Ty6";
+
+#[tokio::test]
+async fn debug_of_every_type_holding_a_key_never_contains_it() {
+    let admin = KeyAdmin::new(OrgTable::default()).with_base_url("https://gw.example/api/v1");
+    let org = OrgId::new("acme").unwrap();
+    let actor = Actor::new("alice@acme.example").unwrap();
+    admin.create_org(&org).unwrap();
+    admin.subscribe(&org, &actor).await.unwrap();
+    let info = admin
+        .edit(&org, ApiKey::parse(KEY).unwrap(), &actor)
+        .await
+        .unwrap();
+    let key = ApiKey::parse(KEY).unwrap();
+    let state = admin.table().state("acme").unwrap();
+    let layer = orgkey::OrgKeyLayer::new(admin.table().clone());
+
+    let renderings = [
+        format!("{key:?}"),
+        format!("{key:#?}"),
+        format!("{info:?}"),
+        format!("{info:#?}"),
+        format!("{state:?}"),
+        format!("{state:#?}"),
+        format!("{:?}", info.key()),
+        format!("{admin:?}"),
+        format!("{:?}", admin.table()),
+        format!("{layer:?}"),
+    ];
+    for rendering in &renderings {
+        assert!(!rendering.contains(KEY), "secret leaked: {rendering}");
+        // Not even a recognisable prefix of it.
+        assert!(!rendering.contains(&KEY[..6]), "partial leak: {rendering}");
+    }
+    // The explicit reveal still works, for the admin "view key" feature.
+    assert_eq!(info.key().unwrap().expose_secret(), KEY);
+}
