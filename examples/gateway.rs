@@ -162,7 +162,7 @@ async fn status() -> Json<Value> {
 }
 
 async fn whoami(Extension(auth): Extension<Authenticated>) -> Json<Value> {
-    Json(json!({ "orgId": auth.org().as_str() }))
+    Json(json!({ "orgId": auth.org() }))
 }
 
 async fn shutdown_signal() {

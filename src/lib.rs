@@ -29,3 +29,8 @@ pub use auth::{Authenticated, OrgKeyLayer, Rejection, RejectionReason};
 pub use key::{ApiKey, KeyFormat, KeyFormatError};
 pub use org::{Actor, Generation, OrgId};
 pub use table::OrgTable;
+
+/// The README's Rust examples, compiled as doc tests so they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

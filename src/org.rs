@@ -37,6 +37,60 @@ impl OrgId {
     }
 }
 
+/// An org id copied inline (no heap, no reference count): what a request carries in its
+/// [`Authenticated`](crate::Authenticated) extension, so the hot path touches no shared
+/// counter of a busy org.
+#[derive(Clone, Copy)]
+pub(crate) struct InlineOrgId {
+    len: u8,
+    bytes: [u8; MAX_ORG_ID_LEN],
+}
+
+impl InlineOrgId {
+    /// Copies `id` if it is not longer than [`MAX_ORG_ID_LEN`]. The characters are not
+    /// checked here: an id that is found in the table has the [`OrgId`] format, and
+    /// [`InlineOrgId::loggable`] checks before an unverified id is logged.
+    pub(crate) fn copy(id: &str) -> Option<Self> {
+        if id.len() > MAX_ORG_ID_LEN {
+            return None;
+        }
+        let mut bytes = [0u8; MAX_ORG_ID_LEN];
+        bytes[..id.len()].copy_from_slice(id.as_bytes());
+        Some(Self {
+            len: id.len() as u8,
+            bytes,
+        })
+    }
+
+    /// The id if it has the [`OrgId`] format (safe to write to logs), else `"-"`.
+    pub(crate) fn loggable(&self) -> &str {
+        let id = self.as_str();
+        if is_valid_org_id(id) {
+            id
+        } else {
+            "-"
+        }
+    }
+
+    pub(crate) fn as_str(&self) -> &str {
+        // A whole `&str` was copied in, so the bytes are UTF-8.
+        std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or_default()
+    }
+}
+
+impl From<&InlineOrgId> for OrgId {
+    fn from(inline: &InlineOrgId) -> Self {
+        // Already validated when it was copied.
+        Self(Arc::from(inline.as_str()))
+    }
+}
+
+impl fmt::Debug for InlineOrgId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
 /// Whether `id` has the [`OrgId`] format; usable on the hot path without allocating.
 pub(crate) fn is_valid_org_id(id: &str) -> bool {
     !id.is_empty()

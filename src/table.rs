@@ -168,6 +168,20 @@ impl OrgTable {
     /// A [`VerifyError`] naming the precise reason, for tracing and metrics; callers must not
     /// show it to clients (L3).
     pub fn verify(&self, org: &str, presented: &[u8]) -> Result<Verified, VerifyError> {
+        self.check(org, presented, |id, generation| Verified {
+            org: id.clone(),
+            generation,
+        })
+    }
+
+    /// [`OrgTable::verify`] without cloning the org id: `accept` sees the stored id and the
+    /// generation of the snapshot that matched.
+    pub(crate) fn check<T>(
+        &self,
+        org: &str,
+        presented: &[u8],
+        accept: impl FnOnce(&OrgId, Generation) -> T,
+    ) -> Result<T, VerifyError> {
         if self.inner.format.validate(presented).is_err() {
             return Err(VerifyError::MalformedKey);
         }
@@ -178,10 +192,7 @@ impl OrgTable {
         }
         let key = snapshot.key.as_ref().ok_or(VerifyError::NoKey)?;
         if key.ct_eq_bytes(presented) {
-            Ok(Verified {
-                org: entry.key().clone(),
-                generation: snapshot.generation,
-            })
+            Ok(accept(entry.key(), snapshot.generation))
         } else {
             Err(VerifyError::WrongKey)
         }

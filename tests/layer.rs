@@ -105,7 +105,7 @@ async fn l1_l2_valid_org_and_key_reach_the_inner_service_with_identity_and_witho
     assert_eq!(response.body(), "inner");
     let (auth, had_key) = seen.last.lock().unwrap().take().unwrap();
     let auth = auth.unwrap();
-    assert_eq!(auth.org().as_str(), "acme");
+    assert_eq!(auth.org(), "acme");
     assert_eq!(auth.method(), AuthMethod::ApiKey);
     assert_eq!(
         auth.generation(),
@@ -452,7 +452,7 @@ async fn l4_works_under_a_plain_hyper_server_over_tcp() {
                         .get::<Authenticated>()
                         .unwrap()
                         .org()
-                        .clone();
+                        .to_owned();
                     Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!(
                         "hello {org}"
                     )))))

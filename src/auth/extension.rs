@@ -1,6 +1,6 @@
 //! What the inner service learns about an authenticated request (L2).
 
-use crate::org::{Generation, OrgId};
+use crate::org::{Generation, InlineOrgId, OrgId};
 
 /// Request extension set by the layer on every request it lets through (L2).
 ///
@@ -15,7 +15,7 @@ use crate::org::{Generation, OrgId};
 /// ```
 #[derive(Debug, Clone)]
 pub struct Authenticated {
-    org: OrgId,
+    org: InlineOrgId,
     generation: Generation,
     method: AuthMethod,
 }
@@ -29,7 +29,7 @@ pub enum AuthMethod {
 }
 
 impl Authenticated {
-    pub(crate) fn new(org: OrgId, generation: Generation, method: AuthMethod) -> Self {
+    pub(crate) fn new(org: InlineOrgId, generation: Generation, method: AuthMethod) -> Self {
         Self {
             org,
             generation,
@@ -37,9 +37,14 @@ impl Authenticated {
         }
     }
 
-    /// The org the request is for.
-    pub fn org(&self) -> &OrgId {
-        &self.org
+    /// The id of the org the request is for.
+    pub fn org(&self) -> &str {
+        self.org.as_str()
+    }
+
+    /// The org as an [`OrgId`], for admin calls (allocates).
+    pub fn org_id(&self) -> OrgId {
+        OrgId::from(&self.org)
     }
 
     /// The org's generation when the request was authenticated (K6).

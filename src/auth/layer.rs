@@ -2,16 +2,17 @@
 
 use std::sync::Arc;
 
+use http::header::Entry;
 use http::header::{HeaderName, HeaderValue};
-use http::request::Parts;
+use http::Request;
 use tower_layer::Layer;
 
 use super::extension::{AuthMethod, Authenticated};
 use super::rejection::RejectionReason;
-use super::resolver::{single_header, HeaderOrgResolver, OrgResolver, RequestView};
+use super::resolver::{HeaderOrgResolver, OrgResolver, RequestView};
 use super::service::OrgKeyAuth;
 use super::DEFAULT_KEY_HEADER;
-use crate::org::is_valid_org_id;
+use crate::org::InlineOrgId;
 use crate::table::OrgTable;
 
 /// Layer that authenticates requests against an [`OrgTable`] (L1-L4).
@@ -121,35 +122,47 @@ impl Config {
     ///
     /// On success the key header is removed (L2). Nothing is logged here; the caller logs the
     /// decision once.
-    pub(crate) fn authenticate(
+    pub(crate) fn authenticate<B>(
         &self,
-        parts: &mut Parts,
-    ) -> Result<Authenticated, (RejectionReason, Option<Box<str>>)> {
-        let view = RequestView::new(&parts.method, &parts.uri, &parts.headers, &parts.extensions);
-        let Some(org) = self.resolver.resolve(&view) else {
+        request: &mut Request<B>,
+    ) -> Result<Authenticated, (RejectionReason, Option<InlineOrgId>)> {
+        let view = RequestView::new(
+            request.method(),
+            request.uri(),
+            request.headers(),
+            request.extensions(),
+        );
+        let Some(claimed) = self.resolver.resolve(&view) else {
             return Err((RejectionReason::MissingOrg, None));
         };
-        let loggable = || is_valid_org_id(&org).then(|| Box::from(&*org));
-        let Some(key) = single_header(&parts.headers, &self.key_header) else {
-            let reason = if parts.headers.contains_key(&self.key_header) {
-                RejectionReason::MalformedKey // present more than once: ambiguous
-            } else if query_has_key(parts.uri.query(), &self.key_header) {
+        // A copy on the stack: ends the borrow of the headers, and is what the inner service
+        // will see. `None` for ids too long to exist: refused below, before any lookup.
+        let org = InlineOrgId::copy(&claimed);
+        drop(claimed);
+        // One lookup of the key header serves the check and the removal (L2).
+        let headers = request.headers_mut();
+        let Entry::Occupied(entry) = headers.entry(&self.key_header) else {
+            let reason = if query_has_key(request.uri().query(), &self.key_header) {
                 RejectionReason::KeyInQuery
             } else {
                 RejectionReason::MissingKey
             };
-            return Err((reason, loggable()));
+            return Err((reason, org));
         };
-        match self.table.verify(&org, key.as_bytes()) {
-            Ok(verified) => {
-                parts.headers.remove(&self.key_header);
-                Ok(Authenticated::new(
-                    verified.org,
-                    verified.generation,
-                    AuthMethod::ApiKey,
-                ))
+        let mut values = entry.iter();
+        let (Some(key), None) = (values.next(), values.next()) else {
+            // Present more than once: ambiguous.
+            return Err((RejectionReason::MalformedKey, org));
+        };
+        let Some(org) = org else {
+            return Err((RejectionReason::UnknownOrg, None));
+        };
+        match self.table.check(org.as_str(), key.as_bytes(), |_, g| g) {
+            Ok(generation) => {
+                entry.remove();
+                Ok(Authenticated::new(org, generation, AuthMethod::ApiKey))
             }
-            Err(e) => Err((e.into(), loggable())),
+            Err(e) => Err((e.into(), Some(org))),
         }
     }
 

@@ -43,7 +43,7 @@
 //! let service = ServiceBuilder::new()
 //!     .layer(OrgKeyLayer::new(admin.table().clone()))
 //!     .service_fn(|request: Request<Full<Bytes>>| async move {
-//!         let org = request.extensions().get::<Authenticated>().unwrap().org().clone();
+//!         let org = request.extensions().get::<Authenticated>().unwrap().org().to_owned();
 //!         Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!("hello {org}")))))
 //!     });
 //!

@@ -56,8 +56,8 @@ where
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         // The inner service is called here, synchronously, on the instance that `poll_ready`
         // readied, so no clone (and no `mem::replace`) is needed.
-        let (mut parts, body) = request.into_parts();
-        match self.config.authenticate(&mut parts) {
+        let mut request = request;
+        match self.config.authenticate(&mut request) {
             Ok(authenticated) => {
                 tracing::debug!(
                     target: "orgkey::auth",
@@ -65,13 +65,15 @@ where
                     outcome = "accepted",
                     method = "api_key",
                 );
-                parts.extensions.insert(authenticated);
-                ResponseFuture::inner(self.inner.call(Request::from_parts(parts, body)))
+                // The one allocation on success (http boxes every extension, and allocates the
+                // map for the first one); see BENCHMARKS.md.
+                request.extensions_mut().insert(authenticated);
+                ResponseFuture::inner(self.inner.call(request))
             }
             Err((reason, org)) => {
                 tracing::info!(
                     target: "orgkey::auth",
-                    org = org.as_deref().unwrap_or("-"),
+                    org = org.as_ref().map_or("-", |o| o.loggable()),
                     outcome = "rejected",
                     reason = reason.as_str(),
                     key_header = %self.config.key_header(),
