@@ -23,11 +23,13 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use crate::admins::Scope;
 use crate::audit::{AuditEvent, AuditSink, KeyAction, TracingAuditSink};
 use crate::clock::{Clock, SharedClock};
 use crate::key::{ApiKey, KeyFormatError, RandomnessError};
 use crate::org::{Actor, Generation, OrgId};
 use crate::table::{OrgState, OrgTable};
+use crate::Authenticated;
 
 /// What an admin sees of the org's key (K9).
 ///
@@ -106,6 +108,8 @@ pub enum AdminError {
     Conflict,
     /// The OS random number generator failed (K3).
     Randomness(RandomnessError),
+    /// The caller may not manage keys: not an admin session, or no `key-admin` scope (403).
+    Forbidden,
 }
 
 impl fmt::Display for AdminError {
@@ -124,6 +128,9 @@ impl fmt::Display for AdminError {
                 "the key was changed concurrently by another request; reload and try again",
             ),
             Self::Randomness(_) => f.write_str("could not generate a key"),
+            Self::Forbidden => {
+                f.write_str("managing the API key needs an admin session with the key-admin scope")
+            }
         }
     }
 }
@@ -151,6 +158,7 @@ impl AdminError {
             Self::InvalidKey(_) => "invalid_key",
             Self::Conflict => "conflict",
             Self::Randomness(_) => "randomness",
+            Self::Forbidden => "forbidden",
         }
     }
 }
@@ -365,6 +373,25 @@ impl KeyAdmin {
         .await
     }
 
+    /// The key operations of the org of an admin session, recorded as made by that admin,
+    /// if the session holds the `key-admin` scope.
+    ///
+    /// # Errors
+    ///
+    /// [`AdminError::Forbidden`] for a direct-key request or a session without `key-admin`.
+    pub fn for_session(&self, auth: &Authenticated) -> Result<SessionKeyAdmin, AdminError> {
+        let admin = auth.admin().ok_or(AdminError::Forbidden)?;
+        if !auth.has_scope(Scope::KeyAdmin) {
+            return Err(AdminError::Forbidden);
+        }
+        let actor = Actor::new(admin.as_str()).map_err(|_| AdminError::Forbidden)?;
+        Ok(SessionKeyAdmin {
+            admin: self.clone(),
+            org: auth.org_id(),
+            actor,
+        })
+    }
+
     fn random_key(&self) -> Result<ApiKey, AdminError> {
         ApiKey::generate_with(self.table.format()).map_err(AdminError::Randomness)
     }
@@ -437,5 +464,71 @@ impl KeyAdmin {
             generation: next.generation,
         });
         Ok(KeyInfo::from_state(&next, self.base_url.clone()))
+    }
+}
+
+/// The key operations of one org, on behalf of one admin session with the `key-admin` scope
+/// (from [`KeyAdmin::for_session`]). Each change records that admin as "last modified by".
+#[derive(Debug, Clone)]
+pub struct SessionKeyAdmin {
+    admin: KeyAdmin,
+    org: OrgId,
+    actor: Actor,
+}
+
+impl SessionKeyAdmin {
+    /// The org these operations act on.
+    pub fn org(&self) -> &OrgId {
+        &self.org
+    }
+
+    /// The admin acting.
+    pub fn actor(&self) -> &Actor {
+        &self.actor
+    }
+
+    /// [`KeyAdmin::view`] for this org.
+    ///
+    /// # Errors
+    ///
+    /// As [`KeyAdmin::view`].
+    pub fn view(&self) -> Result<KeyInfo, AdminError> {
+        self.admin.view(&self.org)
+    }
+
+    /// [`KeyAdmin::add`] for this org, by this admin.
+    ///
+    /// # Errors
+    ///
+    /// As [`KeyAdmin::add`].
+    pub async fn add(&self) -> Result<KeyInfo, AdminError> {
+        self.admin.add(&self.org, &self.actor).await
+    }
+
+    /// [`KeyAdmin::edit`] for this org, by this admin.
+    ///
+    /// # Errors
+    ///
+    /// As [`KeyAdmin::edit`].
+    pub async fn edit(&self, key: ApiKey) -> Result<KeyInfo, AdminError> {
+        self.admin.edit(&self.org, key, &self.actor).await
+    }
+
+    /// [`KeyAdmin::regenerate`] for this org, by this admin.
+    ///
+    /// # Errors
+    ///
+    /// As [`KeyAdmin::regenerate`].
+    pub async fn regenerate(&self) -> Result<KeyInfo, AdminError> {
+        self.admin.regenerate(&self.org, &self.actor).await
+    }
+
+    /// [`KeyAdmin::delete`] for this org, by this admin.
+    ///
+    /// # Errors
+    ///
+    /// As [`KeyAdmin::delete`].
+    pub async fn delete(&self) -> Result<KeyInfo, AdminError> {
+        self.admin.delete(&self.org, &self.actor).await
     }
 }

@@ -36,6 +36,12 @@ impl SharedClock {
     }
 }
 
+impl Clock for SharedClock {
+    fn now(&self) -> SystemTime {
+        self.0.now()
+    }
+}
+
 impl Default for SharedClock {
     fn default() -> Self {
         Self::new(SystemClock)

@@ -242,21 +242,7 @@ impl ApiKey {
     /// [`RandomnessError`] if the operating system cannot supply randomness.
     pub fn generate_with(format: KeyFormat) -> Result<Self, RandomnessError> {
         let mut bytes = [0u8; MAX_KEY_LEN];
-        let mut pool = [0u8; 64];
-        let mut filled = 0;
-        while filled < format.len() {
-            getrandom::fill(&mut pool).map_err(RandomnessError)?;
-            for &b in &pool {
-                if filled == format.len() {
-                    break;
-                }
-                if let Some(symbol) = symbol_for(b) {
-                    bytes[filled] = symbol;
-                    filled += 1;
-                }
-            }
-        }
-        pool.zeroize();
+        fill_symbols(&mut bytes[..format.len()])?;
         Ok(Self {
             len: format.len,
             bytes,
@@ -297,6 +283,32 @@ impl ApiKey {
     pub(crate) fn as_bytes(&self) -> &[u8] {
         &self.bytes[..self.len as usize]
     }
+}
+
+/// Fills `out` with bytes from the OS CSPRNG.
+pub(crate) fn fill_random(out: &mut [u8]) -> Result<(), RandomnessError> {
+    getrandom::fill(out).map_err(RandomnessError)
+}
+
+/// Fills `out` with symbols drawn uniformly from the 62 ASCII letters and digits, from the OS
+/// CSPRNG, by rejection sampling (see [`ApiKey::generate_with`]).
+pub(crate) fn fill_symbols(out: &mut [u8]) -> Result<(), RandomnessError> {
+    let mut pool = [0u8; 64];
+    let mut filled = 0;
+    while filled < out.len() {
+        getrandom::fill(&mut pool).map_err(RandomnessError)?;
+        for &b in &pool {
+            if filled == out.len() {
+                break;
+            }
+            if let Some(symbol) = symbol_for(b) {
+                out[filled] = symbol;
+                filled += 1;
+            }
+        }
+    }
+    pool.zeroize();
+    Ok(())
 }
 
 /// Maps a random byte to a symbol, or `None` for the two values that rejection sampling drops.

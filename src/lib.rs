@@ -10,24 +10,32 @@
 //! - [`OrgTable`]: every org's current state, one lock-free snapshot per org.
 //! - [`KeyAdmin`]: subscriptions and the key life cycle (K2-K9), audited.
 //! - [`OrgKeyLayer`]: the tower layer (L1-L4); see [`auth`] for the acceptance rules.
+//! - [`Admins`], [`Sessions`], [`SessionEndpoint`]: admin accounts and the ZIA login protocol
+//!   (A1-A3, S1-S3); see [`session`].
 //!
 //! Rule ids (K1, L3, ...) refer to the design contract reproduced in the README.
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
 pub mod admin;
+pub mod admins;
 pub mod audit;
 pub mod auth;
 pub mod clock;
 pub mod key;
 pub mod org;
+pub mod password;
+pub mod session;
 pub mod table;
 
-pub use admin::{AdminError, KeyAdmin, KeyInfo};
+pub use admin::{AdminError, KeyAdmin, KeyInfo, SessionKeyAdmin};
+pub use admins::{AdminDirectory, Admins, Scope, Scopes, Username};
 pub use audit::{AuditEvent, AuditSink, KeyAction, TracingAuditSink};
 pub use auth::{Authenticated, OrgKeyLayer, Rejection, RejectionReason};
 pub use key::{ApiKey, KeyFormat, KeyFormatError};
 pub use org::{Actor, Generation, OrgId};
+pub use password::Password;
+pub use session::{SessionConfig, SessionEndpoint, Sessions};
 pub use table::OrgTable;
 
 /// The README's Rust examples, compiled as doc tests so they stay true.

@@ -19,6 +19,8 @@ use orgkey::{
 use tower::{Service, ServiceBuilder, ServiceExt};
 
 const KEY: &str = "AbCdEf123456";
+/// 65 bytes: one more than any org id may have.
+const LONG_ORG: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
 
 /// A request (uri, headers) and the reason it must be rejected for.
 type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], RejectionReason);
@@ -106,7 +108,7 @@ async fn l1_l2_valid_org_and_key_reach_the_inner_service_with_identity_and_witho
     let (auth, had_key) = seen.last.lock().unwrap().take().unwrap();
     let auth = auth.unwrap();
     assert_eq!(auth.org(), "acme");
-    assert_eq!(auth.method(), AuthMethod::ApiKey);
+    assert_eq!(auth.method(), &AuthMethod::ApiKey);
     assert_eq!(
         auth.generation(),
         admin.table().state("acme").unwrap().generation()
@@ -168,6 +170,17 @@ async fn l3_failures_never_call_the_inner_service_and_answer_401_json_with_a_cha
             "/",
             &[("x-org-id", "bad org!"), ("x-api-key", KEY)],
             RejectionReason::UnknownOrg,
+        ),
+        // Found by fuzzing: an org id too long to exist must not hide a malformed key.
+        (
+            "/",
+            &[("x-org-id", LONG_ORG), ("x-api-key", KEY)],
+            RejectionReason::UnknownOrg,
+        ),
+        (
+            "/",
+            &[("x-org-id", LONG_ORG), ("x-api-key", "short")],
+            RejectionReason::MalformedKey,
         ),
         (
             "/",

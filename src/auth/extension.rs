@@ -1,5 +1,6 @@
 //! What the inner service learns about an authenticated request (L2).
 
+use crate::admins::{Scope, Scopes, Username};
 use crate::org::{Generation, InlineOrgId, OrgId};
 
 /// Request extension set by the layer on every request it lets through (L2).
@@ -21,11 +22,18 @@ pub struct Authenticated {
 }
 
 /// How a request was authenticated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum AuthMethod {
     /// Direct key mode: the request carried the org and its API key (L1).
     ApiKey,
+    /// A session cookie of an admin (L1, S2).
+    Session {
+        /// The admin.
+        admin: Username,
+        /// The admin's scopes, as checked for this request.
+        scopes: Scopes,
+    },
 }
 
 impl Authenticated {
@@ -53,8 +61,25 @@ impl Authenticated {
     }
 
     /// How the request was authenticated.
-    pub fn method(&self) -> AuthMethod {
-        self.method
+    pub fn method(&self) -> &AuthMethod {
+        &self.method
+    }
+
+    /// The admin, for a session; `None` in direct key mode.
+    pub fn admin(&self) -> Option<&Username> {
+        match &self.method {
+            AuthMethod::Session { admin, .. } => Some(admin),
+            AuthMethod::ApiKey => None,
+        }
+    }
+
+    /// Whether the request comes from an admin session holding `scope`. Direct key requests
+    /// hold no admin scope.
+    pub fn has_scope(&self, scope: Scope) -> bool {
+        match &self.method {
+            AuthMethod::Session { scopes, .. } => scopes.contains(scope),
+            AuthMethod::ApiKey => false,
+        }
     }
 }
 

@@ -13,6 +13,7 @@ use super::resolver::{HeaderOrgResolver, OrgResolver, RequestView};
 use super::service::OrgKeyAuth;
 use super::DEFAULT_KEY_HEADER;
 use crate::org::InlineOrgId;
+use crate::session::{find_session_cookie, CookieLookup, Sessions};
 use crate::table::OrgTable;
 
 /// Layer that authenticates requests against an [`OrgTable`] (L1-L4).
@@ -27,6 +28,7 @@ pub struct OrgKeyLayer {
 #[derive(Debug, Clone)]
 pub(crate) struct Config {
     table: OrgTable,
+    sessions: Option<Sessions>,
     resolver: Arc<dyn OrgResolver>,
     key_header: HeaderName,
     pub(crate) challenge: HeaderValue,
@@ -38,6 +40,7 @@ impl OrgKeyLayer {
         Self {
             config: Arc::new(Config {
                 table,
+                sessions: None,
                 resolver: Arc::new(HeaderOrgResolver::default()),
                 key_header: HeaderName::from_static(DEFAULT_KEY_HEADER),
                 challenge: challenge_for("orgkey", DEFAULT_KEY_HEADER),
@@ -68,6 +71,14 @@ impl OrgKeyLayer {
     /// or a closure in [`FnOrgResolver`](super::FnOrgResolver)).
     pub fn org_resolver(mut self, resolver: impl OrgResolver) -> Self {
         self.config_mut().resolver = Arc::new(resolver);
+        self
+    }
+
+    /// Also accepts admin sessions: a request without the key header but with a
+    /// `JSESSIONID` cookie is authenticated by `sessions` (L1, S2). The org is the session's;
+    /// if the request also names an org, it must be the same.
+    pub fn with_sessions(mut self, sessions: Sessions) -> Self {
+        self.config_mut().sessions = Some(sessions);
         self
     }
 
@@ -126,6 +137,17 @@ impl Config {
         &self,
         request: &mut Request<B>,
     ) -> Result<Authenticated, (RejectionReason, Option<InlineOrgId>)> {
+        if let Some(sessions) = &self.sessions {
+            if !request.headers().contains_key(&self.key_header) {
+                match find_session_cookie(request.headers()) {
+                    CookieLookup::One(id) => {
+                        return self.authenticate_session(sessions, request, id)
+                    }
+                    CookieLookup::Several => return Err((RejectionReason::SessionAmbiguous, None)),
+                    CookieLookup::Absent => {}
+                }
+            }
+        }
         let view = RequestView::new(
             request.method(),
             request.uri(),
@@ -155,7 +177,12 @@ impl Config {
             return Err((RejectionReason::MalformedKey, org));
         };
         let Some(org) = org else {
-            return Err((RejectionReason::UnknownOrg, None));
+            // Same order of checks as `OrgTable::verify`: the key's format first.
+            let reason = match self.table.format().validate(key.as_bytes()) {
+                Ok(()) => RejectionReason::UnknownOrg,
+                Err(_) => RejectionReason::MalformedKey,
+            };
+            return Err((reason, None));
         };
         match self.table.check(org.as_str(), key.as_bytes(), |_, g| g) {
             Ok(generation) => {
@@ -164,6 +191,37 @@ impl Config {
             }
             Err(e) => Err((e.into(), Some(org))),
         }
+    }
+
+    /// Session mode: the cookie's session decides the org and the admin.
+    fn authenticate_session<B>(
+        &self,
+        sessions: &Sessions,
+        request: &Request<B>,
+        id: &[u8],
+    ) -> Result<Authenticated, (RejectionReason, Option<InlineOrgId>)> {
+        let identity = sessions.validate(id).map_err(|e| (e.into(), None))?;
+        let org = InlineOrgId::copy(identity.org.as_str());
+        let view = RequestView::new(
+            request.method(),
+            request.uri(),
+            request.headers(),
+            request.extensions(),
+        );
+        if let Some(claimed) = self.resolver.resolve(&view) {
+            if claimed != identity.org.as_str() {
+                return Err((RejectionReason::SessionAmbiguous, org));
+            }
+        }
+        let org = org.ok_or((RejectionReason::SessionNotFound, None))?;
+        Ok(Authenticated::new(
+            org,
+            identity.generation,
+            AuthMethod::Session {
+                admin: identity.admin,
+                scopes: identity.scopes,
+            },
+        ))
     }
 
     pub(crate) fn key_header(&self) -> &HeaderName {

@@ -6,6 +6,7 @@ use bytes::Bytes;
 use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE, WWW_AUTHENTICATE};
 use http::{Response, StatusCode};
 
+use crate::session::SessionRejection;
 use crate::table::VerifyError;
 
 /// The precise reason a request was rejected: for tracing, metrics and the server's own
@@ -32,6 +33,18 @@ pub enum RejectionReason {
     NoKey,
     /// The key does not match the org's key.
     WrongKey,
+    /// The session cookie names no live session (unknown, logged out, not an id).
+    SessionNotFound,
+    /// The session was idle for the idle timeout (S2).
+    SessionIdleExpired,
+    /// The session reached its absolute lifetime (S2).
+    SessionLifetimeExpired,
+    /// The org's key or subscription changed since login (K6).
+    SessionKeyChanged,
+    /// The admin was deleted, disabled, changed password or lost the `api` scope (S2).
+    SessionAdminChanged,
+    /// More than one session cookie, or a session of another org than the request names.
+    SessionAmbiguous,
 }
 
 impl RejectionReason {
@@ -46,11 +59,17 @@ impl RejectionReason {
             Self::NoSubscription => "no_subscription",
             Self::NoKey => "no_key",
             Self::WrongKey => "wrong_key",
+            Self::SessionNotFound => "session_not_found",
+            Self::SessionIdleExpired => "session_idle_expired",
+            Self::SessionLifetimeExpired => "session_lifetime_expired",
+            Self::SessionKeyChanged => "session_key_changed",
+            Self::SessionAdminChanged => "session_admin_changed",
+            Self::SessionAmbiguous => "session_ambiguous",
         }
     }
 
     /// Every reason, for exhaustive tests and metrics registration.
-    pub const ALL: [RejectionReason; 8] = [
+    pub const ALL: [RejectionReason; 14] = [
         Self::MissingOrg,
         Self::MissingKey,
         Self::KeyInQuery,
@@ -59,6 +78,12 @@ impl RejectionReason {
         Self::NoSubscription,
         Self::NoKey,
         Self::WrongKey,
+        Self::SessionNotFound,
+        Self::SessionIdleExpired,
+        Self::SessionLifetimeExpired,
+        Self::SessionKeyChanged,
+        Self::SessionAdminChanged,
+        Self::SessionAmbiguous,
     ];
 
     /// The JSON body the client sees. Unknown org, no subscription, no key and wrong key share
@@ -77,6 +102,15 @@ impl RejectionReason {
             Self::UnknownOrg | Self::NoSubscription | Self::NoKey | Self::WrongKey => {
                 r#"{"code":"AUTHENTICATION_FAILED","message":"invalid credentials"}"#
             }
+            // One body for every session failure: the Go SDK logs in again when it sees it.
+            Self::SessionNotFound
+            | Self::SessionIdleExpired
+            | Self::SessionLifetimeExpired
+            | Self::SessionKeyChanged
+            | Self::SessionAdminChanged
+            | Self::SessionAmbiguous => {
+                r#"{"code":"SESSION_NOT_VALID","message":"Session is not valid"}"#
+            }
         }
     }
 }
@@ -84,6 +118,18 @@ impl RejectionReason {
 impl fmt::Display for RejectionReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+impl From<SessionRejection> for RejectionReason {
+    fn from(e: SessionRejection) -> Self {
+        match e {
+            SessionRejection::NotFound => Self::SessionNotFound,
+            SessionRejection::IdleExpired => Self::SessionIdleExpired,
+            SessionRejection::LifetimeExpired => Self::SessionLifetimeExpired,
+            SessionRejection::KeyChanged => Self::SessionKeyChanged,
+            SessionRejection::AdminChanged => Self::SessionAdminChanged,
+        }
     }
 }
 
@@ -153,10 +199,13 @@ mod tests {
     fn every_body_is_the_protocol_json_shape() {
         for r in RejectionReason::ALL {
             let body = r.body();
-            assert!(
-                body.starts_with(r#"{"code":"AUTHENTICATION_FAILED","message":""#),
-                "{body}"
-            );
+            let code = if r.as_str().starts_with("session_") {
+                "SESSION_NOT_VALID"
+            } else {
+                "AUTHENTICATION_FAILED"
+            };
+            let prefix = format!(r#"{{"code":"{code}","message":""#);
+            assert!(body.starts_with(&prefix), "{body}");
             assert!(body.ends_with(r#""}"#));
         }
     }

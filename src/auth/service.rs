@@ -63,7 +63,7 @@ where
                     target: "orgkey::auth",
                     org = %authenticated.org(),
                     outcome = "accepted",
-                    method = "api_key",
+                    admin = authenticated.admin().map(|a| a.as_str()),
                 );
                 // The one allocation on success (http boxes every extension, and allocates the
                 // map for the first one); see BENCHMARKS.md.

@@ -1,0 +1,493 @@
+//! Admin accounts (A1): usernames, functional scopes, and the directory that logins and
+//! sessions consult.
+//!
+//! [`Admins`] is the built-in directory: accounts in memory, passwords as argon2id PHC strings
+//! (see [`crate::password`]). Any identity store can take its place by implementing
+//! [`AdminDirectory`].
+//!
+//! Every change that must end an admin's sessions (disable, delete, password change, losing
+//! the `api` scope) gives the account a new *credential version*; a session remembers the
+//! version it was created under and dies when it differs (S2).
+
+use std::fmt;
+use std::sync::Arc;
+
+use dashmap::mapref::entry::Entry;
+use dashmap::DashMap;
+
+use crate::org::OrgId;
+use crate::password::{
+    dummy_verify, hash_password, verify_password, HashError, Password, PasswordPolicyError,
+};
+use crate::table::OrgTable;
+
+/// An admin's username, `name@domain`, compared case-insensitively (stored lowercased).
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Username(Arc<str>);
+
+/// Longest username accepted, in bytes.
+pub const MAX_USERNAME_LEN: usize = 254;
+
+impl Username {
+    /// Validates and normalizes (lowercases) a username.
+    ///
+    /// # Errors
+    ///
+    /// [`InvalidUsername`] unless the name is `local@domain` with both parts non-empty, at most
+    /// 254 bytes, without whitespace or control characters.
+    pub fn new(name: &str) -> Result<Self, InvalidUsername> {
+        let valid = name.len() <= MAX_USERNAME_LEN
+            && !name.chars().any(|c| c.is_whitespace() || c.is_control())
+            && matches!(name.split_once('@'), Some((local, domain))
+                if !local.is_empty() && !domain.is_empty() && !domain.contains('@'));
+        if !valid {
+            return Err(InvalidUsername);
+        }
+        Ok(Self(Arc::from(name.to_lowercase())))
+    }
+
+    /// The normalized (lowercase) username.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Username {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl fmt::Display for Username {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A username is not of the form `name@domain` (or too long, or has whitespace).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidUsername;
+
+impl fmt::Display for InvalidUsername {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "username must be name@domain, at most {MAX_USERNAME_LEN} bytes, without spaces"
+        )
+    }
+}
+
+impl std::error::Error for InvalidUsername {}
+
+/// A functional scope of an admin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Scope {
+    /// May log in to the API and call it.
+    Api,
+    /// May view and manage the org's API key.
+    KeyAdmin,
+}
+
+impl Scope {
+    const fn bit(self) -> u8 {
+        match self {
+            Self::Api => 1,
+            Self::KeyAdmin => 2,
+        }
+    }
+
+    /// The scope's name: `api` or `key-admin`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Api => "api",
+            Self::KeyAdmin => "key-admin",
+        }
+    }
+}
+
+impl fmt::Display for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A set of [`Scope`]s.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Scopes(u8);
+
+impl Scopes {
+    /// No scope.
+    pub const NONE: Self = Self(0);
+    /// `api` only.
+    pub const API: Self = Self(1);
+    /// `api` and `key-admin`.
+    pub const ALL: Self = Self(3);
+
+    /// Whether `scope` is in the set.
+    pub const fn contains(self, scope: Scope) -> bool {
+        self.0 & scope.bit() != 0
+    }
+
+    /// The set with `scope` added.
+    #[must_use]
+    pub const fn with(self, scope: Scope) -> Self {
+        Self(self.0 | scope.bit())
+    }
+
+    /// The set with `scope` removed.
+    #[must_use]
+    pub const fn without(self, scope: Scope) -> Self {
+        Self(self.0 & !scope.bit())
+    }
+}
+
+impl fmt::Debug for Scopes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut set = f.debug_set();
+        for scope in [Scope::Api, Scope::KeyAdmin] {
+            if self.contains(scope) {
+                set.entry(&scope.as_str());
+            }
+        }
+        set.finish()
+    }
+}
+
+/// What a session check needs to know about an admin, right now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminStatus {
+    /// The admin's org.
+    pub org: OrgId,
+    /// Whether the account is enabled.
+    pub enabled: bool,
+    /// The admin's scopes.
+    pub scopes: Scopes,
+    /// Changes whenever the account changes in a way that must end its sessions.
+    pub credential_version: u64,
+}
+
+/// Where admins are looked up: the built-in [`Admins`], or a user's own identity store.
+///
+/// Implementations must keep two promises: [`AdminDirectory::status`] is cheap and never
+/// blocks (it runs on every request made with a session), and
+/// [`AdminDirectory::authenticate`] costs the same time whether the user exists or not.
+pub trait AdminDirectory: Send + Sync + 'static {
+    /// The admin's current status, or `None` if there is no such admin.
+    fn status(&self, username: &Username) -> Option<AdminStatus>;
+
+    /// Checks a password and returns the status of the account it was checked against, or
+    /// `None` for an unknown user or a wrong password (indistinguishable, same cost).
+    ///
+    /// Blocking (argon2): orgkey calls it on a blocking thread.
+    fn authenticate(&self, username: &Username, password: &Password) -> Option<AdminStatus>;
+}
+
+/// One account of the built-in directory.
+#[derive(Clone)]
+struct Account {
+    status: AdminStatus,
+    password_hash: Arc<str>,
+}
+
+/// Why an account change failed. Nothing was changed.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum AdminsError {
+    /// No admin has this username.
+    UnknownAdmin,
+    /// An admin with this username exists.
+    AdminExists,
+    /// The org does not exist.
+    UnknownOrg,
+    /// The new password breaks the policy.
+    WeakPassword(PasswordPolicyError),
+    /// Hashing failed.
+    Hash(HashError),
+}
+
+impl fmt::Display for AdminsError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::UnknownAdmin => f.write_str("unknown admin"),
+            Self::AdminExists => f.write_str("an admin with this username already exists"),
+            Self::UnknownOrg => f.write_str("unknown organization"),
+            Self::WeakPassword(e) => write!(f, "password refused: {e}"),
+            Self::Hash(_) => f.write_str("password hashing failed"),
+        }
+    }
+}
+
+impl std::error::Error for AdminsError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::WeakPassword(e) => Some(e),
+            Self::Hash(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+/// The built-in admin directory: accounts in memory. Cheap to clone (shared).
+///
+/// Creating an account and changing a password hash the password (about 20 ms of CPU): call
+/// them from a blocking context in async code.
+#[derive(Clone)]
+pub struct Admins {
+    inner: Arc<AdminsInner>,
+}
+
+struct AdminsInner {
+    orgs: OrgTable,
+    accounts: DashMap<Username, Account>,
+}
+
+impl fmt::Debug for Admins {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Admins")
+            .field("accounts", &self.inner.accounts.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn new_credential_version() -> u64 {
+    let mut bytes = [0u8; 8];
+    // A repeated version could revive a session only if it matched the old one exactly; on
+    // an RNG failure fall back to the clock, which still changes.
+    if getrandom::fill(&mut bytes).is_err() {
+        return std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1);
+    }
+    u64::from_le_bytes(bytes)
+}
+
+impl Admins {
+    /// An empty directory for the orgs of `orgs`.
+    pub fn new(orgs: OrgTable) -> Self {
+        Self {
+            inner: Arc::new(AdminsInner {
+                orgs,
+                accounts: DashMap::new(),
+            }),
+        }
+    }
+
+    /// Creates an enabled admin of `org` with `scopes`.
+    ///
+    /// # Errors
+    ///
+    /// [`AdminsError::UnknownOrg`], [`AdminsError::AdminExists`],
+    /// [`AdminsError::WeakPassword`], [`AdminsError::Hash`].
+    pub fn create(
+        &self,
+        username: &Username,
+        org: &OrgId,
+        password: &Password,
+        scopes: Scopes,
+    ) -> Result<(), AdminsError> {
+        if self.inner.orgs.state(org.as_str()).is_none() {
+            return Err(AdminsError::UnknownOrg);
+        }
+        password.check_policy().map_err(AdminsError::WeakPassword)?;
+        let password_hash: Arc<str> =
+            Arc::from(hash_password(password).map_err(AdminsError::Hash)?);
+        match self.inner.accounts.entry(username.clone()) {
+            Entry::Occupied(_) => Err(AdminsError::AdminExists),
+            Entry::Vacant(slot) => {
+                slot.insert(Account {
+                    status: AdminStatus {
+                        org: org.clone(),
+                        enabled: true,
+                        scopes,
+                        credential_version: new_credential_version(),
+                    },
+                    password_hash,
+                });
+                tracing::info!(target: "orgkey::admin", admin = %username, org = %org, scopes = ?scopes, "admin created");
+                Ok(())
+            }
+        }
+    }
+
+    /// Disables an admin: logins fail and its sessions die (S2).
+    ///
+    /// # Errors
+    ///
+    /// [`AdminsError::UnknownAdmin`].
+    pub fn disable(&self, username: &Username) -> Result<(), AdminsError> {
+        self.update(username, "disabled", |account| {
+            account.status.enabled = false;
+            true
+        })
+    }
+
+    /// Enables a disabled admin (its old sessions stay dead).
+    ///
+    /// # Errors
+    ///
+    /// [`AdminsError::UnknownAdmin`].
+    pub fn enable(&self, username: &Username) -> Result<(), AdminsError> {
+        self.update(username, "enabled", |account| {
+            account.status.enabled = true;
+            false
+        })
+    }
+
+    /// Deletes an admin; its sessions die.
+    ///
+    /// # Errors
+    ///
+    /// [`AdminsError::UnknownAdmin`].
+    pub fn delete(&self, username: &Username) -> Result<(), AdminsError> {
+        match self.inner.accounts.remove(username) {
+            Some(_) => {
+                tracing::info!(target: "orgkey::admin", admin = %username, "admin deleted");
+                Ok(())
+            }
+            None => Err(AdminsError::UnknownAdmin),
+        }
+    }
+
+    /// Sets a new password; the admin's sessions die.
+    ///
+    /// # Errors
+    ///
+    /// [`AdminsError::UnknownAdmin`], [`AdminsError::WeakPassword`], [`AdminsError::Hash`].
+    pub fn change_password(
+        &self,
+        username: &Username,
+        password: &Password,
+    ) -> Result<(), AdminsError> {
+        if !self.inner.accounts.contains_key(username) {
+            return Err(AdminsError::UnknownAdmin);
+        }
+        password.check_policy().map_err(AdminsError::WeakPassword)?;
+        let hash: Arc<str> = Arc::from(hash_password(password).map_err(AdminsError::Hash)?);
+        self.update(username, "password changed", |account| {
+            account.password_hash = Arc::clone(&hash);
+            true
+        })
+    }
+
+    /// Grants a scope.
+    ///
+    /// # Errors
+    ///
+    /// [`AdminsError::UnknownAdmin`].
+    pub fn grant(&self, username: &Username, scope: Scope) -> Result<(), AdminsError> {
+        self.update(username, "scope granted", |account| {
+            account.status.scopes = account.status.scopes.with(scope);
+            false
+        })
+    }
+
+    /// Revokes a scope. Revoking `api` ends the admin's sessions; revoking `key-admin` takes
+    /// effect on the next request of its sessions.
+    ///
+    /// # Errors
+    ///
+    /// [`AdminsError::UnknownAdmin`].
+    pub fn revoke(&self, username: &Username, scope: Scope) -> Result<(), AdminsError> {
+        self.update(username, "scope revoked", |account| {
+            account.status.scopes = account.status.scopes.without(scope);
+            scope == Scope::Api
+        })
+    }
+
+    /// The admin's current status.
+    pub fn get(&self, username: &Username) -> Option<AdminStatus> {
+        self.status(username)
+    }
+
+    /// Applies `change`; if it returns true, the account gets a new credential version.
+    fn update(
+        &self,
+        username: &Username,
+        what: &'static str,
+        change: impl FnOnce(&mut Account) -> bool,
+    ) -> Result<(), AdminsError> {
+        let mut account = self
+            .inner
+            .accounts
+            .get_mut(username)
+            .ok_or(AdminsError::UnknownAdmin)?;
+        if change(&mut account) {
+            account.status.credential_version = new_credential_version();
+        }
+        tracing::info!(target: "orgkey::admin", admin = %username, change = what, "admin changed");
+        Ok(())
+    }
+}
+
+impl AdminDirectory for Admins {
+    fn status(&self, username: &Username) -> Option<AdminStatus> {
+        self.inner
+            .accounts
+            .get(username)
+            .map(|account| account.status.clone())
+    }
+
+    fn authenticate(&self, username: &Username, password: &Password) -> Option<AdminStatus> {
+        // Copy out what is needed and release the map's lock before the slow hash.
+        let account = self.inner.accounts.get(username).map(|a| a.clone());
+        match account {
+            Some(account) => {
+                verify_password(password, &account.password_hash).then_some(account.status)
+            }
+            None => {
+                dummy_verify(password);
+                None
+            }
+        }
+    }
+}
+
+impl<D: AdminDirectory + ?Sized> AdminDirectory for Arc<D> {
+    fn status(&self, username: &Username) -> Option<AdminStatus> {
+        (**self).status(username)
+    }
+
+    fn authenticate(&self, username: &Username, password: &Password) -> Option<AdminStatus> {
+        (**self).authenticate(username, password)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usernames_are_name_at_domain_and_case_insensitive() {
+        let a = Username::new("Alice@Acme.Example").unwrap();
+        let b = Username::new("alice@acme.example").unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.as_str(), "alice@acme.example");
+        for bad in [
+            "alice",
+            "@acme",
+            "alice@",
+            "a@b@c",
+            "al ice@acme",
+            "a\n@b",
+            "",
+        ] {
+            assert!(Username::new(bad).is_err(), "{bad:?}");
+        }
+        assert!(Username::new(&format!("{}@b", "a".repeat(252))).is_ok()); // 254 bytes
+        assert!(Username::new(&format!("{}@b", "a".repeat(253))).is_err());
+    }
+
+    #[test]
+    fn scopes_set_operations() {
+        let s = Scopes::NONE.with(Scope::Api);
+        assert!(s.contains(Scope::Api) && !s.contains(Scope::KeyAdmin));
+        assert_eq!(s.with(Scope::KeyAdmin), Scopes::ALL);
+        assert_eq!(
+            Scopes::ALL.without(Scope::Api),
+            Scopes::NONE.with(Scope::KeyAdmin)
+        );
+        assert_eq!(format!("{:?}", Scopes::ALL), r#"{"api", "key-admin"}"#);
+    }
+}

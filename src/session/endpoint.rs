@@ -1,0 +1,332 @@
+//! [`SessionEndpoint`]: `POST`, `GET` and `DELETE /api/v1/authenticatedSession` exactly as
+//! PROTOCOL.md describes them.
+
+use std::convert::Infallible;
+use std::fmt;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::header::{HeaderValue, ALLOW, CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER, SET_COOKIE};
+use http::{Method, Request, Response, StatusCode};
+use http_body::Body;
+use http_body_util::{BodyExt, Full, Limited};
+use serde::Deserialize;
+use tower_service::Service;
+
+use super::cookie::{find_session_cookie, CookieLookup, SESSION_COOKIE};
+use super::sessions::{LoginFailure, LoginRequest, Sessions};
+use crate::auth::RequestView;
+use crate::password::Password;
+
+/// Largest login body accepted, in bytes (PROTOCOL.md).
+pub const MAX_LOGIN_BODY: usize = 4096;
+
+/// The SessionInfo body of a successful login or probe.
+const SESSION_INFO: &str = r#"{"authType":"ADMIN_LOGIN","obfuscateApiKey":false,"passwordExpiryTime":0,"passwordExpiryDays":0}"#;
+const AUTHENTICATION_FAILED: &str =
+    r#"{"code":"AUTHENTICATION_FAILED","message":"Authentication failed"}"#;
+const SESSION_NOT_VALID: &str = r#"{"code":"SESSION_NOT_VALID","message":"Session is not valid"}"#;
+const NOT_AUTHORIZED: &str =
+    r#"{"code":"NOT_AUTHORIZED","message":"The admin lacks the API functional scope"}"#;
+const LOGGED_OUT: &str = r#"{"status":"ACTIVE"}"#;
+
+/// The client address for throttling: a function of the request (default:
+/// [`default_client_addr`]).
+pub type ClientAddrFn = Arc<dyn Fn(&RequestView<'_>) -> Option<IpAddr> + Send + Sync>;
+
+/// A client address a server (or a trusted proxy layer) put in the request extensions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientAddr(pub IpAddr);
+
+/// The default client address: a [`ClientAddr`] or a [`SocketAddr`] in the request
+/// extensions. Behind a proxy, configure [`SessionEndpoint::client_addr`] to read the
+/// proxy's header instead (and only trust it from the proxy).
+pub fn default_client_addr(request: &RequestView<'_>) -> Option<IpAddr> {
+    let extensions = request.extensions();
+    extensions
+        .get::<ClientAddr>()
+        .map(|a| a.0)
+        .or_else(|| extensions.get::<SocketAddr>().map(SocketAddr::ip))
+}
+
+/// The ZIA session endpoint, a tower service. Mount it at `/api/v1/authenticatedSession`:
+///
+/// ```
+/// # use orgkey::{OrgTable, admins::Admins, session::{SessionEndpoint, Sessions}};
+/// let orgs = OrgTable::default();
+/// let sessions = Sessions::new(orgs.clone(), Admins::new(orgs));
+/// let app: axum::Router = axum::Router::new()
+///     .route_service("/api/v1/authenticatedSession", SessionEndpoint::new(sessions));
+/// ```
+///
+/// - `POST`: log in. `Content-Type: application/json` (else 415), body at most 4 KiB (else
+///   413), `{"apiKey","username","password","timestamp"}` with the timestamp as a number or
+///   a string of digits, unknown fields ignored (malformed: 400). 200 with SessionInfo and
+///   `Set-Cookie: JSESSIONID=<id>; Path=/; HttpOnly; SameSite=Strict` (`; Secure` per
+///   [`SessionConfig::secure_cookie`](super::SessionConfig::secure_cookie)); 401
+///   `AUTHENTICATION_FAILED` for every failure but a missing `api` scope (403) and
+///   throttling (429 with an integer `Retry-After`).
+/// - `GET`: 200 with SessionInfo for a live session, else 401 `SESSION_NOT_VALID`.
+/// - `DELETE`: ends the session; 200 `{"status":"ACTIVE"}` whether or not it was live; any
+///   body is ignored.
+#[derive(Clone)]
+pub struct SessionEndpoint {
+    sessions: Sessions,
+    client_addr: ClientAddrFn,
+}
+
+impl fmt::Debug for SessionEndpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SessionEndpoint")
+            .field("sessions", &self.sessions)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SessionEndpoint {
+    /// The endpoint for `sessions`.
+    pub fn new(sessions: Sessions) -> Self {
+        Self {
+            sessions,
+            client_addr: Arc::new(default_client_addr),
+        }
+    }
+
+    /// Uses `f` to find the client's address for throttling.
+    pub fn client_addr(
+        mut self,
+        f: impl Fn(&RequestView<'_>) -> Option<IpAddr> + Send + Sync + 'static,
+    ) -> Self {
+        self.client_addr = Arc::new(f);
+        self
+    }
+}
+
+/// The login body. Unknown fields are ignored.
+#[derive(Deserialize)]
+struct LoginBody {
+    #[serde(rename = "apiKey")]
+    api_key: String,
+    username: String,
+    password: String,
+    timestamp: Timestamp,
+}
+
+/// Python clients send a number, the Go SDK a string of digits.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Timestamp {
+    Number(u64),
+    Text(String),
+}
+
+impl Timestamp {
+    fn millis(&self) -> Option<u64> {
+        match self {
+            Self::Number(n) => Some(*n),
+            Self::Text(s)
+                if !s.is_empty() && s.len() <= 20 && s.bytes().all(|b| b.is_ascii_digit()) =>
+            {
+                s.parse().ok()
+            }
+            Self::Text(_) => None,
+        }
+    }
+}
+
+fn json(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+        .headers_mut()
+        .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+fn bad_request(message: &str) -> Response<Full<Bytes>> {
+    let body =
+        serde_json::json!({"code": "INVALID_INPUT_ARGUMENT", "message": message}).to_string();
+    let mut response = json(StatusCode::BAD_REQUEST, "");
+    *response.body_mut() = Full::new(Bytes::from(body));
+    response
+}
+
+fn too_many_requests(retry_after_secs: u64) -> Response<Full<Bytes>> {
+    let body = serde_json::json!({
+        "message": "Rate Limit (1/SECOND) exceeded",
+        "Retry-After": format!("{retry_after_secs} seconds"),
+    })
+    .to_string();
+    let mut response = json(StatusCode::TOO_MANY_REQUESTS, "");
+    *response.body_mut() = Full::new(Bytes::from(body));
+    response
+        .headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from(retry_after_secs));
+    response
+}
+
+fn is_json(content_type: Option<&HeaderValue>) -> bool {
+    content_type
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"))
+}
+
+impl<B> Service<Request<B>> for SessionEndpoint
+where
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
+    type Response = Response<Full<Bytes>>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let sessions = self.sessions.clone();
+        match *request.method() {
+            Method::GET => {
+                let live = match find_session_cookie(request.headers()) {
+                    CookieLookup::One(id) => sessions.validate(id).is_ok(),
+                    _ => false,
+                };
+                let response = if live {
+                    json(StatusCode::OK, SESSION_INFO)
+                } else {
+                    json(StatusCode::UNAUTHORIZED, SESSION_NOT_VALID)
+                };
+                Box::pin(std::future::ready(Ok(response)))
+            }
+            Method::DELETE => {
+                if let CookieLookup::One(id) = find_session_cookie(request.headers()) {
+                    sessions.logout(id);
+                }
+                // A body, with or without a content type, is ignored (never read).
+                Box::pin(std::future::ready(Ok(json(StatusCode::OK, LOGGED_OUT))))
+            }
+            Method::POST => {
+                let source = {
+                    let view = RequestView::new(
+                        request.method(),
+                        request.uri(),
+                        request.headers(),
+                        request.extensions(),
+                    );
+                    (self.client_addr)(&view)
+                };
+                let secure = sessions.config().secure_cookie;
+                Box::pin(async move { Ok(login(sessions, request, source, secure).await) })
+            }
+            _ => {
+                let mut response = json(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    r#"{"code":"METHOD_NOT_ALLOWED","message":"use POST, GET or DELETE"}"#,
+                );
+                response
+                    .headers_mut()
+                    .insert(ALLOW, HeaderValue::from_static("POST, GET, DELETE"));
+                Box::pin(std::future::ready(Ok(response)))
+            }
+        }
+    }
+}
+
+async fn login<B>(
+    sessions: Sessions,
+    request: Request<B>,
+    source: Option<IpAddr>,
+    secure: bool,
+) -> Response<Full<Bytes>>
+where
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
+    if !is_json(request.headers().get(CONTENT_TYPE)) {
+        return json(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            r#"{"code":"UNSUPPORTED_MEDIA_TYPE","message":"send Content-Type: application/json"}"#,
+        );
+    }
+    let body = match Limited::new(request.into_body(), MAX_LOGIN_BODY)
+        .collect()
+        .await
+    {
+        Ok(collected) => zeroize::Zeroizing::new(collected.to_bytes().to_vec()),
+        Err(error) => {
+            return if error.is::<http_body_util::LengthLimitError>() {
+                json(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    r#"{"code":"PAYLOAD_TOO_LARGE","message":"login body larger than 4096 bytes"}"#,
+                )
+            } else {
+                bad_request("could not read the request body")
+            };
+        }
+    };
+    let parsed: LoginBody = match serde_json::from_slice(&body) {
+        Ok(parsed) => parsed,
+        // serde's message names the field and position, never a value.
+        Err(e) => {
+            return bad_request(&format!(
+                "login body must be JSON with apiKey, username, password and timestamp ({})",
+                json_error_class(&e)
+            ))
+        }
+    };
+    let Some(timestamp_ms) = parsed.timestamp.millis() else {
+        return bad_request("timestamp must be milliseconds since the Unix epoch");
+    };
+    let attempt = LoginRequest {
+        api_key: Password::new(parsed.api_key),
+        username: parsed.username,
+        password: Password::new(parsed.password),
+        timestamp_ms,
+        source,
+    };
+    match sessions.login(attempt).await {
+        Ok(session) => {
+            let mut response = json(StatusCode::OK, SESSION_INFO);
+            let cookie = format!(
+                "{SESSION_COOKIE}={}; Path=/; HttpOnly; SameSite=Strict{}",
+                session.token.expose_secret(),
+                if secure { "; Secure" } else { "" }
+            );
+            match HeaderValue::from_str(&cookie) {
+                Ok(value) => {
+                    response.headers_mut().insert(SET_COOKIE, value);
+                    response
+                }
+                Err(_) => json(StatusCode::INTERNAL_SERVER_ERROR, AUTHENTICATION_FAILED),
+            }
+        }
+        Err(LoginFailure::Throttled { retry_after_secs }) => too_many_requests(retry_after_secs),
+        Err(LoginFailure::MissingApiScope) => json(StatusCode::FORBIDDEN, NOT_AUTHORIZED),
+        Err(LoginFailure::Internal) => json(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            r#"{"code":"INTERNAL_ERROR","message":"login could not be completed"}"#,
+        ),
+        Err(_) => json(StatusCode::UNAUTHORIZED, AUTHENTICATION_FAILED),
+    }
+}
+
+/// A fixed description of a JSON error's class: serde_json's own messages can quote input.
+fn json_error_class(e: &serde_json::Error) -> &'static str {
+    match e.classify() {
+        serde_json::error::Category::Io => "could not read",
+        serde_json::error::Category::Syntax => "not valid JSON",
+        serde_json::error::Category::Data => "a field is missing or has the wrong type",
+        serde_json::error::Category::Eof => "the JSON ends early",
+    }
+}

@@ -1,0 +1,519 @@
+//! [`Sessions`]: the ZIA login (A2), the session table (S1-S3), and throttling (A3).
+
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use dashmap::DashMap;
+
+use super::cookie::{digest_of_presented, SessionToken};
+use super::obfuscate;
+use super::throttle::{Throttle, ThrottlePolicy};
+use crate::admins::{AdminDirectory, AdminStatus, Scope, Scopes, Username};
+use crate::clock::{Clock, SharedClock};
+use crate::org::{Generation, OrgId};
+use crate::password::{Password, MAX_PASSWORD_BYTES};
+use crate::table::OrgTable;
+
+/// Session and login settings.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// A session unused this long is dead (S2). Default: 5 minutes, Zscaler's default.
+    pub idle_timeout: Duration,
+    /// A session this old is dead however busy (S2). Default: 8 hours.
+    pub absolute_lifetime: Duration,
+    /// A login timestamp further than this from server time fails like a wrong key.
+    /// Default: 5 minutes.
+    pub timestamp_window: Duration,
+    /// Whether the session cookie carries `Secure`. Default: `true`; use
+    /// [`SessionConfig::for_base_url`] to follow the deployment's scheme (plain-http clients
+    /// never send a `Secure` cookie back).
+    pub secure_cookie: bool,
+    /// Failed-login throttling (A3).
+    pub throttle: ThrottlePolicy,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self {
+            idle_timeout: Duration::from_secs(5 * 60),
+            absolute_lifetime: Duration::from_secs(8 * 3600),
+            timestamp_window: Duration::from_secs(5 * 60),
+            secure_cookie: true,
+            throttle: ThrottlePolicy::default(),
+        }
+    }
+}
+
+impl SessionConfig {
+    /// Defaults, with `Secure` cookies exactly when `base_url` is `https://`.
+    pub fn for_base_url(base_url: &str) -> Self {
+        Self {
+            secure_cookie: base_url
+                .get(..8)
+                .is_some_and(|scheme| scheme.eq_ignore_ascii_case("https://")),
+            ..Self::default()
+        }
+    }
+}
+
+/// What a client sends to log in (the body of `POST /authenticatedSession`).
+pub struct LoginRequest {
+    /// The obfuscated key (PROTOCOL.md), not the key itself.
+    pub api_key: Password,
+    /// The admin's username.
+    pub username: String,
+    /// The admin's password.
+    pub password: Password,
+    /// Milliseconds since the Unix epoch, as the client claims.
+    pub timestamp_ms: u64,
+    /// The client's address, for throttling; `None` if unknown (then only the username
+    /// bucket applies).
+    pub source: Option<IpAddr>,
+}
+
+impl fmt::Debug for LoginRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LoginRequest")
+            .field("username", &self.username)
+            .field("timestamp_ms", &self.timestamp_ms)
+            .field("source", &self.source)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A session just created by a login.
+#[derive(Debug)]
+pub struct NewSession {
+    /// The id to hand to the client (`JSESSIONID`). orgkey keeps only its digest.
+    pub token: SessionToken,
+    /// The admin's org.
+    pub org: OrgId,
+    /// The admin.
+    pub admin: Username,
+    /// The admin's scopes at login.
+    pub scopes: Scopes,
+}
+
+/// Why a login failed: for tracing and metrics. Clients see one 401 for all but
+/// [`LoginFailure::MissingApiScope`] (403) and [`LoginFailure::Throttled`] (429) (A2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum LoginFailure {
+    /// No admin has this username (or it is not `name@domain`).
+    UnknownUser,
+    /// The password is wrong.
+    WrongPassword,
+    /// The admin is disabled.
+    AdminDisabled,
+    /// The timestamp is outside the window.
+    StaleTimestamp,
+    /// The admin's org has no API subscription.
+    NoSubscription,
+    /// The admin's org has no key.
+    NoKey,
+    /// The obfuscated key does not match.
+    WrongKey,
+    /// Everything is right but the admin lacks the `api` scope (403).
+    MissingApiScope,
+    /// Too many failed attempts (429).
+    Throttled {
+        /// Seconds to wait.
+        retry_after_secs: u64,
+    },
+    /// The server could not complete the login (randomness, a panicked blocking task).
+    Internal,
+}
+
+impl LoginFailure {
+    /// A stable lowercase name, for logs and metrics.
+    pub const fn as_str(&self) -> &'static str {
+        match self {
+            Self::UnknownUser => "unknown_user",
+            Self::WrongPassword => "wrong_password",
+            Self::AdminDisabled => "admin_disabled",
+            Self::StaleTimestamp => "stale_timestamp",
+            Self::NoSubscription => "no_subscription",
+            Self::NoKey => "no_key",
+            Self::WrongKey => "wrong_key",
+            Self::MissingApiScope => "missing_api_scope",
+            Self::Throttled { .. } => "throttled",
+            Self::Internal => "internal",
+        }
+    }
+}
+
+impl fmt::Display for LoginFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::error::Error for LoginFailure {}
+
+/// Why a presented session id was not accepted (S2): for tracing and metrics; clients see
+/// one `SESSION_NOT_VALID`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum SessionRejection {
+    /// Not a session id, unknown, logged out, or already removed.
+    NotFound,
+    /// Unused for the idle timeout.
+    IdleExpired,
+    /// Older than the absolute lifetime.
+    LifetimeExpired,
+    /// The org's key or subscription changed since login (K6).
+    KeyChanged,
+    /// The admin was deleted, disabled, changed password, or lost the `api` scope.
+    AdminChanged,
+}
+
+impl SessionRejection {
+    /// A stable lowercase name, for logs and metrics.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::NotFound => "session_not_found",
+            Self::IdleExpired => "session_idle_expired",
+            Self::LifetimeExpired => "session_lifetime_expired",
+            Self::KeyChanged => "session_key_changed",
+            Self::AdminChanged => "session_admin_changed",
+        }
+    }
+}
+
+/// A live session's identity, as checked for one request.
+#[derive(Debug, Clone)]
+pub struct SessionIdentity {
+    /// The admin's org.
+    pub org: OrgId,
+    /// The org's generation the session belongs to (the current one).
+    pub generation: Generation,
+    /// The admin.
+    pub admin: Username,
+    /// The admin's scopes now.
+    pub scopes: Scopes,
+}
+
+struct SessionRecord {
+    org: OrgId,
+    admin: Username,
+    generation: Generation,
+    credential_version: u64,
+    created_ms: u64,
+    last_seen_ms: AtomicU64,
+}
+
+/// Logins, the session table and throttling. Cheap to clone (shared).
+///
+/// Sessions are server-side: the table holds only SHA-256 digests of session ids (S1), and
+/// a session is checked in full on every use (S2), so logout, expiry and revocation take
+/// effect at once (S3; across replicas once a shared store backs the table).
+#[derive(Clone)]
+pub struct Sessions {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    orgs: OrgTable,
+    directory: Arc<dyn AdminDirectory>,
+    sessions: DashMap<[u8; 32], Arc<SessionRecord>>,
+    clock: SharedClock,
+    config: SessionConfig,
+    throttle: Throttle,
+    created: AtomicU64,
+}
+
+impl fmt::Debug for Sessions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Sessions")
+            .field("live", &self.inner.sessions.len())
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+fn millis(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Sessions {
+    /// Sessions for the orgs of `orgs` and the admins of `directory`, with default settings.
+    pub fn new(orgs: OrgTable, directory: impl AdminDirectory) -> Self {
+        Self::with_config(
+            orgs,
+            directory,
+            SessionConfig::default(),
+            SharedClock::default(),
+        )
+    }
+
+    /// Sessions with explicit settings and clock (tests inject a clock to expire sessions).
+    pub fn with_config(
+        orgs: OrgTable,
+        directory: impl AdminDirectory,
+        config: SessionConfig,
+        clock: impl Clock,
+    ) -> Self {
+        Self::build(orgs, Arc::new(directory), config, SharedClock::new(clock))
+    }
+
+    fn build(
+        orgs: OrgTable,
+        directory: Arc<dyn AdminDirectory>,
+        config: SessionConfig,
+        clock: SharedClock,
+    ) -> Self {
+        // Prepare the dummy hash now, so the first unknown-user login costs what any other
+        // failed login costs.
+        crate::password::warm_up();
+        Self {
+            inner: Arc::new(Inner {
+                orgs,
+                directory,
+                sessions: DashMap::new(),
+                throttle: Throttle::new(config.throttle.clone()),
+                clock,
+                config,
+                created: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &SessionConfig {
+        &self.inner.config
+    }
+
+    /// The number of sessions in the table (live or not yet purged).
+    pub fn len(&self) -> usize {
+        self.inner.sessions.len()
+    }
+
+    /// Whether the table is empty.
+    pub fn is_empty(&self) -> bool {
+        self.inner.sessions.is_empty()
+    }
+
+    fn now_ms(&self) -> u64 {
+        millis(self.inner.clock.now())
+    }
+
+    /// Logs an admin in (A2): throttle, password (argon2id, on a blocking thread when a tokio
+    /// runtime is present), then the obfuscated key against one snapshot of the admin's org.
+    /// The session is stamped with that snapshot's generation, so a login racing a key change
+    /// can never create a session that outlives the change (K6).
+    ///
+    /// # Errors
+    ///
+    /// A [`LoginFailure`]; every one is logged (target `orgkey::session`) with its reason.
+    pub async fn login(&self, request: LoginRequest) -> Result<NewSession, LoginFailure> {
+        let username = Username::new(&request.username).ok();
+        let result = self.try_login(request, username.clone()).await;
+        match &result {
+            Ok(session) => tracing::info!(
+                target: "orgkey::session",
+                org = %session.org,
+                admin = %session.admin,
+                outcome = "accepted",
+                "login"
+            ),
+            Err(failure) => tracing::info!(
+                target: "orgkey::session",
+                admin = username.as_ref().map_or("-", |u| u.as_str()),
+                outcome = "rejected",
+                reason = failure.as_str(),
+                "login failed"
+            ),
+        }
+        result
+    }
+
+    async fn try_login(
+        &self,
+        request: LoginRequest,
+        username: Option<Username>,
+    ) -> Result<NewSession, LoginFailure> {
+        let reservation = self
+            .inner
+            .throttle
+            .begin(request.source, username.as_ref(), self.now_ms())
+            .map_err(|retry_after_secs| LoginFailure::Throttled { retry_after_secs })?;
+
+        // The password check always runs (a dummy one for unknown users), so every failure
+        // below costs one argon2 verification (A1).
+        let directory = Arc::clone(&self.inner.directory);
+        let password = request.password;
+        let user = username.clone();
+        let check = move || match &user {
+            Some(user) if password.expose_secret().len() <= MAX_PASSWORD_BYTES => {
+                directory.authenticate(user, &password)
+            }
+            _ => {
+                crate::password::dummy_verify(&password);
+                None
+            }
+        };
+        let admin: Option<AdminStatus> = match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => runtime
+                .spawn_blocking(check)
+                .await
+                .map_err(|_| LoginFailure::Internal)?,
+            Err(_) => check(),
+        };
+
+        let now_ms = self.now_ms();
+        let (Some(admin), Some(username)) = (admin, username) else {
+            return Err(LoginFailure::UnknownUser);
+        };
+        if !admin.enabled {
+            return Err(LoginFailure::AdminDisabled);
+        }
+        let window = self.inner.config.timestamp_window.as_millis() as u64;
+        if now_ms.abs_diff(request.timestamp_ms) > window {
+            return Err(LoginFailure::StaleTimestamp);
+        }
+        // One snapshot: the key is checked and the generation stamped from the same load.
+        let state = self
+            .inner
+            .orgs
+            .state(admin.org.as_str())
+            .ok_or(LoginFailure::NoSubscription)?;
+        if !state.is_subscribed() {
+            return Err(LoginFailure::NoSubscription);
+        }
+        let key = state.key().ok_or(LoginFailure::NoKey)?;
+        if !obfuscate::matches(
+            key.as_bytes(),
+            request.timestamp_ms,
+            request.api_key.expose_secret().as_bytes(),
+        ) {
+            return Err(LoginFailure::WrongKey);
+        }
+        // The credentials were right: not a guess, so not charged to the throttle.
+        self.inner.throttle.succeeded(reservation, now_ms);
+        if !admin.scopes.contains(Scope::Api) {
+            return Err(LoginFailure::MissingApiScope);
+        }
+        let (token, digest) = SessionToken::generate().map_err(|_| LoginFailure::Internal)?;
+        self.inner.sessions.insert(
+            digest,
+            Arc::new(SessionRecord {
+                org: admin.org.clone(),
+                admin: username.clone(),
+                generation: state.generation(),
+                credential_version: admin.credential_version,
+                created_ms: now_ms,
+                last_seen_ms: AtomicU64::new(now_ms),
+            }),
+        );
+        if self.inner.created.fetch_add(1, Ordering::Relaxed) % 1024 == 1023 {
+            self.purge_expired();
+        }
+        Ok(NewSession {
+            token,
+            org: admin.org,
+            admin: username,
+            scopes: admin.scopes,
+        })
+    }
+
+    /// Checks a presented session id (the `JSESSIONID` value) in full (S2) and marks it used.
+    /// A dead session is removed.
+    ///
+    /// # Errors
+    ///
+    /// A [`SessionRejection`] naming why.
+    pub fn validate(&self, presented: &[u8]) -> Result<SessionIdentity, SessionRejection> {
+        let digest = digest_of_presented(presented).ok_or(SessionRejection::NotFound)?;
+        let record = self
+            .inner
+            .sessions
+            .get(&digest)
+            .map(|r| Arc::clone(r.value()))
+            .ok_or(SessionRejection::NotFound)?;
+        match self.check(&record) {
+            Ok(identity) => Ok(identity),
+            Err(rejection) => {
+                self.inner.sessions.remove(&digest);
+                Err(rejection)
+            }
+        }
+    }
+
+    fn check(&self, record: &SessionRecord) -> Result<SessionIdentity, SessionRejection> {
+        let now_ms = self.now_ms();
+        let config = &self.inner.config;
+        let idle = now_ms.saturating_sub(record.last_seen_ms.load(Ordering::Relaxed));
+        if idle >= config.idle_timeout.as_millis() as u64 {
+            return Err(SessionRejection::IdleExpired);
+        }
+        if now_ms.saturating_sub(record.created_ms) >= config.absolute_lifetime.as_millis() as u64 {
+            return Err(SessionRejection::LifetimeExpired);
+        }
+        // Every key or subscription change bumps the generation (K6), so comparing it
+        // covers regenerate, edit, delete, add, unsubscribe.
+        let generation = self
+            .inner
+            .orgs
+            .state(record.org.as_str())
+            .map(|state| state.generation())
+            .ok_or(SessionRejection::KeyChanged)?;
+        if generation != record.generation {
+            return Err(SessionRejection::KeyChanged);
+        }
+        let admin = self
+            .inner
+            .directory
+            .status(&record.admin)
+            .ok_or(SessionRejection::AdminChanged)?;
+        if !admin.enabled
+            || admin.credential_version != record.credential_version
+            || !admin.scopes.contains(Scope::Api)
+            || admin.org != record.org
+        {
+            return Err(SessionRejection::AdminChanged);
+        }
+        record.last_seen_ms.fetch_max(now_ms, Ordering::Relaxed);
+        Ok(SessionIdentity {
+            org: record.org.clone(),
+            generation,
+            admin: record.admin.clone(),
+            scopes: admin.scopes,
+        })
+    }
+
+    /// Ends a session (logout, S3). Returns whether it existed.
+    pub fn logout(&self, presented: &[u8]) -> bool {
+        let Some(digest) = digest_of_presented(presented) else {
+            return false;
+        };
+        let removed = self.inner.sessions.remove(&digest);
+        if let Some((_, record)) = &removed {
+            tracing::info!(target: "orgkey::session", org = %record.org, admin = %record.admin, "logout");
+        }
+        removed.is_some()
+    }
+
+    /// Removes sessions past their idle timeout or lifetime; returns how many. Runs by
+    /// itself every 1,024 logins; call it from a timer to bound memory between logins.
+    pub fn purge_expired(&self) -> usize {
+        let now_ms = self.now_ms();
+        let idle = self.inner.config.idle_timeout.as_millis() as u64;
+        let lifetime = self.inner.config.absolute_lifetime.as_millis() as u64;
+        let before = self.inner.sessions.len();
+        self.inner.sessions.retain(|_, record| {
+            now_ms.saturating_sub(record.last_seen_ms.load(Ordering::Relaxed)) < idle
+                && now_ms.saturating_sub(record.created_ms) < lifetime
+        });
+        before.saturating_sub(self.inner.sessions.len())
+    }
+
+    /// The org table these sessions check against.
+    pub fn orgs(&self) -> &OrgTable {
+        &self.inner.orgs
+    }
+}
