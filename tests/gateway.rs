@@ -32,19 +32,42 @@ impl Drop for Gateway {
 }
 
 fn start(args: &[&str]) -> Gateway {
+    start_with_env(args, &[])
+}
+
+fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Gateway {
     let mut child = Command::new(gateway_binary())
         .args(["--listen", "127.0.0.1:0"])
         .args(args)
+        .env_remove("ORGKEY_ADMIN_PASSWORD")
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    // A generated admin password is printed as a fifth line; a given one never is.
+    let given =
+        args.contains(&"--password") || env.iter().any(|(k, _)| *k == "ORGKEY_ADMIN_PASSWORD");
+    let expected = if given { 4 } else { 5 };
+    // Read on a thread, so a gateway that prints less fails the test instead of hanging it.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in stdout.lines().take(expected) {
+            if tx.send(line.unwrap_or_default()).is_err() {
+                break;
+            }
+        }
+    });
     let mut lines = Vec::new();
-    for _ in 0..3 {
-        let mut line = String::new();
-        stdout.read_line(&mut line).unwrap();
-        lines.push(line.trim_end().to_owned());
+    for _ in 0..expected {
+        match rx.recv_timeout(std::time::Duration::from_secs(30)) {
+            Ok(line) => lines.push(line),
+            Err(_) => {
+                let _ = child.kill();
+                panic!("the gateway printed only {lines:?}");
+            }
+        }
     }
     let base = lines[0].strip_prefix("base url: http://").unwrap();
     let addr = base.strip_suffix("/api/v1").unwrap().to_owned();
@@ -76,6 +99,9 @@ fn gateway_prints_credentials_and_serves_them_with_200_and_everything_else_with_
     assert_eq!(gw.lines[1], "org id: acme");
     let key = gw.lines[2].strip_prefix("api key: ").unwrap().to_owned();
     assert!(orgkey::ApiKey::parse(&key).is_ok());
+    assert_eq!(gw.lines[3], "admin: admin@acme.example");
+    let password = gw.lines[4].strip_prefix("admin password: ").unwrap();
+    assert_eq!(password.len(), 20, "a generated password is printed once");
 
     let (status, body) = get(
         &gw.addr,
@@ -108,9 +134,14 @@ fn gateway_prints_credentials_and_serves_them_with_200_and_everything_else_with_
 
 #[test]
 fn gateway_uses_the_given_key_and_org_and_refuses_bad_flags() {
-    let gw = start(&["--org-id", "org-7", "--api-key", "AbCdEf123456"]);
+    let gw = start_with_env(
+        &["--org-id", "org-7", "--api-key", "AbCdEf123456"],
+        &[("ORGKEY_ADMIN_PASSWORD", "FromTheEnvironment1")],
+    );
     assert_eq!(gw.lines[1], "org id: org-7");
     assert_eq!(gw.lines[2], "api key: AbCdEf123456");
+    assert_eq!(gw.lines[3], "admin: admin@org-7.example");
+    assert_eq!(gw.lines.len(), 4, "a given password is never printed");
     let (status, _) = get(
         &gw.addr,
         "/api/v1/whoami",

@@ -13,7 +13,10 @@ use super::resolver::{HeaderOrgResolver, OrgResolver, RequestView};
 use super::service::OrgKeyAuth;
 use super::DEFAULT_KEY_HEADER;
 use crate::org::InlineOrgId;
-use crate::session::{find_session_cookie, CookieLookup, Sessions};
+use crate::session::{
+    find_session_cookie, strip_session_cookie, CookieLookup, SessionIdentity, SessionRejection,
+    Sessions,
+};
 use crate::table::OrgTable;
 
 /// Layer that authenticates requests against an [`OrgTable`] (L1-L4).
@@ -137,17 +140,20 @@ impl Config {
         &self,
         request: &mut Request<B>,
     ) -> Result<Authenticated, (RejectionReason, Option<InlineOrgId>)> {
-        if let Some(sessions) = &self.sessions {
-            if !request.headers().contains_key(&self.key_header) {
-                match find_session_cookie(request.headers()) {
-                    CookieLookup::One(id) => {
-                        return self.authenticate_session(sessions, request, id)
-                    }
+        let sessions_apply = match &self.sessions {
+            Some(sessions) if !request.headers().contains_key(&self.key_header) => {
+                let checked = match find_session_cookie(request.headers()) {
+                    CookieLookup::One(id) => Some(sessions.validate(id)),
                     CookieLookup::Several => return Err((RejectionReason::SessionAmbiguous, None)),
-                    CookieLookup::Absent => {}
+                    CookieLookup::Absent => None,
+                };
+                if let Some(checked) = checked {
+                    return self.authenticate_session(request, checked);
                 }
+                true
             }
-        }
+            _ => false,
+        };
         let view = RequestView::new(
             request.method(),
             request.uri(),
@@ -155,7 +161,13 @@ impl Config {
             request.extensions(),
         );
         let Some(claimed) = self.resolver.resolve(&view) else {
-            return Err((RejectionReason::MissingOrg, None));
+            // Neither a key nor a session: a ZIA client's session is what is missing.
+            let reason = if sessions_apply {
+                RejectionReason::SessionMissing
+            } else {
+                RejectionReason::MissingOrg
+            };
+            return Err((reason, None));
         };
         // A copy on the stack: ends the borrow of the headers, and is what the inner service
         // will see. `None` for ids too long to exist: refused below, before any lookup.
@@ -193,14 +205,14 @@ impl Config {
         }
     }
 
-    /// Session mode: the cookie's session decides the org and the admin.
+    /// Session mode: the cookie's session decides the org and the admin. On success the
+    /// session cookie is removed from the request, as the key header is (L2).
     fn authenticate_session<B>(
         &self,
-        sessions: &Sessions,
-        request: &Request<B>,
-        id: &[u8],
+        request: &mut Request<B>,
+        checked: Result<SessionIdentity, SessionRejection>,
     ) -> Result<Authenticated, (RejectionReason, Option<InlineOrgId>)> {
-        let identity = sessions.validate(id).map_err(|e| (e.into(), None))?;
+        let identity = checked.map_err(|e| (e.into(), None))?;
         let org = InlineOrgId::copy(identity.org.as_str());
         let view = RequestView::new(
             request.method(),
@@ -214,6 +226,7 @@ impl Config {
             }
         }
         let org = org.ok_or((RejectionReason::SessionNotFound, None))?;
+        strip_session_cookie(request.headers_mut());
         Ok(Authenticated::new(
             org,
             identity.generation,

@@ -45,6 +45,9 @@ pub enum RejectionReason {
     SessionAdminChanged,
     /// More than one session cookie, or a session of another org than the request names.
     SessionAmbiguous,
+    /// Sessions are accepted and the request has neither a session cookie nor a key (nor an
+    /// org): what a ZIA client lacks is a session.
+    SessionMissing,
 }
 
 impl RejectionReason {
@@ -65,11 +68,12 @@ impl RejectionReason {
             Self::SessionKeyChanged => "session_key_changed",
             Self::SessionAdminChanged => "session_admin_changed",
             Self::SessionAmbiguous => "session_ambiguous",
+            Self::SessionMissing => "session_missing",
         }
     }
 
     /// Every reason, for exhaustive tests and metrics registration.
-    pub const ALL: [RejectionReason; 14] = [
+    pub const ALL: [RejectionReason; 15] = [
         Self::MissingOrg,
         Self::MissingKey,
         Self::KeyInQuery,
@@ -84,6 +88,7 @@ impl RejectionReason {
         Self::SessionKeyChanged,
         Self::SessionAdminChanged,
         Self::SessionAmbiguous,
+        Self::SessionMissing,
     ];
 
     /// The JSON body the client sees. Unknown org, no subscription, no key and wrong key share
@@ -108,7 +113,8 @@ impl RejectionReason {
             | Self::SessionLifetimeExpired
             | Self::SessionKeyChanged
             | Self::SessionAdminChanged
-            | Self::SessionAmbiguous => {
+            | Self::SessionAmbiguous
+            | Self::SessionMissing => {
                 r#"{"code":"SESSION_NOT_VALID","message":"Session is not valid"}"#
             }
         }

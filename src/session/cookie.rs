@@ -119,6 +119,35 @@ pub(crate) fn find_session_cookie(headers: &HeaderMap) -> CookieLookup<'_> {
     }
 }
 
+/// Removes the `JSESSIONID` pair from every `Cookie` header, keeping the other cookies (and
+/// dropping headers left empty), so the session id never reaches the inner service or an
+/// upstream behind a proxy.
+pub(crate) fn strip_session_cookie(headers: &mut HeaderMap) {
+    let kept: Vec<http::HeaderValue> = headers
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|header| {
+            let pairs: Vec<&[u8]> = header
+                .as_bytes()
+                .split(|&b| b == b';')
+                .map(trim)
+                .filter(|pair| {
+                    let name = pair.split(|&b| b == b'=').next().unwrap_or_default();
+                    !pair.is_empty() && trim(name) != SESSION_COOKIE.as_bytes()
+                })
+                .collect();
+            if pairs.is_empty() {
+                return None;
+            }
+            http::HeaderValue::from_bytes(&pairs.join(&b"; "[..])).ok()
+        })
+        .collect();
+    headers.remove(COOKIE);
+    for value in kept {
+        headers.append(COOKIE, value);
+    }
+}
+
 fn trim(mut s: &[u8]) -> &[u8] {
     while let [b' ' | b'\t', rest @ ..] = s {
         s = rest;
@@ -160,6 +189,19 @@ mod tests {
             find_session_cookie(&headers(&["JSESSIONID=a", "JSESSIONID=b"])),
             CookieLookup::Several
         );
+    }
+
+    #[test]
+    fn stripping_removes_only_the_session_cookie() {
+        let mut map = headers(&["a=1; JSESSIONID=abc; b=2", "JSESSIONID=x", "c=3"]);
+        strip_session_cookie(&mut map);
+        let left: Vec<_> = map
+            .get_all(COOKIE)
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect();
+        assert_eq!(left, ["a=1; b=2", "c=3"]);
+        assert_eq!(find_session_cookie(&map), CookieLookup::Absent);
     }
 
     #[test]

@@ -35,7 +35,7 @@ pub mod obfuscate;
 mod sessions;
 pub mod throttle;
 
-pub(crate) use cookie::{find_session_cookie, CookieLookup};
+pub(crate) use cookie::{find_session_cookie, strip_session_cookie, CookieLookup};
 pub use cookie::{SessionToken, SESSION_COOKIE};
 pub use endpoint::{
     default_client_addr, ClientAddr, ClientAddrFn, SessionEndpoint, MAX_LOGIN_BODY,

@@ -12,12 +12,21 @@
 //!   slows down only the attempts from new places, never the admin at a known one.
 //!
 //! A throttled attempt gets `429` with an integer `Retry-After` (seconds until a token is
-//! back, at least 1). Tables are bounded (`max_entries` per table): when full, entries whose
-//! buckets are full again are dropped first; if that frees nothing, a new address or username
-//! is not tracked (the other bucket still applies), so memory stays bounded under a flood.
+//! back, at least 1).
+//!
+//! Edge cases: attempts whose client address is unknown (the endpoint found none: configure
+//! [`SessionEndpoint::client_addr`](super::SessionEndpoint::client_addr)) share one address
+//! bucket; attempts for strings that are not usernames share one username bucket. Either way
+//! nothing reaches argon2 unthrottled.
+//!
+//! Tables are bounded (`max_entries` per table): when full, entries whose buckets are full
+//! again are dropped (at most one sweep a second); if that frees nothing, a new address or
+//! username is not tracked (the other bucket still applies), so memory stays bounded under a
+//! flood.
 
 use std::collections::VecDeque;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -61,6 +70,8 @@ const KNOWN_ADDRESSES_PER_ADMIN: usize = 8;
 enum AddressKey {
     V4(u32),
     V6(u64),
+    /// The endpoint could not tell the client's address.
+    Unknown,
 }
 
 impl From<IpAddr> for AddressKey {
@@ -131,6 +142,9 @@ pub(crate) struct Throttle {
     policy: ThrottlePolicy,
     addresses: DashMap<AddressKey, Bucket>,
     usernames: DashMap<Username, UserState>,
+    /// Stands for every string that is not a username (cannot collide: it has no `@`).
+    not_a_username: Username,
+    last_sweep_ms: AtomicU64,
 }
 
 impl Throttle {
@@ -139,6 +153,8 @@ impl Throttle {
             policy,
             addresses: DashMap::new(),
             usernames: DashMap::new(),
+            not_a_username: Username::unchecked(" not a username"),
+            last_sweep_ms: AtomicU64::new(0),
         }
     }
 
@@ -150,7 +166,8 @@ impl Throttle {
         now_ms: u64,
     ) -> Result<Reservation, u64> {
         let p = &self.policy;
-        let address = source.map(AddressKey::from);
+        let address = Some(source.map_or(AddressKey::Unknown, AddressKey::from));
+        let username = Some(username.unwrap_or(&self.not_a_username));
         // Check both buckets before charging either.
         if let Some(address) = address {
             if let Some(mut bucket) = self.addresses.get_mut(&address) {
@@ -249,10 +266,24 @@ impl Throttle {
         }
     }
 
+    /// Whether a sweep of a full table may run now: at most one a second, so a flood of new
+    /// addresses cannot make every attempt scan the table.
+    fn may_sweep(&self, now_ms: u64) -> bool {
+        let last = self.last_sweep_ms.load(Ordering::Relaxed);
+        now_ms.saturating_sub(last) >= 1000
+            && self
+                .last_sweep_ms
+                .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
+
     /// Whether the address table may take a new entry (after dropping refilled ones).
     fn room(&self, table: &DashMap<AddressKey, Bucket>, now_ms: u64) -> bool {
         if table.len() < self.policy.max_entries {
             return true;
+        }
+        if !self.may_sweep(now_ms) {
+            return false;
         }
         let p = &self.policy;
         table.retain(|_, bucket| {
@@ -265,6 +296,9 @@ impl Throttle {
     fn room_users(&self, now_ms: u64) -> bool {
         if self.usernames.len() < self.policy.max_entries {
             return true;
+        }
+        if !self.may_sweep(now_ms) {
+            return false;
         }
         let p = &self.policy;
         let ttl_ms = p.known_address_ttl.as_millis() as u64;
@@ -293,15 +327,17 @@ mod tests {
     #[test]
     fn address_bucket_allows_a_burst_then_one_per_refill() {
         let t = Throttle::new(ThrottlePolicy::default());
-        for _ in 0..10 {
-            t.begin(ip(1), None, 0).unwrap();
+        // Distinct usernames, so only the address bucket is shared.
+        let user = |i: u32| Username::new(&format!("user{i}@acme.example")).unwrap();
+        for i in 0..10 {
+            t.begin(ip(1), Some(&user(i)), 0).unwrap();
         }
-        assert_eq!(t.begin(ip(1), None, 0).unwrap_err(), 6);
-        assert_eq!(t.begin(ip(1), None, 3_000).unwrap_err(), 3);
-        t.begin(ip(1), None, 6_000).unwrap();
-        assert!(t.begin(ip(1), None, 6_000).is_err());
+        assert_eq!(t.begin(ip(1), Some(&user(10)), 0).unwrap_err(), 6);
+        assert_eq!(t.begin(ip(1), Some(&user(11)), 3_000).unwrap_err(), 3);
+        t.begin(ip(1), Some(&user(12)), 6_000).unwrap();
+        assert!(t.begin(ip(1), Some(&user(13)), 6_000).is_err());
         // Another address is not affected.
-        t.begin(ip(2), None, 6_000).unwrap();
+        t.begin(ip(2), Some(&user(14)), 6_000).unwrap();
     }
 
     #[test]
@@ -342,13 +378,30 @@ mod tests {
     }
 
     #[test]
+    fn unknown_addresses_and_non_usernames_are_throttled_too() {
+        let t = Throttle::new(ThrottlePolicy::default());
+        for _ in 0..5 {
+            t.begin(None, None, 0).unwrap();
+        }
+        // The shared pseudo-username bucket (5) runs out first.
+        assert_eq!(t.begin(None, None, 0).unwrap_err(), 60);
+        let alice = Username::new("alice@acme.example").unwrap();
+        for _ in 0..5 {
+            t.begin(None, Some(&alice), 0).unwrap();
+        }
+        // Ten attempts from unknown addresses: the shared address bucket is empty.
+        assert_eq!(t.begin(None, Some(&alice), 0).unwrap_err(), 6);
+    }
+
+    #[test]
     fn tables_stay_bounded() {
         let t = Throttle::new(ThrottlePolicy {
             max_entries: 4,
             ..ThrottlePolicy::default()
         });
         for i in 0..100u8 {
-            let _ = t.begin(ip(i), None, 0);
+            let alice = Username::new("alice@acme.example").unwrap();
+            let _ = t.begin(ip(i), Some(&alice), 0);
         }
         assert!(t.addresses.len() <= 4);
     }

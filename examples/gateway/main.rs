@@ -1,27 +1,29 @@
-//! The orgkey gateway: a small API protected by per-organization API keys.
+//! The orgkey gateway: a small API protected by per-organization API keys and ZIA sessions.
 //!
 //! ```text
-//! cargo run --example gateway -- [--listen ADDR] [--org-id ID] [--api-key KEY] [--base-url URL]
+//! cargo run --example gateway -- [--listen ADDR] [--org-id ID] [--api-key KEY]
+//!                                [--admin USER] [--password PW] [--base-url URL]
 //! ```
 //!
-//! On start it creates one organization with an API subscription, whose key is `--api-key` or
-//! a random one, and prints `base url: ...`, `org id: ...` and `api key: ...` on stdout. It then
-//! serves, behind [`OrgKeyLayer`]:
+//! On start it creates one organization with an API subscription (key: `--api-key` or random)
+//! and one admin with the `api` and `key-admin` scopes (password: `--password`, else
+//! `ORGKEY_ADMIN_PASSWORD`, else random), and prints `base url: ...`, `org id: ...`,
+//! `api key: ...`, `admin: ...` and, when generated, `admin password: ...` on stdout. It serves:
 //!
-//! - `GET /api/v1/status` -> `{"status":"ACTIVE"}`
-//! - `GET /api/v1/whoami` -> `{"orgId":"<the authenticated org>"}`
+//! - `POST/GET/DELETE /api/v1/authenticatedSession`: the ZIA login protocol;
+//! - behind [`OrgKeyLayer`](orgkey::OrgKeyLayer), with a session cookie or `X-Org-Id` +
+//!   `X-API-Key`: `GET /api/v1/status` -> `{"status":"ACTIVE"}` and `GET /api/v1/whoami`.
 //!
-//! Requests carry the org in `X-Org-Id` and the key in `X-API-Key`. Logs (no secrets) go to
-//! stderr; set `RUST_LOG=orgkey=debug` to see every decision. Ctrl-C or SIGTERM stops it.
+//! Logs (no secrets) go to stderr; `RUST_LOG=orgkey=debug` shows every decision. Ctrl-C or
+//! SIGTERM stops it.
 #![allow(clippy::unwrap_used)]
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
 
-use axum::routing::get;
-use axum::{Extension, Json, Router};
-use orgkey::{Actor, ApiKey, Authenticated, KeyAdmin, OrgId, OrgKeyLayer, OrgTable};
-use serde_json::{json, Value};
+use orgkey::{ApiKey, OrgId, Password, Username};
+
+mod app;
 
 const HELP: &str = "\
 orgkey gateway: an API protected by per-organization API keys
@@ -33,17 +35,24 @@ OPTIONS:
     --listen ADDR      address to listen on [default: 127.0.0.1:8080]
     --org-id ID        id of the organization to create [default: acme]
     --api-key KEY      the organization's key (12 ASCII letters/digits) [default: random]
-    --base-url URL     base URL to advertise [default: http://<listen>/api/v1]
+    --admin USER       the admin to create, name@domain [default: admin@<org-id>.example]
+    --password PW      the admin's password (12+ characters) [default: $ORGKEY_ADMIN_PASSWORD,
+                       else random, printed once]
+    --base-url URL     base URL to advertise; https:// makes the session cookie Secure
+                       [default: http://<listen>/api/v1]
     -h, --help         print this help
 
 The key is printed once on stdout at start. Send it in X-API-Key with the org in X-Org-Id:
     curl -H 'X-Org-Id: acme' -H 'X-API-Key: <key>' http://127.0.0.1:8080/api/v1/whoami
+or log in as the admin through POST /api/v1/authenticatedSession (see the README).
 ";
 
 struct Options {
     listen: SocketAddr,
     org_id: OrgId,
     api_key: Option<ApiKey>,
+    admin: Option<Username>,
+    password: Option<Password>,
     base_url: Option<String>,
 }
 
@@ -52,6 +61,8 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Options>,
         listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
         org_id: OrgId::new("acme").map_err(|e| e.to_string())?,
         api_key: None,
+        admin: None,
+        password: None,
         base_url: None,
     };
     while let Some(flag) = args.next() {
@@ -76,6 +87,17 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Options>,
                 options.api_key = Some(
                     ApiKey::parse(&value("--api-key")?).map_err(|e| format!("--api-key: {e}"))?,
                 );
+            }
+            "--admin" => {
+                options.admin =
+                    Some(Username::new(&value("--admin")?).map_err(|e| format!("--admin: {e}"))?);
+            }
+            "--password" => {
+                let password = Password::new(value("--password")?);
+                password
+                    .check_policy()
+                    .map_err(|e| format!("--password: {e}"))?;
+                options.password = Some(password);
             }
             "--base-url" => options.base_url = Some(value("--base-url")?),
             other => return Err(format!("unknown option {other:?} (see --help)")),
@@ -121,48 +143,54 @@ async fn run(options: Options) -> Result<(), String> {
     let base_url = options
         .base_url
         .unwrap_or_else(|| format!("http://{local}/api/v1"));
+    let admin = match options.admin {
+        Some(admin) => admin,
+        None => Username::new(&format!("admin@{}.example", options.org_id))
+            .map_err(|e| format!("default admin name: {e}"))?,
+    };
+    let (password, generated) = match options.password {
+        Some(password) => (password, false),
+        None => match std::env::var("ORGKEY_ADMIN_PASSWORD") {
+            Ok(from_env) => {
+                let password = Password::new(from_env);
+                password
+                    .check_policy()
+                    .map_err(|e| format!("ORGKEY_ADMIN_PASSWORD: {e}"))?;
+                (password, false)
+            }
+            Err(_) => (Password::generate(20).map_err(|e| e.to_string())?, true),
+        },
+    };
 
-    let admin = KeyAdmin::new(OrgTable::default()).with_base_url(&base_url);
-    let provisioning = Actor::new("provisioning").map_err(|e| e.to_string())?;
-    admin
-        .create_org(&options.org_id)
-        .map_err(|e| e.to_string())?;
-    let mut info = admin
-        .subscribe(&options.org_id, &provisioning)
-        .await
-        .map_err(|e| e.to_string())?;
-    if let Some(key) = options.api_key {
-        info = admin
-            .edit(&options.org_id, key, &provisioning)
-            .await
-            .map_err(|e| e.to_string())?;
-    }
-    let key = info.key().ok_or("the org has no key")?;
+    let built = app::build(app::Bootstrap {
+        org: options.org_id.clone(),
+        api_key: options.api_key,
+        admin: admin.clone(),
+        password: password.clone(),
+        base_url: base_url.clone(),
+    })
+    .await?;
 
     println!("base url: {base_url}");
     println!("org id: {}", options.org_id);
-    println!("api key: {}", key.expose_secret());
-
-    let api = Router::new()
-        .route("/api/v1/status", get(status))
-        .route("/api/v1/whoami", get(whoami))
-        .layer(OrgKeyLayer::new(admin.table().clone()));
+    println!("api key: {}", built.key.expose_secret());
+    println!("admin: {admin}");
+    if generated {
+        println!("admin password: {}", password.expose_secret());
+    }
+    drop(password);
 
     tracing::info!(%local, "gateway listening");
-    axum::serve(listener, api)
+    let service = built
+        .gateway
+        .router
+        .into_make_service_with_connect_info::<SocketAddr>();
+    axum::serve(listener, service)
         .with_graceful_shutdown(shutdown_signal())
         .await
         .map_err(|e| format!("server error: {e}"))?;
     tracing::info!("gateway stopped");
     Ok(())
-}
-
-async fn status() -> Json<Value> {
-    Json(json!({ "status": "ACTIVE" }))
-}
-
-async fn whoami(Extension(auth): Extension<Authenticated>) -> Json<Value> {
-    Json(json!({ "orgId": auth.org() }))
 }
 
 async fn shutdown_signal() {
