@@ -309,7 +309,7 @@ fuzz_target!(|data: &[u8]| {
             );
             let auth = seen.auth.as_ref().expect("inner service saw no Authenticated");
             assert_eq!(auth.org(), org, "Authenticated names the wrong org");
-            assert_eq!(auth.method(), AuthMethod::ApiKey);
+            assert_eq!(auth.method(), &AuthMethod::ApiKey);
             assert_eq!(auth.generation(), fixture.orgs[&org].generation);
             assert!(parts.extensions.get::<Rejection>().is_none());
             assert!(body.is_empty(), "inner body was replaced");

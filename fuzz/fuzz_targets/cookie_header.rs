@@ -1,0 +1,406 @@
+//! Fuzz target: `OrgKeyLayer::with_sessions` (and the session probe `GET` of
+//! `SessionEndpoint`) on arbitrary `Cookie` headers (L1, S2).
+//!
+//! Input format: the bytes are split at `\n`; each piece is one `Cookie` header value (pieces
+//! `http` rejects are skipped; an empty piece is an empty header). Before splitting, markers
+//! are replaced by values only known at run time:
+//! - `@TOKEN@`   -> the live session's id (64 lowercase hex);
+//! - `@TOKENUC@` -> the same id in uppercase;
+//! - `@NEAR@`    -> the id with its last hex digit changed (well-formed, names no session).
+//!
+//! No `x-api-key` and no `x-org-id` header is ever sent, so the layer is in session mode
+//! whenever a `JSESSIONID` cookie is present.
+//!
+//! Fixture (built once): org `acme` subscribed with key `AbCdEf123456`; one admin
+//! `admin@acme.example` (custom `AdminDirectory`, no argon2); `Sessions` on a fixed clock, so
+//! the session never expires; one login through `Sessions::login` whose token is kept.
+//!
+//! Model of the cookie rules (RFC 6265 `Cookie` header, as `session/cookie.rs` reads it):
+//! every `Cookie` header is split at `;`; a piece without `=` is not a cookie; the name (before
+//! the first `=`) and the value, each with spaces and tabs trimmed, are a `JSESSIONID` pair
+//! iff the name is exactly `JSESSIONID` (case-sensitive); one pair of surrounding double
+//! quotes is removed from the value. Then:
+//! - more than one `JSESSIONID` pair across all headers (even empty ones) -> 401
+//!   `SESSION_NOT_VALID`, reason `SessionAmbiguous`;
+//! - exactly one, whose value equals the live id ignoring ASCII case -> accepted;
+//! - exactly one, any other value -> 401 `SESSION_NOT_VALID`, reason `SessionNotFound`;
+//! - none -> API-key mode, which fails for want of an org: 401 `AUTHENTICATION_FAILED`
+//!   ("organization not specified"), reason `MissingOrg`.
+//!
+//! Oracle:
+//! - accepted: 2xx, the inner service called once with an `Authenticated` for `acme`,
+//!   method `Session { admin: admin@acme.example, scopes: api+key-admin }`, the current
+//!   generation, and the request headers unchanged; no `Rejection` extension;
+//! - rejected: 401, inner service not called, the `Rejection` reason above, the layer's
+//!   `WWW-Authenticate`, `Content-Type: application/json`, `Cache-Control: no-store`, and the
+//!   exact fixed JSON body for the reason;
+//! - the response future is ready at the first poll;
+//! - `GET` on `SessionEndpoint` with the same headers: 200 with the SessionInfo body iff
+//!   accepted, else 401 `SESSION_NOT_VALID`;
+//! - after every run the live id still validates and the table holds exactly that session
+//!   (a failed lookup never removes a live session of another value);
+//! - nothing panics.
+#![no_main]
+
+use std::cell::RefCell;
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::pin;
+use std::rc::Rc;
+use std::sync::OnceLock;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE, COOKIE, WWW_AUTHENTICATE};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty, Full};
+use libfuzzer_sys::fuzz_target;
+use orgkey::admins::{AdminDirectory, AdminStatus, Scopes, Username};
+use orgkey::auth::AuthMethod;
+use orgkey::clock::Clock;
+use orgkey::session::obfuscate::obfuscate;
+use orgkey::session::{LoginRequest, SessionEndpoint};
+use orgkey::{
+    Actor, ApiKey, Authenticated, Generation, KeyAdmin, OrgId, OrgKeyLayer, OrgTable, Password,
+    Rejection, RejectionReason, SessionConfig, Sessions,
+};
+use tower::{Service, ServiceBuilder};
+
+const ADMIN: &str = "admin@acme.example";
+const PASSWORD: &str = "CorrectHorse12";
+const KEY: &[u8; 12] = b"AbCdEf123456";
+const NOW_MS: u64 = 1_795_671_792_867;
+
+const SESSION_INFO: &str = r#"{"authType":"ADMIN_LOGIN","obfuscateApiKey":false,"passwordExpiryTime":0,"passwordExpiryDays":0}"#;
+const SESSION_NOT_VALID: &str = r#"{"code":"SESSION_NOT_VALID","message":"Session is not valid"}"#;
+const MISSING_ORG: &str =
+    r#"{"code":"AUTHENTICATION_FAILED","message":"organization not specified"}"#;
+const CHALLENGE: &[u8] = br#"ApiKey realm="orgkey", header="x-api-key""#;
+
+struct FixedClock;
+
+impl Clock for FixedClock {
+    fn now(&self) -> SystemTime {
+        UNIX_EPOCH + Duration::from_millis(NOW_MS)
+    }
+}
+
+/// One admin, checked by plain comparison (no argon2).
+struct Directory {
+    status: AdminStatus,
+}
+
+impl AdminDirectory for Directory {
+    fn status(&self, username: &Username) -> Option<AdminStatus> {
+        (username.as_str() == ADMIN).then(|| self.status.clone())
+    }
+
+    fn authenticate(&self, username: &Username, password: &Password) -> Option<AdminStatus> {
+        (username.as_str() == ADMIN && password.expose_secret() == PASSWORD)
+            .then(|| self.status.clone())
+    }
+}
+
+struct Fixture {
+    sessions: Sessions,
+    layer: OrgKeyLayer,
+    endpoint: SessionEndpoint,
+    /// The live session's id (lowercase hex).
+    token: String,
+    generation: Generation,
+}
+
+fn fixture() -> &'static Fixture {
+    static FIXTURE: OnceLock<Fixture> = OnceLock::new();
+    FIXTURE.get_or_init(|| {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("tokio runtime");
+        let admin = KeyAdmin::new(OrgTable::default());
+        let ops = Actor::new("fuzz@orgkey.example").expect("actor");
+        let acme = OrgId::new("acme").expect("org id");
+        admin.create_org(&acme).expect("create");
+        runtime
+            .block_on(admin.subscribe(&acme, &ops))
+            .expect("subscribe");
+        let key = ApiKey::parse(std::str::from_utf8(KEY).expect("ascii")).expect("key");
+        runtime
+            .block_on(admin.edit(&acme, key, &ops))
+            .expect("edit");
+        let table = admin.table().clone();
+        let generation = table.state("acme").expect("acme").generation();
+
+        let directory = Directory {
+            status: AdminStatus {
+                org: acme,
+                enabled: true,
+                scopes: Scopes::ALL,
+                credential_version: 1,
+            },
+        };
+        let sessions = Sessions::with_config(
+            table.clone(),
+            directory,
+            SessionConfig::default(),
+            FixedClock,
+        );
+        let api_key = obfuscate(KEY, NOW_MS).expect("12-byte key");
+        let session = runtime
+            .block_on(sessions.login(LoginRequest {
+                api_key: Password::new(std::str::from_utf8(&api_key).expect("ascii")),
+                username: ADMIN.to_owned(),
+                password: Password::new(PASSWORD),
+                timestamp_ms: NOW_MS,
+                source: None,
+            }))
+            .expect("fixture login");
+        let token = session.token.expose_secret().to_owned();
+        assert_eq!(token.len(), 64);
+        assert!(token
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')));
+        assert_eq!(sessions.len(), 1);
+        let layer = OrgKeyLayer::new(table).with_sessions(sessions.clone());
+        let endpoint = SessionEndpoint::new(sessions.clone());
+        Fixture {
+            sessions,
+            layer,
+            endpoint,
+            token,
+            generation,
+        }
+    })
+}
+
+/// Replaces the markers, left to right.
+fn substitute(data: &[u8], token: &str) -> Vec<u8> {
+    let upper = token.to_ascii_uppercase();
+    let mut near = token.as_bytes().to_vec();
+    let last = near.len() - 1;
+    near[last] = if near[last] == b'0' { b'1' } else { b'0' };
+    let markers: [(&[u8], &[u8]); 3] = [
+        (b"@TOKEN@", token.as_bytes()),
+        (b"@TOKENUC@", upper.as_bytes()),
+        (b"@NEAR@", &near),
+    ];
+    let mut out = Vec::with_capacity(data.len() + 64);
+    let mut i = 0;
+    'scan: while i < data.len() {
+        for (marker, replacement) in markers {
+            if data[i..].starts_with(marker) {
+                out.extend_from_slice(replacement);
+                i += marker.len();
+                continue 'scan;
+            }
+        }
+        out.push(data[i]);
+        i += 1;
+    }
+    out
+}
+
+/// The model's reading of the `Cookie` headers.
+#[derive(Debug)]
+enum Lookup {
+    Absent,
+    One(Vec<u8>),
+    Several,
+}
+
+fn trim_ows(s: &[u8]) -> &[u8] {
+    let is_ows = |b: &u8| *b == b' ' || *b == b'\t';
+    let start = s.iter().position(|b| !is_ows(b)).unwrap_or(s.len());
+    let end = s.iter().rposition(|b| !is_ows(b)).map_or(start, |e| e + 1);
+    &s[start..end.max(start)]
+}
+
+fn model_lookup(values: &[HeaderValue]) -> Lookup {
+    let mut found: Vec<Vec<u8>> = Vec::new();
+    for value in values {
+        for piece in value.as_bytes().split(|&b| b == b';') {
+            let Some(eq) = piece.iter().position(|&b| b == b'=') else {
+                continue;
+            };
+            if trim_ows(&piece[..eq]) != b"JSESSIONID" {
+                continue;
+            }
+            let mut v = trim_ows(&piece[eq + 1..]);
+            if v.len() >= 2 && v.first() == Some(&b'"') && v.last() == Some(&b'"') {
+                v = &v[1..v.len() - 1];
+            }
+            found.push(v.to_vec());
+        }
+    }
+    match found.len() {
+        0 => Lookup::Absent,
+        1 => Lookup::One(found.pop().expect("one")),
+        _ => Lookup::Several,
+    }
+}
+
+/// `Ok(())` to accept, else the reason and the exact body.
+fn model(values: &[HeaderValue], token: &str) -> Result<(), (RejectionReason, &'static str)> {
+    match model_lookup(values) {
+        Lookup::One(v) if v.eq_ignore_ascii_case(token.as_bytes()) => Ok(()),
+        Lookup::One(_) => Err((RejectionReason::SessionNotFound, SESSION_NOT_VALID)),
+        Lookup::Several => Err((RejectionReason::SessionAmbiguous, SESSION_NOT_VALID)),
+        Lookup::Absent => Err((RejectionReason::MissingOrg, MISSING_ORG)),
+    }
+}
+
+/// Polls a future that must complete without waiting.
+fn ready<F: Future>(future: F) -> F::Output {
+    let mut future = pin!(future);
+    let mut cx = Context::from_waker(Waker::noop());
+    match future.as_mut().poll(&mut cx) {
+        Poll::Ready(output) => output,
+        Poll::Pending => panic!("future pending: nothing here should wait"),
+    }
+}
+
+#[derive(Debug, Default)]
+struct Seen {
+    calls: usize,
+    headers: Option<HeaderMap>,
+    auth: Option<Authenticated>,
+}
+
+fuzz_target!(|data: &[u8]| {
+    let fixture = fixture();
+    let input = substitute(data, &fixture.token);
+    let values: Vec<HeaderValue> = input
+        .split(|&b| b == b'\n')
+        .filter_map(|piece| HeaderValue::from_bytes(piece).ok())
+        .collect();
+    let expected = model(&values, &fixture.token);
+
+    let mut headers = HeaderMap::new();
+    for value in &values {
+        headers.append(COOKIE, value.clone());
+    }
+
+    // The layer.
+    let mut request = Request::builder()
+        .uri("/api/v1/status")
+        .body(Empty::<Bytes>::new())
+        .expect("request");
+    *request.headers_mut() = headers.clone();
+    let seen = Rc::new(RefCell::new(Seen::default()));
+    let recorder = Rc::clone(&seen);
+    let mut service = ServiceBuilder::new()
+        .layer(fixture.layer.clone())
+        .service_fn(move |request: Request<Empty<Bytes>>| {
+            let mut seen = recorder.borrow_mut();
+            seen.calls += 1;
+            seen.headers = Some(request.headers().clone());
+            seen.auth = request.extensions().get::<Authenticated>().cloned();
+            std::future::ready(Ok::<_, Infallible>(Response::new(Empty::<Bytes>::new())))
+        });
+    let mut cx = Context::from_waker(Waker::noop());
+    assert!(matches!(
+        Service::<Request<Empty<Bytes>>>::poll_ready(&mut service, &mut cx),
+        Poll::Ready(Ok(()))
+    ));
+    let response = match ready(service.call(request)) {
+        Ok(response) => response,
+        Err(never) => match never {},
+    };
+    let (parts, body) = response.into_parts();
+    let body = ready(body.collect()).expect("infallible body").to_bytes();
+    let status = parts.status;
+    let seen = seen.borrow();
+
+    match expected {
+        Ok(()) => {
+            assert!(
+                status.is_success(),
+                "model accepts, layer answered {status} ({:?})",
+                parts.extensions.get::<Rejection>()
+            );
+            assert_eq!(seen.calls, 1, "inner service not called exactly once");
+            assert_eq!(
+                seen.headers.as_ref(),
+                Some(&headers),
+                "inner saw other headers"
+            );
+            let auth = seen.auth.as_ref().expect("inner saw no Authenticated");
+            assert_eq!(auth.org(), "acme");
+            assert_eq!(auth.generation(), fixture.generation);
+            let admin = Username::new(ADMIN).expect("username");
+            assert_eq!(
+                auth.method(),
+                &AuthMethod::Session {
+                    admin,
+                    scopes: Scopes::ALL
+                }
+            );
+            assert!(parts.extensions.get::<Rejection>().is_none());
+            assert!(body.is_empty(), "inner body replaced");
+        }
+        Err((reason, expected_body)) => {
+            assert_eq!(
+                status,
+                StatusCode::UNAUTHORIZED,
+                "model rejects ({reason}), layer answered {status}"
+            );
+            assert_eq!(seen.calls, 0, "inner service called on a rejected request");
+            let rejection = parts
+                .extensions
+                .get::<Rejection>()
+                .expect("rejection carries a Rejection");
+            assert_eq!(rejection.reason(), reason, "wrong rejection reason");
+            assert_eq!(
+                parts
+                    .headers
+                    .get(WWW_AUTHENTICATE)
+                    .map(HeaderValue::as_bytes),
+                Some(CHALLENGE)
+            );
+            assert_eq!(
+                parts.headers.get(CONTENT_TYPE).map(HeaderValue::as_bytes),
+                Some(&b"application/json"[..])
+            );
+            assert_eq!(
+                parts.headers.get(CACHE_CONTROL).map(HeaderValue::as_bytes),
+                Some(&b"no-store"[..])
+            );
+            assert_eq!(&body[..], expected_body.as_bytes(), "rejection body");
+            serde_json::from_slice::<serde_json::Value>(&body).expect("body is JSON");
+        }
+    }
+    drop(seen);
+
+    // The session probe, same cookies.
+    let mut probe = Request::builder()
+        .method(Method::GET)
+        .uri("/api/v1/authenticatedSession")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    *probe.headers_mut() = headers;
+    let mut endpoint = fixture.endpoint.clone();
+    let response = match ready(Service::<Request<Full<Bytes>>>::call(&mut endpoint, probe)) {
+        Ok(response) => response,
+        Err(never) => match never {},
+    };
+    let (parts, body) = response.into_parts();
+    let body = ready(body.collect()).expect("infallible body").to_bytes();
+    if expected.is_ok() {
+        assert_eq!(parts.status, StatusCode::OK, "GET probe of a live session");
+        assert_eq!(&body[..], SESSION_INFO.as_bytes());
+    } else {
+        assert_eq!(
+            parts.status,
+            StatusCode::UNAUTHORIZED,
+            "GET probe: expected 401"
+        );
+        assert_eq!(&body[..], SESSION_NOT_VALID.as_bytes());
+    }
+
+    // The live session survived whatever was presented.
+    assert_eq!(fixture.sessions.len(), 1, "session table changed");
+    assert!(
+        fixture.sessions.validate(fixture.token.as_bytes()).is_ok(),
+        "the live session no longer validates"
+    );
+});
