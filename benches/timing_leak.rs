@@ -15,6 +15,12 @@
 //! comparing the presented key with the real one, the leak a naive `==` would add. A run counts
 //! only if the control's max |t| exceeds 100; orgkey's should stay below 10.
 //!
+//! Logins (A1): `login_unknown_vs_wrong_password` times `Sessions::login` for an unknown
+//! username (Left) against a known admin with a wrong password (Right), everything else right;
+//! `control_login_no_dummy` is the same with a directory that skips the dummy argon2 run for
+//! unknown users (the leak A1 forbids). Each sample costs an argon2id verification (~20 ms),
+//! so these run `ORGKEY_DUDECT_LOGIN_SAMPLES` (default 3,000) samples, the control a tenth.
+//!
 //! Run: `cargo bench --bench timing_leak` (env `ORGKEY_DUDECT_SAMPLES`, default 1,000,000
 //! per bench; `ORGKEY_DUDECT_FILTER` to run one bench).
 #![allow(clippy::unwrap_used, missing_docs)]
@@ -31,8 +37,14 @@ use dudect_bencher::rand::RngExt;
 use dudect_bencher::{BenchRng, Class, CtRunner};
 use http::{HeaderValue, Request, Response};
 use http_body_util::Empty;
+use orgkey::admins::{AdminDirectory, AdminStatus};
 use orgkey::auth::{OrgKeyAuth, ResponseBody};
-use orgkey::{Actor, ApiKey, KeyAdmin, OrgId, OrgKeyLayer, OrgTable};
+use orgkey::clock::SystemClock;
+use orgkey::session::obfuscate::obfuscate;
+use orgkey::session::{LoginRequest, SessionConfig, Sessions, ThrottlePolicy};
+use orgkey::{
+    Actor, Admins, ApiKey, KeyAdmin, OrgId, OrgKeyLayer, OrgTable, Password, Scopes, Username,
+};
 use tower::{Layer, Service};
 
 const KEY: &[u8; 12] = b"Zx9Qw8Er7Ty6";
@@ -181,6 +193,94 @@ fn null_same_class(runner: &mut CtRunner, rng: &mut BenchRng) {
     }
 }
 
+/// A directory that leaks: no argon2 run for unknown users.
+struct NoDummy(Admins);
+
+impl AdminDirectory for NoDummy {
+    fn status(&self, username: &Username) -> Option<AdminStatus> {
+        self.0.status(username)
+    }
+    fn authenticate(&self, username: &Username, password: &Password) -> Option<AdminStatus> {
+        self.0.status(username)?;
+        self.0.authenticate(username, password)
+    }
+}
+
+fn login_samples() -> usize {
+    std::env::var("ORGKEY_DUDECT_LOGIN_SAMPLES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3_000)
+}
+
+fn run_logins(runner: &mut CtRunner, rng: &mut BenchRng, leaky: bool, samples: usize) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let table = table();
+    let admins = Admins::new(table.clone());
+    let org = OrgId::new("org-0500").unwrap();
+    admins
+        .create(
+            &Username::new("alice@acme.example").unwrap(),
+            &org,
+            &Password::new("CorrectHorse12!"),
+            Scopes::ALL,
+        )
+        .unwrap();
+    let config = SessionConfig {
+        throttle: ThrottlePolicy {
+            address_burst: u32::MAX,
+            username_burst: u32::MAX,
+            ..ThrottlePolicy::default()
+        },
+        ..SessionConfig::default()
+    };
+    let sessions = if leaky {
+        Sessions::with_config(table, NoDummy(admins), config, SystemClock)
+    } else {
+        Sessions::with_config(table, admins, config, SystemClock)
+    };
+    for _ in 0..samples {
+        let class = random_class(rng);
+        let suffix: u64 = rng.random();
+        let (username, password) = match class {
+            Class::Left => (
+                format!("u{suffix:016x}@acme.example"),
+                "CorrectHorse12!".to_owned(),
+            ),
+            Class::Right => (
+                "alice@acme.example".to_owned(),
+                format!("Wrong{suffix:016x}"),
+            ),
+        };
+        let ts = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let api_key = String::from_utf8(obfuscate(KEY, ts).unwrap().to_vec()).unwrap();
+        let request = RefCell::new(Some(LoginRequest {
+            api_key: Password::new(api_key),
+            username,
+            password: Password::new(password),
+            timestamp_ms: ts,
+            source: None,
+        }));
+        runner.run_one(class, || {
+            let request = request.borrow_mut().take().unwrap();
+            rt.block_on(sessions.login(request)).is_ok()
+        });
+    }
+}
+
+fn login_unknown_vs_wrong_password(runner: &mut CtRunner, rng: &mut BenchRng) {
+    run_logins(runner, rng, false, login_samples());
+}
+
+fn control_login_no_dummy(runner: &mut CtRunner, rng: &mut BenchRng) {
+    run_logins(runner, rng, true, (login_samples() / 10).max(100));
+}
+
 fn layer_verify(runner: &mut CtRunner, rng: &mut BenchRng) {
     run(runner, rng, false);
 }
@@ -198,6 +298,16 @@ fn main() {
             name: BenchName("control_early_exit"),
             seed: None,
             benchfn: control_early_exit,
+        },
+        BenchMetadata {
+            name: BenchName("control_login_no_dummy"),
+            seed: None,
+            benchfn: control_login_no_dummy,
+        },
+        BenchMetadata {
+            name: BenchName("login_unknown_vs_wrong_password"),
+            seed: None,
+            benchfn: login_unknown_vs_wrong_password,
         },
         BenchMetadata {
             name: BenchName("layer_verify"),

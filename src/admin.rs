@@ -37,47 +37,38 @@ use crate::Authenticated;
 /// [`ApiKey::expose_secret`] on [`KeyInfo::key`].
 #[derive(Debug, Clone)]
 pub struct KeyInfo {
-    key: Option<ApiKey>,
-    generation: Generation,
-    last_modified_by: Option<Actor>,
-    last_modified_on: Option<SystemTime>,
+    state: Arc<OrgState>,
     base_url: Option<Arc<str>>,
 }
 
 impl KeyInfo {
-    fn from_state(state: &OrgState, base_url: Option<Arc<str>>) -> Self {
-        Self {
-            key: state.key.clone(),
-            generation: state.generation,
-            last_modified_by: state.last_modified_by.clone(),
-            last_modified_on: state.last_modified_on,
-            base_url,
-        }
+    fn from_state(state: Arc<OrgState>, base_url: Option<Arc<str>>) -> Self {
+        Self { state, base_url }
     }
 
     /// The key, or `None` after a delete (K5).
     pub fn key(&self) -> Option<&ApiKey> {
-        self.key.as_ref()
+        self.state.key()
     }
 
     /// Whether the org has an enabled key: every key that exists is enabled.
     pub fn enabled(&self) -> bool {
-        self.key.is_some()
+        self.state.key().is_some()
     }
 
     /// The org's generation (K6).
     pub fn generation(&self) -> Generation {
-        self.generation
+        self.state.generation()
     }
 
     /// The last admin (or system actor) to change the key (K7).
     pub fn last_modified_by(&self) -> Option<&Actor> {
-        self.last_modified_by.as_ref()
+        self.state.last_modified_by()
     }
 
     /// When the key was last changed (K7).
     pub fn last_modified_on(&self) -> Option<SystemTime> {
-        self.last_modified_on
+        self.state.last_modified_on()
     }
 
     /// The base URL of this deployment's API, shown beside the key, if configured.
@@ -261,7 +252,7 @@ impl KeyAdmin {
         if !state.subscribed {
             return Err(AdminError::NoSubscription);
         }
-        Ok(KeyInfo::from_state(&state, self.base_url.clone()))
+        Ok(KeyInfo::from_state(state, self.base_url.clone()))
     }
 
     /// Applies an API subscription and provisions a random, enabled key (K8).
@@ -463,7 +454,7 @@ impl KeyAdmin {
             at,
             generation: next.generation,
         });
-        Ok(KeyInfo::from_state(&next, self.base_url.clone()))
+        Ok(KeyInfo::from_state(next, self.base_url.clone()))
     }
 }
 

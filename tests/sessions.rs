@@ -554,8 +554,8 @@ async fn the_cookie_is_secure_on_https_deployments_and_by_default() {
     }
 }
 
-/// The `Authenticated` the layer hands the inner service for a session id.
-async fn authenticated_for(w: &World, id: &str) -> Authenticated {
+/// The `Authenticated` the layer hands the inner service for `request`, if it passes.
+async fn authenticated(w: &World, request: Request<Full<Bytes>>) -> Option<Authenticated> {
     let seen = std::sync::Arc::new(std::sync::Mutex::new(None));
     let sink = seen.clone();
     let svc = tower::ServiceBuilder::new()
@@ -567,13 +567,20 @@ async fn authenticated_for(w: &World, id: &str) -> Authenticated {
                 Ok::<_, std::convert::Infallible>(http::Response::new(Full::<Bytes>::default()))
             }
         });
-    let request: Request<Full<Bytes>> = Request::get("/")
+    tower::ServiceExt::oneshot(svc, request).await.unwrap();
+    let auth = seen.lock().unwrap().take();
+    auth
+}
+
+/// The `Authenticated` of a live session id.
+async fn authenticated_for(w: &World, id: &str) -> Authenticated {
+    let request = Request::get("/")
         .header("cookie", format!("JSESSIONID={id}"))
         .body(Full::default())
         .unwrap();
-    tower::ServiceExt::oneshot(svc, request).await.unwrap();
-    let auth = seen.lock().unwrap().take();
-    auth.expect("the session is live")
+    authenticated(w, request)
+        .await
+        .expect("the session is live")
 }
 
 /// Key management authorised by a key-admin session, recorded as made by that admin.
@@ -621,24 +628,12 @@ async fn key_admin_sessions_manage_the_key_and_are_recorded_as_the_modifier() {
 #[tokio::test]
 async fn direct_key_requests_cannot_manage_keys() {
     let w = world().await;
-    let seen = std::sync::Arc::new(std::sync::Mutex::new(None));
-    let sink = seen.clone();
-    let svc = tower::ServiceBuilder::new()
-        .layer(orgkey::OrgKeyLayer::new(w.keys.table().clone()).with_sessions(w.sessions.clone()))
-        .service_fn(move |request: Request<Full<Bytes>>| {
-            let sink = sink.clone();
-            async move {
-                *sink.lock().unwrap() = request.extensions().get::<Authenticated>().cloned();
-                Ok::<_, std::convert::Infallible>(http::Response::new(Full::<Bytes>::default()))
-            }
-        });
-    let request: Request<Full<Bytes>> = Request::get("/")
+    let request = Request::get("/")
         .header("x-org-id", "acme")
         .header("x-api-key", KEY)
         .body(Full::default())
         .unwrap();
-    tower::ServiceExt::oneshot(svc, request).await.unwrap();
-    let auth = seen.lock().unwrap().take().unwrap();
+    let auth = authenticated(&w, request).await.unwrap();
     assert!(auth.admin().is_none());
     assert!(matches!(
         w.keys.for_session(&auth),
