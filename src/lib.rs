@@ -26,6 +26,7 @@ pub mod key;
 pub mod org;
 pub mod password;
 pub mod session;
+pub mod store;
 pub mod table;
 
 pub use admin::{AdminError, KeyAdmin, KeyInfo, SessionKeyAdmin};

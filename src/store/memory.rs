@@ -1,0 +1,109 @@
+//! [`MemoryStore`]: the contract in memory, for tests and single-process deployments that
+//! accept losing state on restart.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use super::{millis, AuditRecord, BackendError, OrgRecord, Store, StoreError, StoreFuture};
+use crate::audit::AuditEvent;
+use crate::org::{Generation, OrgId};
+
+/// A [`Store`] in memory. Nothing survives the process.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    orgs: BTreeMap<OrgId, OrgRecord>,
+    audit: Vec<AuditRecord>,
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn with_state<T>(
+        &self,
+        f: impl FnOnce(&mut State) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut state = self
+            .state
+            .lock()
+            .map_err(|_| StoreError::Backend(BackendError::msg("memory store lock poisoned")))?;
+        f(&mut state)
+    }
+}
+
+impl Store for MemoryStore {
+    fn load_orgs(&self) -> StoreFuture<'_, Vec<OrgRecord>> {
+        let result = self.with_state(|s| Ok(s.orgs.values().cloned().collect()));
+        Box::pin(std::future::ready(result))
+    }
+
+    fn create_org<'a>(&'a self, org: &'a OrgId) -> StoreFuture<'a, ()> {
+        let result = self.with_state(|s| {
+            if s.orgs.contains_key(org) {
+                return Err(StoreError::Exists);
+            }
+            s.orgs.insert(
+                org.clone(),
+                OrgRecord {
+                    org: org.clone(),
+                    subscribed: false,
+                    key: None,
+                    generation: Generation::default(),
+                    last_modified_by: None,
+                    last_modified_on: None,
+                },
+            );
+            Ok(())
+        });
+        Box::pin(std::future::ready(result))
+    }
+
+    fn commit<'a>(
+        &'a self,
+        expected: Generation,
+        next: &'a OrgRecord,
+        audit: &'a AuditEvent,
+    ) -> StoreFuture<'a, ()> {
+        let result = self.with_state(|s| {
+            let current = s.orgs.get_mut(&next.org).ok_or(StoreError::NotFound)?;
+            if current.generation != expected {
+                return Err(StoreError::Conflict);
+            }
+            let mut stored = next.clone();
+            // Stored times have millisecond precision, as in the durable backends.
+            stored.last_modified_on = next.last_modified_on.map(|t| super::from_millis(millis(t)));
+            *current = stored;
+            let seq = s.audit.last().map_or(1, |r| r.seq + 1);
+            let mut event = audit.clone();
+            event.at = super::from_millis(millis(audit.at));
+            s.audit.push(AuditRecord { seq, event });
+            Ok(())
+        });
+        Box::pin(std::future::ready(result))
+    }
+
+    fn audit_page<'a>(
+        &'a self,
+        org: &'a OrgId,
+        before: Option<u64>,
+        limit: u32,
+    ) -> StoreFuture<'a, Vec<AuditRecord>> {
+        let result = self.with_state(|s| {
+            Ok(s.audit
+                .iter()
+                .rev()
+                .filter(|r| &r.event.org == org && before.is_none_or(|b| r.seq < b))
+                .take(limit as usize)
+                .cloned()
+                .collect())
+        });
+        Box::pin(std::future::ready(result))
+    }
+}

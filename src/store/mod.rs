@@ -1,0 +1,172 @@
+//! Durable state: the store trait and its backends (P1-P3).
+//!
+//! **Status:** this release defines the trait and ships an in-memory store and the embedded
+//! SQLite store, both passing one contract test suite (`tests/store_contract.rs`). Wiring
+//! them into [`KeyAdmin`](crate::KeyAdmin)'s write path, persisting admins and sessions, and
+//! the PostgreSQL backend with its change feed come next; until then [`KeyAdmin`] keeps its
+//! state in memory only.
+//!
+//! # The contract
+//!
+//! - [`Store::create_org`] creates an org with no subscription, no key and generation 0,
+//!   and fails with [`StoreError::Exists`] if it exists.
+//! - [`Store::commit`] is a compare-and-set on the org's generation: it writes the next state
+//!   and appends the audit record **in one transaction**, and fails with
+//!   [`StoreError::Conflict`] (writing nothing) if the stored generation is not the expected
+//!   one, so two writers racing on one org get one success and one conflict. It returns only
+//!   once the change is durable.
+//! - [`Store::load_orgs`] returns every org as last committed (P2: a restart never
+//!   resurrects an old or deleted key).
+//! - [`Store::audit_page`] reads an org's audit log newest first, `limit` records before a
+//!   sequence number (exclusive), for paging. Audit records never contain key material.
+//!
+//! Keys are stored as they are (they must be shown to admins, K9, and compared in constant
+//! time): protect the database file or server like the keys themselves.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::SystemTime;
+
+use crate::audit::AuditEvent;
+use crate::key::ApiKey;
+use crate::org::{Actor, Generation, OrgId};
+
+mod memory;
+#[cfg(feature = "sqlite")]
+mod sqlite;
+
+pub use memory::MemoryStore;
+#[cfg(feature = "sqlite")]
+pub use sqlite::SqliteStore;
+
+/// The future a [`Store`] method returns.
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+/// One org's durable state.
+#[derive(Debug, Clone)]
+pub struct OrgRecord {
+    /// The org.
+    pub org: OrgId,
+    /// Whether it has an API subscription.
+    pub subscribed: bool,
+    /// Its key, if any.
+    pub key: Option<ApiKey>,
+    /// Its generation.
+    pub generation: Generation,
+    /// Who made the last change.
+    pub last_modified_by: Option<Actor>,
+    /// When the last change was made (millisecond precision once stored).
+    pub last_modified_on: Option<SystemTime>,
+}
+
+/// An audit event as stored, with its sequence number (increasing, unique per store).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditRecord {
+    /// The sequence number, for paging.
+    pub seq: u64,
+    /// The event.
+    pub event: AuditEvent,
+}
+
+/// Why a store call failed. Nothing was written.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The org's stored generation is not the one the change was built from.
+    Conflict,
+    /// The org already exists.
+    Exists,
+    /// The org does not exist.
+    NotFound,
+    /// The backend failed (I/O, database error, corrupt data); the source says why.
+    Backend(BackendError),
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Conflict => f.write_str("the org was changed concurrently"),
+            Self::Exists => f.write_str("the org already exists"),
+            Self::NotFound => f.write_str("no such org"),
+            Self::Backend(_) => f.write_str("the store failed"),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Backend(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+/// A backend's own error, kept opaque so no driver type is in orgkey's API.
+pub struct BackendError(Box<dyn std::error::Error + Send + Sync>);
+
+impl BackendError {
+    /// Wraps a backend error (for implementations of [`Store`] outside orgkey).
+    pub fn new(error: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self(Box::new(error))
+    }
+
+    pub(crate) fn msg(message: &str) -> Self {
+        Self(message.into())
+    }
+}
+
+impl fmt::Debug for BackendError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+impl fmt::Display for BackendError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl std::error::Error for BackendError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
+
+/// Where orgs, keys and the audit log persist. See the [module docs](self) for the contract.
+pub trait Store: Send + Sync + 'static {
+    /// Every org, as last committed.
+    fn load_orgs(&self) -> StoreFuture<'_, Vec<OrgRecord>>;
+
+    /// Creates an org with no subscription, no key, generation 0.
+    fn create_org<'a>(&'a self, org: &'a OrgId) -> StoreFuture<'a, ()>;
+
+    /// Writes `next` and appends `audit` in one transaction, if the stored generation is
+    /// `expected`.
+    fn commit<'a>(
+        &'a self,
+        expected: Generation,
+        next: &'a OrgRecord,
+        audit: &'a AuditEvent,
+    ) -> StoreFuture<'a, ()>;
+
+    /// Up to `limit` audit records of `org`, newest first, with `seq < before` if given.
+    fn audit_page<'a>(
+        &'a self,
+        org: &'a OrgId,
+        before: Option<u64>,
+        limit: u32,
+    ) -> StoreFuture<'a, Vec<AuditRecord>>;
+}
+
+pub(crate) fn millis(t: SystemTime) -> i64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+pub(crate) fn from_millis(ms: i64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64)
+}

@@ -1,0 +1,322 @@
+//! [`SqliteStore`]: the embedded default, one file (P3).
+//!
+//! Opened in WAL mode with `synchronous=FULL`, both asserted at open: a commit that returned is
+//! on disk, and survives a crash of the process or the machine. Schema migrations run at open
+//! (`PRAGMA user_version`). One connection, used from tokio's blocking pool.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+
+use super::{
+    from_millis, millis, AuditRecord, BackendError, OrgRecord, Store, StoreError, StoreFuture,
+};
+use crate::audit::{AuditEvent, KeyAction};
+use crate::key::{ApiKey, KeyFormat};
+use crate::org::{Actor, Generation, OrgId};
+
+/// The schema, one entry per version; `user_version` says how many have run.
+const MIGRATIONS: &[&str] = &[
+    // 1: orgs and the audit log.
+    "CREATE TABLE orgs (
+         id            TEXT PRIMARY KEY,
+         subscribed    INTEGER NOT NULL,
+         api_key       TEXT,
+         generation    INTEGER NOT NULL,
+         modified_by   TEXT,
+         modified_ms   INTEGER
+     );
+     CREATE TABLE audit (
+         seq           INTEGER PRIMARY KEY AUTOINCREMENT,
+         org           TEXT NOT NULL,
+         actor         TEXT NOT NULL,
+         action        TEXT NOT NULL,
+         at_ms         INTEGER NOT NULL,
+         generation    INTEGER NOT NULL
+     );
+     CREATE INDEX audit_by_org ON audit (org, seq);",
+];
+
+/// A [`Store`] in one SQLite file. Cheap to clone (shared connection).
+#[derive(Clone)]
+pub struct SqliteStore {
+    conn: Arc<Mutex<Connection>>,
+    format: KeyFormat,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore").finish_non_exhaustive()
+    }
+}
+
+fn backend(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
+    StoreError::Backend(BackendError::new(e))
+}
+
+fn corrupt(what: &str) -> StoreError {
+    StoreError::Backend(BackendError::msg(what))
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path`, for keys of `format`.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Backend`] if the file cannot be opened, WAL or `synchronous=FULL` cannot
+    /// be set (asserted by reading them back), or a migration fails.
+    pub fn open(path: impl AsRef<Path>, format: KeyFormat) -> Result<Self, StoreError> {
+        let mut conn = Connection::open(path).map_err(backend)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(backend)?;
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode=WAL", [], |row| row.get(0))
+            .map_err(backend)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(corrupt("SQLite refused WAL journal mode"));
+        }
+        conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")
+            .map_err(backend)?;
+        let synchronous: i64 = conn
+            .query_row("PRAGMA synchronous", [], |row| row.get(0))
+            .map_err(backend)?;
+        if synchronous != 2 {
+            return Err(corrupt("SQLite refused synchronous=FULL"));
+        }
+        migrate(&mut conn)?;
+        Ok(Self {
+            conn: Arc::new(Mutex::new(conn)),
+            format,
+        })
+    }
+
+    /// Runs `f` with the connection on tokio's blocking pool (inline without a runtime).
+    fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection, KeyFormat) -> Result<T, StoreError> + Send + 'static,
+    ) -> StoreFuture<'static, T> {
+        let conn = Arc::clone(&self.conn);
+        let format = self.format;
+        let job = move || {
+            let mut conn = conn
+                .lock()
+                .map_err(|_| corrupt("SQLite connection lock poisoned"))?;
+            f(&mut conn, format)
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => Box::pin(async move {
+                runtime
+                    .spawn_blocking(job)
+                    .await
+                    .map_err(|_| corrupt("SQLite task panicked"))?
+            }),
+            Err(_) => Box::pin(std::future::ready(job())),
+        }
+    }
+
+    /// Runs SQLite's integrity check; `Ok(true)` if the database is sound.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Backend`] if the check cannot run.
+    pub async fn integrity_check(&self) -> Result<bool, StoreError> {
+        self.run(|conn, _| {
+            let result: String = conn
+                .query_row("PRAGMA integrity_check", [], |row| row.get(0))
+                .map_err(backend)?;
+            Ok(result == "ok")
+        })
+        .await
+    }
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |row| row.get(0))
+        .map_err(backend)?;
+    let known = MIGRATIONS.len() as i64;
+    if version > known {
+        return Err(corrupt(
+            "the database was written by a newer orgkey (unknown schema version)",
+        ));
+    }
+    for (index, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(backend)?;
+        tx.execute_batch(sql).map_err(backend)?;
+        tx.pragma_update(None, "user_version", index as i64 + 1)
+            .map_err(backend)?;
+        tx.commit().map_err(backend)?;
+    }
+    Ok(())
+}
+
+fn action_from(name: &str) -> Option<KeyAction> {
+    Some(match name {
+        "subscribe" => KeyAction::Subscribe,
+        "unsubscribe" => KeyAction::Unsubscribe,
+        "add" => KeyAction::Add,
+        "edit" => KeyAction::Edit,
+        "regenerate" => KeyAction::Regenerate,
+        "delete" => KeyAction::Delete,
+        _ => return None,
+    })
+}
+
+fn org_from_row(row: &rusqlite::Row<'_>, format: KeyFormat) -> Result<OrgRecord, StoreError> {
+    let id: String = row.get(0).map_err(backend)?;
+    let subscribed: bool = row.get(1).map_err(backend)?;
+    let key: Option<String> = row.get(2).map_err(backend)?;
+    let generation: i64 = row.get(3).map_err(backend)?;
+    let by: Option<String> = row.get(4).map_err(backend)?;
+    let on: Option<i64> = row.get(5).map_err(backend)?;
+    Ok(OrgRecord {
+        org: OrgId::new(&id).map_err(|_| corrupt("stored org id is invalid"))?,
+        subscribed,
+        key: key
+            .map(|k| ApiKey::parse_with(&k, format))
+            .transpose()
+            .map_err(|_| corrupt("stored key does not match the key format"))?,
+        generation: Generation::new(generation as u64),
+        last_modified_by: by
+            .map(|b| Actor::new(&b))
+            .transpose()
+            .map_err(|_| corrupt("stored actor is invalid"))?,
+        last_modified_on: on.map(from_millis),
+    })
+}
+
+impl Store for SqliteStore {
+    fn load_orgs(&self) -> StoreFuture<'_, Vec<OrgRecord>> {
+        self.run(|conn, format| {
+            let mut statement = conn
+                .prepare(
+                    "SELECT id, subscribed, api_key, generation, modified_by, modified_ms
+                     FROM orgs ORDER BY id",
+                )
+                .map_err(backend)?;
+            let mut rows = statement.query([]).map_err(backend)?;
+            let mut orgs = Vec::new();
+            while let Some(row) = rows.next().map_err(backend)? {
+                orgs.push(org_from_row(row, format)?);
+            }
+            Ok(orgs)
+        })
+    }
+
+    fn create_org<'a>(&'a self, org: &'a OrgId) -> StoreFuture<'a, ()> {
+        let id = org.as_str().to_owned();
+        self.run(move |conn, _| {
+            let inserted = conn
+                .execute(
+                    "INSERT INTO orgs (id, subscribed, generation) VALUES (?1, 0, 0)
+                     ON CONFLICT (id) DO NOTHING",
+                    params![id],
+                )
+                .map_err(backend)?;
+            if inserted == 0 {
+                Err(StoreError::Exists)
+            } else {
+                Ok(())
+            }
+        })
+    }
+
+    fn commit<'a>(
+        &'a self,
+        expected: Generation,
+        next: &'a OrgRecord,
+        audit: &'a AuditEvent,
+    ) -> StoreFuture<'a, ()> {
+        let next = next.clone();
+        let audit = audit.clone();
+        self.run(move |conn, _| {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(backend)?;
+            let stored: Option<i64> = tx
+                .query_row(
+                    "SELECT generation FROM orgs WHERE id = ?1",
+                    params![next.org.as_str()],
+                    |row| row.get(0),
+                )
+                .optional()
+                .map_err(backend)?;
+            match stored {
+                None => return Err(StoreError::NotFound),
+                Some(g) if g as u64 != expected.get() => return Err(StoreError::Conflict),
+                Some(_) => {}
+            }
+            tx.execute(
+                "UPDATE orgs SET subscribed = ?2, api_key = ?3, generation = ?4,
+                     modified_by = ?5, modified_ms = ?6
+                 WHERE id = ?1",
+                params![
+                    next.org.as_str(),
+                    next.subscribed,
+                    next.key.as_ref().map(ApiKey::expose_secret),
+                    next.generation.get() as i64,
+                    next.last_modified_by.as_ref().map(Actor::as_str),
+                    next.last_modified_on.map(millis),
+                ],
+            )
+            .map_err(backend)?;
+            tx.execute(
+                "INSERT INTO audit (org, actor, action, at_ms, generation)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    audit.org.as_str(),
+                    audit.actor.as_str(),
+                    audit.action.as_str(),
+                    millis(audit.at),
+                    audit.generation.get() as i64,
+                ],
+            )
+            .map_err(backend)?;
+            tx.commit().map_err(backend)
+        })
+    }
+
+    fn audit_page<'a>(
+        &'a self,
+        org: &'a OrgId,
+        before: Option<u64>,
+        limit: u32,
+    ) -> StoreFuture<'a, Vec<AuditRecord>> {
+        let id = org.as_str().to_owned();
+        self.run(move |conn, _| {
+            let mut statement = conn
+                .prepare(
+                    "SELECT seq, actor, action, at_ms, generation FROM audit
+                     WHERE org = ?1 AND seq < ?2 ORDER BY seq DESC LIMIT ?3",
+                )
+                .map_err(backend)?;
+            let before = before.map_or(i64::MAX, |b| b.min(i64::MAX as u64) as i64);
+            let mut rows = statement
+                .query(params![id, before, i64::from(limit)])
+                .map_err(backend)?;
+            let org = OrgId::new(&id).map_err(|_| corrupt("org id"))?;
+            let mut page = Vec::new();
+            while let Some(row) = rows.next().map_err(backend)? {
+                let seq: i64 = row.get(0).map_err(backend)?;
+                let actor: String = row.get(1).map_err(backend)?;
+                let action: String = row.get(2).map_err(backend)?;
+                let at: i64 = row.get(3).map_err(backend)?;
+                let generation: i64 = row.get(4).map_err(backend)?;
+                page.push(AuditRecord {
+                    seq: seq as u64,
+                    event: AuditEvent {
+                        org: org.clone(),
+                        actor: Actor::new(&actor).map_err(|_| corrupt("stored actor"))?,
+                        action: action_from(&action).ok_or_else(|| corrupt("stored action"))?,
+                        at: from_millis(at),
+                        generation: Generation::new(generation as u64),
+                    },
+                });
+            }
+            Ok(page)
+        })
+    }
+}
