@@ -108,7 +108,7 @@ fn orgs(n: usize) -> Orgs {
     for i in 0..n {
         let id = format!("org-{i:07}");
         let org = OrgId::new(&id).unwrap();
-        admin.create_org(&org).unwrap();
+        rt.block_on(admin.create_org(&org)).unwrap();
         let info = rt.block_on(admin.subscribe(&org, &actor)).unwrap();
         let key = info.key().unwrap().expose_secret().to_owned();
         let mut bytes = [0u8; 12];

@@ -25,7 +25,7 @@ fn login_cost(c: &mut Criterion) {
     let keys = KeyAdmin::new(table.clone());
     let org = OrgId::new("acme").unwrap();
     let ops = Actor::new("ops").unwrap();
-    keys.create_org(&org).unwrap();
+    rt.block_on(keys.create_org(&org)).unwrap();
     rt.block_on(keys.subscribe(&org, &ops)).unwrap();
     rt.block_on(keys.edit(&org, ApiKey::parse("AbCdEf123456").unwrap(), &ops))
         .unwrap();

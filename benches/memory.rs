@@ -33,7 +33,7 @@ fn main() {
     for i in 0..n {
         // The table keeps the only reference to each id string, so it is counted below.
         let id = OrgId::new(&format!("org-{i:07}")).unwrap();
-        admin.create_org(&id).unwrap();
+        rt.block_on(admin.create_org(&id)).unwrap();
         rt.block_on(admin.subscribe(&id, &actor)).unwrap();
     }
     let after = resident_bytes();

@@ -73,7 +73,7 @@ fn table() -> OrgTable {
     // A realistic table: 1,000 orgs, the target in the middle.
     for i in 0..1_000 {
         let org = OrgId::new(&format!("org-{i:04}")).unwrap();
-        admin.create_org(&org).unwrap();
+        rt.block_on(admin.create_org(&org)).unwrap();
         rt.block_on(admin.subscribe(&org, &actor)).unwrap();
     }
     let target = OrgId::new("org-0500").unwrap();

@@ -28,6 +28,7 @@ use crate::audit::{AuditEvent, AuditSink, KeyAction, TracingAuditSink};
 use crate::clock::{Clock, SharedClock};
 use crate::key::{ApiKey, KeyFormatError, RandomnessError};
 use crate::org::{Actor, Generation, OrgId};
+use crate::store::{OrgRecord, Store, StoreError};
 use crate::table::{OrgState, OrgTable};
 use crate::Authenticated;
 
@@ -101,6 +102,8 @@ pub enum AdminError {
     Randomness(RandomnessError),
     /// The caller may not manage keys: not an admin session, or no `key-admin` scope (403).
     Forbidden,
+    /// The durable store failed; nothing was changed, in the store or in memory (P1).
+    Store(StoreError),
 }
 
 impl fmt::Display for AdminError {
@@ -122,6 +125,7 @@ impl fmt::Display for AdminError {
             Self::Forbidden => {
                 f.write_str("managing the API key needs an admin session with the key-admin scope")
             }
+            Self::Store(_) => f.write_str("the change could not be stored; nothing was changed"),
         }
     }
 }
@@ -131,6 +135,7 @@ impl std::error::Error for AdminError {
         match self {
             Self::InvalidKey(e) => Some(e),
             Self::Randomness(e) => Some(e),
+            Self::Store(e) => Some(e),
             _ => None,
         }
     }
@@ -150,6 +155,7 @@ impl AdminError {
             Self::Conflict => "conflict",
             Self::Randomness(_) => "randomness",
             Self::Forbidden => "forbidden",
+            Self::Store(_) => "store",
         }
     }
 }
@@ -163,7 +169,7 @@ impl AdminError {
 /// let admin = KeyAdmin::new(OrgTable::default());
 /// let org = OrgId::new("acme").unwrap();
 /// let alice = Actor::new("alice@acme.example").unwrap();
-/// admin.create_org(&org).unwrap();
+/// admin.create_org(&org).await.unwrap();
 /// let info = admin.subscribe(&org, &alice).await.unwrap();
 /// let old = info.key().unwrap().clone();
 /// admin.regenerate(&org, &alice).await.unwrap();
@@ -177,6 +183,7 @@ impl AdminError {
 #[derive(Clone)]
 pub struct KeyAdmin {
     table: OrgTable,
+    store: Option<Arc<dyn Store>>,
     audit: Arc<dyn AuditSink>,
     clock: SharedClock,
     base_url: Option<Arc<str>>,
@@ -196,10 +203,37 @@ impl KeyAdmin {
     pub fn new(table: OrgTable) -> Self {
         Self {
             table,
+            store: None,
             audit: Arc::new(TracingAuditSink),
             clock: SharedClock::default(),
             base_url: None,
         }
+    }
+
+    /// A handle whose changes are committed to `store` before they take effect (P1), over
+    /// `table` filled with the store's orgs as last committed (P2).
+    ///
+    /// # Errors
+    ///
+    /// [`AdminError::Store`] if the store cannot be read.
+    pub async fn open(table: OrgTable, store: impl Store) -> Result<Self, AdminError> {
+        let store: Arc<dyn Store> = Arc::new(store);
+        for record in store.load_orgs().await.map_err(AdminError::Store)? {
+            let org = record.org.clone();
+            table.install(
+                org,
+                OrgState {
+                    subscribed: record.subscribed,
+                    key: record.key,
+                    generation: record.generation,
+                    last_modified_by: record.last_modified_by,
+                    last_modified_on: record.last_modified_on,
+                },
+            );
+        }
+        let mut admin = Self::new(table);
+        admin.store = Some(store);
+        Ok(admin)
     }
 
     /// Sends audit events to `sink` instead of `tracing`.
@@ -225,12 +259,21 @@ impl KeyAdmin {
         &self.table
     }
 
-    /// Creates an org with no subscription and no key.
+    /// Creates an org with no subscription and no key (in the store first, if there is one).
     ///
     /// # Errors
     ///
-    /// [`AdminError::OrgExists`] if the org exists.
-    pub fn create_org(&self, org: &OrgId) -> Result<(), AdminError> {
+    /// [`AdminError::OrgExists`] if the org exists, [`AdminError::Store`].
+    pub async fn create_org(&self, org: &OrgId) -> Result<(), AdminError> {
+        if self.table.state(org.as_str()).is_some() {
+            return Err(AdminError::OrgExists);
+        }
+        if let Some(store) = &self.store {
+            store.create_org(org).await.map_err(|e| match e {
+                StoreError::Exists => AdminError::OrgExists,
+                other => AdminError::Store(other),
+            })?;
+        }
         if self.table.insert_new(org.clone()) {
             tracing::info!(target: "orgkey::admin", org = %org, "organization created");
             Ok(())
@@ -399,7 +442,7 @@ impl KeyAdmin {
         action: KeyAction,
         decide: impl FnOnce(&OrgState) -> Result<(bool, Option<ApiKey>), AdminError>,
     ) -> Result<KeyInfo, AdminError> {
-        let result = self.try_change(org, actor, action, decide);
+        let result = self.try_change(org, actor, action, decide).await;
         if let Err(error) = &result {
             tracing::info!(
                 target: "orgkey::admin",
@@ -414,7 +457,7 @@ impl KeyAdmin {
         result
     }
 
-    fn try_change(
+    async fn try_change(
         &self,
         org: &OrgId,
         actor: &Actor,
@@ -431,7 +474,8 @@ impl KeyAdmin {
             return Err(AdminError::NoSubscription);
         }
         let (subscribed, key) = decide(&current)?;
-        let at = self.clock.now();
+        // Millisecond precision, as stored.
+        let at = crate::store::from_millis(crate::store::millis(self.clock.now()));
         let next = Arc::new(OrgState {
             subscribed,
             key,
@@ -439,6 +483,35 @@ impl KeyAdmin {
             last_modified_by: Some(actor.clone()),
             last_modified_on: Some(at),
         });
+        let event = AuditEvent {
+            org: org.clone(),
+            actor: actor.clone(),
+            action,
+            at,
+            generation: next.generation,
+        };
+        // P1: commit durably first (a compare-and-set on the generation); a failed commit
+        // changes nothing, in the store or here.
+        if let Some(store) = &self.store {
+            let record = OrgRecord {
+                org: org.clone(),
+                subscribed: next.subscribed,
+                key: next.key.clone(),
+                generation: next.generation,
+                last_modified_by: next.last_modified_by.clone(),
+                last_modified_on: next.last_modified_on,
+            };
+            store
+                .commit(current.generation, &record, &event)
+                .await
+                .map_err(|e| match e {
+                    StoreError::Conflict => AdminError::Conflict,
+                    StoreError::NotFound => AdminError::UnknownOrg,
+                    other => AdminError::Store(other),
+                })?;
+        }
+        // Then make it visible. After a successful store commit no other writer of this
+        // process can have moved the snapshot (it would have lost the store's compare-and-set).
         match self
             .table
             .compare_and_swap(org.as_str(), &current, Arc::clone(&next))
@@ -447,13 +520,7 @@ impl KeyAdmin {
             Ok(false) => return Err(AdminError::Conflict),
             Err(()) => return Err(AdminError::UnknownOrg),
         }
-        self.audit.record(&AuditEvent {
-            org: org.clone(),
-            actor: actor.clone(),
-            action,
-            at,
-            generation: next.generation,
-        });
+        self.audit.record(&event);
         Ok(KeyInfo::from_state(next, self.base_url.clone()))
     }
 }

@@ -209,6 +209,16 @@ impl OrgTable {
         }
     }
 
+    /// Sets the state of `org`, creating it if needed (loading from a store).
+    pub(crate) fn install(&self, org: OrgId, state: OrgState) {
+        match self.inner.orgs.entry(org) {
+            Entry::Occupied(slot) => slot.get().store(Arc::new(state)),
+            Entry::Vacant(slot) => {
+                slot.insert(ArcSwap::from_pointee(state));
+            }
+        }
+    }
+
     /// Installs `next` as the state of `org` if the current state is still `expected`.
     ///
     /// Returns `Ok(true)` when installed, `Ok(false)` when another change came first, and

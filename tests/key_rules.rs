@@ -44,7 +44,7 @@ fn subscribed_org() -> Fixture {
         .with_audit_sink(move |e: &AuditEvent| sink.lock().unwrap().push(e.clone()));
     let org = OrgId::new("acme").unwrap();
     let alice = Actor::new("alice@acme.example").unwrap();
-    admin.create_org(&org).unwrap();
+    rt().block_on(admin.create_org(&org)).unwrap();
     rt().block_on(admin.subscribe(&org, &alice)).unwrap();
     Fixture {
         admin,
@@ -119,8 +119,8 @@ fn k3_regenerate_draws_a_new_valid_key() {
 fn k4_edit_sets_the_chosen_key_and_the_same_key_may_serve_two_orgs() {
     let f = subscribed_org();
     let beta = OrgId::new("beta").unwrap();
-    f.admin.create_org(&beta).unwrap();
     let rt = rt();
+    rt.block_on(f.admin.create_org(&beta)).unwrap();
     rt.block_on(f.admin.subscribe(&beta, &f.alice)).unwrap();
     let shared = ApiKey::parse("SharedKey123").unwrap();
     rt.block_on(f.admin.edit(&f.org, shared.clone(), &f.alice))
@@ -263,8 +263,8 @@ fn k8_without_subscription_there_is_no_key_and_no_key_management() {
     let admin = KeyAdmin::new(OrgTable::default());
     let org = OrgId::new("nosub").unwrap();
     let alice = Actor::new("alice@nosub.example").unwrap();
-    admin.create_org(&org).unwrap();
     let rt = rt();
+    rt.block_on(admin.create_org(&org)).unwrap();
     assert!(matches!(admin.view(&org), Err(AdminError::NoSubscription)));
     assert!(matches!(
         rt.block_on(admin.add(&org, &alice)),
@@ -331,9 +331,9 @@ fn unknown_orgs_are_refused_by_every_admin_call() {
         rt.block_on(admin.regenerate(&ghost, &alice)),
         Err(AdminError::UnknownOrg)
     ));
-    admin.create_org(&ghost).unwrap();
+    rt.block_on(admin.create_org(&ghost)).unwrap();
     assert!(matches!(
-        admin.create_org(&ghost),
+        rt.block_on(admin.create_org(&ghost)),
         Err(AdminError::OrgExists)
     ));
 }
@@ -359,7 +359,7 @@ fn two_regenerates_from_the_same_snapshot_have_one_winner_and_one_conflict() {
     let setup = KeyAdmin::new(table.clone());
     let org = OrgId::new("acme").unwrap();
     let alice = Actor::new("alice@acme.example").unwrap();
-    setup.create_org(&org).unwrap();
+    rt().block_on(setup.create_org(&org)).unwrap();
     rt().block_on(setup.subscribe(&org, &alice)).unwrap();
     let admin = KeyAdmin::new(table.clone())
         .with_clock(RendezvousClock(Barrier::new(2)))

@@ -30,7 +30,7 @@ async fn fixture() -> KeyAdmin {
     let admin = KeyAdmin::new(OrgTable::default());
     let ops = Actor::new("ops@example.com").unwrap();
     for name in ["acme", "nosub", "nokey"] {
-        admin.create_org(&OrgId::new(name).unwrap()).unwrap();
+        admin.create_org(&OrgId::new(name).unwrap()).await.unwrap();
     }
     let acme = OrgId::new("acme").unwrap();
     admin.subscribe(&acme, &ops).await.unwrap();

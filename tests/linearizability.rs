@@ -78,7 +78,7 @@ fn validation_after_rotation_never_accepts_the_previous_key_and_accepts_the_new_
     let admin = KeyAdmin::new(OrgTable::default());
     let org = OrgId::new("acme").unwrap();
     let actor = Actor::new("rotator@acme.example").unwrap();
-    admin.create_org(&org).unwrap();
+    runtime.block_on(admin.create_org(&org)).unwrap();
     let first = runtime.block_on(admin.subscribe(&org, &actor)).unwrap();
     let first = first.key().unwrap().expose_secret().to_owned();
 

@@ -42,7 +42,7 @@ fn no_session_created_under_an_old_key_survives_its_regeneration() {
     let keys = KeyAdmin::new(table.clone());
     let acme = OrgId::new("acme").unwrap();
     let ops = Actor::new("rotator@acme.example").unwrap();
-    keys.create_org(&acme).unwrap();
+    runtime.block_on(keys.create_org(&acme)).unwrap();
     runtime.block_on(keys.subscribe(&acme, &ops)).unwrap();
     let config = SessionConfig {
         throttle: ThrottlePolicy {

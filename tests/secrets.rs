@@ -18,7 +18,7 @@ async fn debug_of_every_type_holding_a_key_never_contains_it() {
     let admin = KeyAdmin::new(OrgTable::default()).with_base_url("https://gw.example/api/v1");
     let org = OrgId::new("acme").unwrap();
     let actor = Actor::new("alice@acme.example").unwrap();
-    admin.create_org(&org).unwrap();
+    admin.create_org(&org).await.unwrap();
     admin.subscribe(&org, &actor).await.unwrap();
     let info = admin
         .edit(&org, ApiKey::parse(KEY).unwrap(), &actor)

@@ -182,6 +182,7 @@ async fn malformed_requests_get_415_413_or_400_and_no_session() {
             r#"{"apiKey":"x","username":"a@b","password":"p","timestamp":-5}"#,
             "negative",
         ),
+        (r#"["x","alice@acme.example","p",1]"#, "a top-level array"),
         (
             r#"{"apiKey":"x","username":"a@b","password":"p","timestamp":"12ab"}"#,
             "not digits",

@@ -11,8 +11,8 @@ use axum::routing::get;
 use axum::{Extension, Json, Router};
 use orgkey::session::SessionEndpoint;
 use orgkey::{
-    Actor, Admins, ApiKey, Authenticated, KeyAdmin, OrgId, OrgKeyLayer, OrgTable, Password, Scopes,
-    SessionConfig, Sessions, Username,
+    Actor, Admins, ApiKey, Authenticated, KeyAdmin, KeyManagementEndpoint, OrgId, OrgKeyLayer,
+    OrgTable, Password, Scopes, SessionConfig, Sessions, Username,
 };
 use serde_json::{json, Value};
 
@@ -48,7 +48,9 @@ pub(crate) async fn build(bootstrap: Bootstrap) -> Result<Bootstrapped, String> 
     let table = OrgTable::default();
     let keys = KeyAdmin::new(table.clone()).with_base_url(&bootstrap.base_url);
     let provisioning = Actor::new("provisioning").map_err(|e| e.to_string())?;
-    keys.create_org(&bootstrap.org).map_err(|e| e.to_string())?;
+    keys.create_org(&bootstrap.org)
+        .await
+        .map_err(|e| e.to_string())?;
     let mut info = keys
         .subscribe(&bootstrap.org, &provisioning)
         .await
@@ -85,6 +87,7 @@ pub(crate) async fn build(bootstrap: Bootstrap) -> Result<Bootstrapped, String> 
     let api = Router::new()
         .route("/api/v1/status", get(status))
         .route("/api/v1/whoami", get(whoami))
+        .nest_service("/api/v1/apiKeys", KeyManagementEndpoint::new(keys.clone()))
         .layer(OrgKeyLayer::new(table).with_sessions(sessions.clone()));
     let router = Router::new()
         .route_service("/api/v1/authenticatedSession", endpoint.clone())

@@ -36,7 +36,7 @@
 //! # async fn main() {
 //! let admin = KeyAdmin::new(OrgTable::default());
 //! let acme = OrgId::new("acme").unwrap();
-//! admin.create_org(&acme).unwrap();
+//! admin.create_org(&acme).await.unwrap();
 //! let info = admin.subscribe(&acme, &Actor::new("ops@acme.example").unwrap()).await.unwrap();
 //! let key = info.key().unwrap().expose_secret().to_owned();
 //!

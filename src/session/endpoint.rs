@@ -278,11 +278,16 @@ where
     // serde_json skips unknown fields without checking their UTF-8 or escapes; validate the
     // whole body first, so that what is accepted is JSON by any parser's standard (found by
     // fuzzing: `"x":"\xff"` and `"x":"\ud800"` were accepted).
-    if let Err(e) = serde_json::from_slice::<serde_json::Value>(&body) {
-        return bad_request(&format!(
-            "login body must be JSON with apiKey, username, password and timestamp ({})",
-            json_error_class(&e)
-        ));
+    match serde_json::from_slice::<serde_json::Value>(&body) {
+        Ok(value) if value.is_object() => {}
+        // serde would map a top-level array onto the fields by position: refuse it.
+        Ok(_) => return bad_request("login body must be a JSON object"),
+        Err(e) => {
+            return bad_request(&format!(
+                "login body must be JSON with apiKey, username, password and timestamp ({})",
+                json_error_class(&e)
+            ))
+        }
     }
     let parsed: LoginBody = match serde_json::from_slice(&body) {
         Ok(parsed) => parsed,

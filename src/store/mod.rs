@@ -1,10 +1,11 @@
 //! Durable state: the store trait and its backends (P1-P3).
 //!
 //! **Status:** this release defines the trait and ships an in-memory store and the embedded
-//! SQLite store, both passing one contract test suite (`tests/store_contract.rs`). Wiring
-//! them into [`KeyAdmin`](crate::KeyAdmin)'s write path, persisting admins and sessions, and
-//! the PostgreSQL backend with its change feed come next; until then [`KeyAdmin`] keeps its
-//! state in memory only.
+//! SQLite store, both passing one contract test suite (`tests/store_contract.rs`).
+//! [`KeyAdmin::open`](crate::KeyAdmin::open) loads the orgs from a store and commits every
+//! key and subscription change to it before the change takes effect (P1). Persisting admins
+//! and sessions, and the PostgreSQL backend with its change feed, come next: admins and
+//! sessions are still in memory only.
 //!
 //! # The contract
 //!

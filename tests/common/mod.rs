@@ -70,7 +70,7 @@ pub async fn world_with(config: SessionConfig) -> World {
     let keys = KeyAdmin::new(table.clone()).with_clock(clock.clone());
     let ops = Actor::new("ops@example.com").unwrap();
     for id in ["acme", "nosub", "nokey"] {
-        keys.create_org(&org(id)).unwrap();
+        keys.create_org(&org(id)).await.unwrap();
     }
     keys.subscribe(&org("acme"), &ops).await.unwrap();
     keys.edit(&org("acme"), ApiKey::parse(KEY).unwrap(), &ops)

@@ -1,0 +1,566 @@
+//! [`KeyManagementEndpoint`]: Zscaler's `apiKeys` resource over HTTP (PROTOCOL.md, "Key
+//! management endpoints"; K2-K9).
+//!
+//! The endpoint is a tower service that sits *behind* [`OrgKeyLayer`](crate::OrgKeyLayer)
+//! configured [`with_sessions`](crate::OrgKeyLayer::with_sessions): the layer authenticates
+//! the request, and the endpoint authorizes it with [`KeyAdmin::for_session`] (an admin
+//! session holding the `key-admin` scope) and turns the [`SessionKeyAdmin`] operations into
+//! JSON responses.
+
+use std::convert::Infallible;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::header::{HeaderValue, ALLOW, CACHE_CONTROL, CONTENT_TYPE, WWW_AUTHENTICATE};
+use http::{Method, Request, Response, StatusCode};
+use http_body::Body;
+use http_body_util::{BodyExt, Full, Limited};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use tower_service::Service;
+use zeroize::Zeroizing;
+
+use crate::admin::{AdminError, KeyAdmin, KeyInfo, SessionKeyAdmin};
+use crate::key::{ApiKey, KeyFormat};
+use crate::Authenticated;
+
+/// Largest `PUT /apiKeys/1` body accepted, in bytes.
+pub const MAX_KEY_BODY: usize = 4096;
+
+/// The full path under which PROTOCOL.md places the resource; stripped when present.
+const FULL_PREFIX: &str = "/api/v1/apiKeys";
+/// The resource path below the `/api/v1` base URL; stripped when present.
+const BASE_PREFIX: &str = "/apiKeys";
+
+const SESSION_NOT_VALID: &str = r#"{"code":"SESSION_NOT_VALID","message":"Session is not valid"}"#;
+const NOT_FOUND: &str = r#"{"code":"RESOURCE_NOT_FOUND","message":"no such API key"}"#;
+const UNSUPPORTED_MEDIA_TYPE: &str =
+    r#"{"code":"UNSUPPORTED_MEDIA_TYPE","message":"send Content-Type: application/json"}"#;
+const PAYLOAD_TOO_LARGE: &str =
+    r#"{"code":"PAYLOAD_TOO_LARGE","message":"request body larger than 4096 bytes"}"#;
+
+/// The key-management endpoints, a tower service: Zscaler's `apiKeys` resource, plus add,
+/// edit and delete (PROTOCOL.md).
+///
+/// # Mounting
+///
+/// Put it behind [`OrgKeyLayer::with_sessions`](crate::OrgKeyLayer::with_sessions), which
+/// sets the [`Authenticated`] extension it reads. The endpoint matches the *tail* of the
+/// request path, so it works both where the router strips the mount point and where it does
+/// not:
+///
+/// - under axum's `Router::nest_service("/api/v1/apiKeys", ..)`, which strips the prefix,
+///   it sees `/`, `/1` and `/1/regenerate`;
+/// - seeing the full path (for example as the whole service, or through
+///   `Router::route_service`), it strips a leading `/api/v1/apiKeys`, or `/apiKeys` (for a
+///   service mounted below a router nested at `/api/v1`), and matches the rest.
+///
+/// ```
+/// use axum::Router;
+/// use bytes::Bytes;
+/// use http::{Request, StatusCode};
+/// use http_body_util::Full;
+/// use orgkey::{Actor, Admins, KeyAdmin, KeyManagementEndpoint, OrgId, OrgKeyLayer, OrgTable, Sessions};
+/// use tower::{ServiceBuilder, ServiceExt};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let keys = KeyAdmin::new(OrgTable::default());
+/// let acme = OrgId::new("acme").unwrap();
+/// keys.create_org(&acme).await.unwrap();
+/// let info = keys.subscribe(&acme, &Actor::new("provisioning").unwrap()).await.unwrap();
+/// let key = info.key().unwrap().expose_secret().to_owned();
+/// let sessions = Sessions::new(keys.table().clone(), Admins::new(keys.table().clone()));
+///
+/// let endpoint = ServiceBuilder::new()
+///     .layer(OrgKeyLayer::new(keys.table().clone()).with_sessions(sessions))
+///     .service(KeyManagementEndpoint::new(keys));
+///
+/// // Mounted with axum: the endpoint sees "/", "/1", "/1/regenerate".
+/// let app = Router::new().nest_service("/api/v1/apiKeys", endpoint.clone());
+/// // A direct-key request is authenticated, but only admin sessions with the `key-admin`
+/// // scope manage keys: 403 (so the path did reach the endpoint).
+/// let direct = |uri: &str| {
+///     Request::get(uri).header("x-org-id", "acme").header("x-api-key", &key)
+///         .body(axum::body::Body::empty()).unwrap()
+/// };
+/// let response = app.clone().oneshot(direct("/api/v1/apiKeys")).await.unwrap();
+/// assert_eq!(response.status(), StatusCode::FORBIDDEN);
+/// // One key per org, and its id is always 1.
+/// let response = app.oneshot(direct("/api/v1/apiKeys/2")).await.unwrap();
+/// assert_eq!(response.status(), StatusCode::NOT_FOUND);
+///
+/// // Seeing the full path works the same.
+/// let request = Request::get("/api/v1/apiKeys/1").header("x-org-id", "acme")
+///     .header("x-api-key", &key).body(Full::<Bytes>::default()).unwrap();
+/// let response = endpoint.oneshot(request).await.unwrap();
+/// assert_eq!(response.status(), StatusCode::FORBIDDEN);
+/// # }
+/// ```
+///
+/// # Requests and responses
+///
+/// An org has at most one key (K2), so the resource id is always `1`; any other id is `404`.
+/// The resource:
+///
+/// ```json
+/// {"id": 1, "keyValue": "AbCdEf123456", "permissions": [], "enabled": true,
+///  "lastModifiedTime": 1764150999, "lastModifiedBy": {"id": 1234567, "name": "alice@acme.example"}}
+/// ```
+///
+/// `lastModifiedTime` is in seconds since the Unix epoch. `lastModifiedBy.name` is the admin
+/// (or system actor) that made the last change (K7); `lastModifiedBy.id` is derived from that
+/// name, since orgkey has no numeric admin ids: the first four bytes of the SHA-256 digest of
+/// the name, big-endian, with the top bit cleared (so it fits a signed 32-bit integer). It is
+/// stable for a name and says nothing else. Should a key have no recorded modifier,
+/// `lastModifiedTime` is `0` and `lastModifiedBy` is `null`.
+///
+/// | request | success | refusals |
+/// | --- | --- | --- |
+/// | `GET /apiKeys` | 200 `[resource]`, or `[]` when the org has no key | |
+/// | `GET /apiKeys/1` | 200 resource | 404 no key |
+/// | `POST /apiKeys` (add a random key, K3; body ignored) | 200 resource | 409 `DUPLICATE_ITEM` while a key exists (K2) |
+/// | `PUT /apiKeys/1` `{"keyValue": "..."}` (edit, K4) | 200 resource | 415 not JSON, 413 over 4 KiB, 400 `INVALID_INPUT_ARGUMENT` (malformed, no `keyValue`, or not a valid key per K1: the message never contains the value), 404 no key |
+/// | `POST /apiKeys/1/regenerate` (K3; body ignored) | 200 resource | 404 no key |
+/// | `DELETE /apiKeys/1` (K5; body ignored) | 204, empty | 404 no key |
+///
+/// For every request: `401 SESSION_NOT_VALID` without an [`Authenticated`] extension (the
+/// endpoint is not behind the layer: a misconfiguration, refused rather than served);
+/// `403 NOT_AUTHORIZED` for direct-key requests and sessions without `key-admin`;
+/// `403 NOT_SUBSCRIBED` for an org without an API subscription (K8); `409 EDIT_CONFLICT`
+/// when a concurrent change won (P1; look and retry); `500 INTERNAL_ERROR` if the OS random
+/// number generator fails or the store cannot commit the change. A known path with another
+/// method is `405` with `Allow`; any other path is `404 RESOURCE_NOT_FOUND`. The checks run in
+/// that order: extension (401), path (404), method (405), authorization (403), then the body
+/// (415, 413, 400) and the operation, so a caller without `key-admin` never has its body read
+/// and learns nothing of the org's key. Error bodies are `{"code","message"}`. Every response
+/// has `Cache-Control: no-store`, and every response with a body `Content-Type:
+/// application/json`. A refused change changes nothing.
+///
+/// # Sessions end with the change (K6)
+///
+/// Every change (add, edit, regenerate, delete) moves the org to a new generation, which ends
+/// every session of the org, *including the one that made the change*. The request that made
+/// the change still gets its response (the layer accepted it before the change); the next
+/// request with that cookie gets `401 SESSION_NOT_VALID`, and the admin logs in again with the
+/// new key. After a delete, no login for the org succeeds until a key is added out of band
+/// (for example by [`KeyAdmin::add`] or a new subscription): K5 applies to admins too.
+///
+/// # Secrets
+///
+/// The key appears in these responses' bodies only: never in logs, errors or audit events.
+/// A rejected `keyValue` is never echoed. Request bodies are wiped after parsing
+/// (best-effort); response bodies belong to the server once returned.
+#[derive(Clone)]
+pub struct KeyManagementEndpoint {
+    keys: KeyAdmin,
+}
+
+impl fmt::Debug for KeyManagementEndpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyManagementEndpoint")
+            .field("keys", &self.keys)
+            .finish()
+    }
+}
+
+impl KeyManagementEndpoint {
+    /// The endpoint managing keys through `keys`, which must change the table the layer in
+    /// front of it checks against.
+    pub fn new(keys: KeyAdmin) -> Self {
+        Self { keys }
+    }
+}
+
+/// Where a path leads, below the mount point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    /// `/apiKeys`
+    Collection,
+    /// `/apiKeys/1`
+    Item,
+    /// `/apiKeys/1/regenerate`
+    Regenerate,
+}
+
+/// What the request asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Operation {
+    List,
+    Add,
+    View,
+    Edit,
+    Regenerate,
+    Delete,
+}
+
+/// Matches the path's tail (see [`KeyManagementEndpoint`], "Mounting").
+fn route(path: &str) -> Option<Route> {
+    let tail = [FULL_PREFIX, BASE_PREFIX]
+        .into_iter()
+        .find_map(|prefix| {
+            path.strip_prefix(prefix)
+                .filter(|rest| rest.is_empty() || rest.starts_with('/'))
+        })
+        .unwrap_or(path);
+    match tail {
+        "" | "/" => Some(Route::Collection),
+        "/1" => Some(Route::Item),
+        "/1/regenerate" => Some(Route::Regenerate),
+        _ => None,
+    }
+}
+
+/// The operation for `method` on `route`, or the `Allow` header value.
+fn operation(route: Route, method: &Method) -> Result<Operation, &'static str> {
+    match (route, method) {
+        (Route::Collection, &Method::GET) => Ok(Operation::List),
+        (Route::Collection, &Method::POST) => Ok(Operation::Add),
+        (Route::Collection, _) => Err("GET, POST"),
+        (Route::Item, &Method::GET) => Ok(Operation::View),
+        (Route::Item, &Method::PUT) => Ok(Operation::Edit),
+        (Route::Item, &Method::DELETE) => Ok(Operation::Delete),
+        (Route::Item, _) => Err("GET, PUT, DELETE"),
+        (Route::Regenerate, &Method::POST) => Ok(Operation::Regenerate),
+        (Route::Regenerate, _) => Err("POST"),
+    }
+}
+
+/// The resource of PROTOCOL.md.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct KeyResource<'a> {
+    id: u32,
+    key_value: &'a str,
+    permissions: [&'static str; 0],
+    enabled: bool,
+    last_modified_time: u64,
+    last_modified_by: Option<Modifier<'a>>,
+}
+
+#[derive(Serialize)]
+struct Modifier<'a> {
+    id: u32,
+    name: &'a str,
+}
+
+/// The numeric id shown for an admin or actor name: the first four bytes of SHA-256 of the
+/// name, big-endian, top bit cleared.
+fn modifier_id(name: &str) -> u32 {
+    let digest = Sha256::digest(name.as_bytes());
+    u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]) & 0x7fff_ffff
+}
+
+fn epoch_seconds(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs())
+}
+
+/// The resource for `info`'s key, or `None` when the org has no key.
+fn resource(info: &KeyInfo) -> Option<KeyResource<'_>> {
+    let key = info.key()?;
+    let by = info.last_modified_by();
+    Some(KeyResource {
+        id: 1,
+        key_value: key.expose_secret(),
+        permissions: [],
+        enabled: info.enabled(),
+        last_modified_time: match (by, info.last_modified_on()) {
+            (Some(_), Some(at)) => epoch_seconds(at),
+            _ => 0,
+        },
+        last_modified_by: by.map(|actor| Modifier {
+            id: modifier_id(actor.as_str()),
+            name: actor.as_str(),
+        }),
+    })
+}
+
+fn with_headers(status: StatusCode, body: Bytes, json: bool) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    if json {
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    }
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+fn json_static(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    with_headers(status, Bytes::from_static(body.as_bytes()), true)
+}
+
+fn json_value(status: StatusCode, value: &impl Serialize) -> Response<Full<Bytes>> {
+    match serde_json::to_vec(value) {
+        Ok(body) => with_headers(status, Bytes::from(body), true),
+        Err(_) => internal_error(),
+    }
+}
+
+fn error(status: StatusCode, code: &str, message: &str) -> Response<Full<Bytes>> {
+    json_value(
+        status,
+        &serde_json::json!({"code": code, "message": message}),
+    )
+}
+
+fn internal_error() -> Response<Full<Bytes>> {
+    json_static(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        r#"{"code":"INTERNAL_ERROR","message":"the request could not be completed"}"#,
+    )
+}
+
+fn bad_request(message: &str) -> Response<Full<Bytes>> {
+    error(StatusCode::BAD_REQUEST, "INVALID_INPUT_ARGUMENT", message)
+}
+
+fn not_found() -> Response<Full<Bytes>> {
+    json_static(StatusCode::NOT_FOUND, NOT_FOUND)
+}
+
+/// 200 with the resource, or 404 when the org has no key.
+fn one(info: &KeyInfo) -> Response<Full<Bytes>> {
+    match resource(info) {
+        Some(resource) => json_value(StatusCode::OK, &resource),
+        None => not_found(),
+    }
+}
+
+/// The response for a refused admin call. Nothing was changed.
+fn refused(error_: &AdminError) -> Response<Full<Bytes>> {
+    let message = error_.to_string();
+    match error_ {
+        AdminError::Forbidden => error(StatusCode::FORBIDDEN, "NOT_AUTHORIZED", &message),
+        AdminError::NoSubscription => error(StatusCode::FORBIDDEN, "NOT_SUBSCRIBED", &message),
+        AdminError::KeyExists => error(StatusCode::CONFLICT, "DUPLICATE_ITEM", &message),
+        AdminError::Conflict => error(StatusCode::CONFLICT, "EDIT_CONFLICT", &message),
+        // The key's message names the rule broken and a length or position, never the value.
+        AdminError::InvalidKey(format) => bad_request(&format.to_string()),
+        // No key, or (were orgs ever removed) no org: there is no such resource.
+        AdminError::NoKey | AdminError::UnknownOrg => not_found(),
+        AdminError::Randomness(_)
+        | AdminError::OrgExists
+        | AdminError::AlreadySubscribed
+        | AdminError::Store(_) => {
+            tracing::error!(
+                target: "orgkey::keys_api",
+                reason = error_.as_str(),
+                "key management request failed"
+            );
+            internal_error()
+        }
+    }
+}
+
+fn is_json(content_type: Option<&HeaderValue>) -> bool {
+    content_type
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"))
+}
+
+/// A fixed description of a JSON error's class: serde_json's own messages can quote input.
+fn json_error_class(e: &serde_json::Error) -> &'static str {
+    match e.classify() {
+        serde_json::error::Category::Io => "could not read",
+        serde_json::error::Category::Syntax => "not valid JSON",
+        serde_json::error::Category::Data => "not valid JSON",
+        serde_json::error::Category::Eof => "the JSON ends early",
+    }
+}
+
+impl<B> Service<Request<B>> for KeyManagementEndpoint
+where
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
+    type Response = Response<Full<Bytes>>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let ready = |response| -> Self::Future { Box::pin(std::future::ready(Ok(response))) };
+        let Some(auth) = request.extensions().get::<Authenticated>() else {
+            tracing::error!(
+                target: "orgkey::keys_api",
+                "request without Authenticated: KeyManagementEndpoint must be behind OrgKeyLayer"
+            );
+            let mut response = json_static(StatusCode::UNAUTHORIZED, SESSION_NOT_VALID);
+            response
+                .headers_mut()
+                .insert(WWW_AUTHENTICATE, HeaderValue::from_static("ApiKey"));
+            return ready(response);
+        };
+        let Some(route) = route(request.uri().path()) else {
+            return ready(not_found());
+        };
+        let operation = match operation(route, request.method()) {
+            Ok(operation) => operation,
+            Err(allow) => {
+                let mut response = error(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "METHOD_NOT_ALLOWED",
+                    &format!("use {allow}"),
+                );
+                response
+                    .headers_mut()
+                    .insert(ALLOW, HeaderValue::from_static(allow));
+                return ready(response);
+            }
+        };
+        let admin = match self.keys.for_session(auth) {
+            Ok(admin) => admin,
+            Err(e) => return ready(refused(&e)),
+        };
+        match operation {
+            Operation::List => ready(match admin.view() {
+                Ok(info) => json_value(StatusCode::OK, &Vec::from_iter(resource(&info))),
+                Err(e) => refused(&e),
+            }),
+            Operation::View => ready(match admin.view() {
+                Ok(info) => one(&info),
+                Err(e) => refused(&e),
+            }),
+            Operation::Add => Box::pin(async move {
+                Ok(match admin.add().await {
+                    Ok(info) => one(&info),
+                    Err(e) => refused(&e),
+                })
+            }),
+            Operation::Regenerate => Box::pin(async move {
+                Ok(match admin.regenerate().await {
+                    Ok(info) => one(&info),
+                    Err(e) => refused(&e),
+                })
+            }),
+            Operation::Delete => Box::pin(async move {
+                Ok(match admin.delete().await {
+                    Ok(_) => with_headers(StatusCode::NO_CONTENT, Bytes::new(), false),
+                    Err(e) => refused(&e),
+                })
+            }),
+            Operation::Edit => {
+                let format = self.keys.table().format();
+                Box::pin(async move { Ok(edit(admin, format, request).await) })
+            }
+        }
+    }
+}
+
+/// `PUT /apiKeys/1`: read and check the body, then [`SessionKeyAdmin::edit`].
+async fn edit<B>(
+    admin: SessionKeyAdmin,
+    format: KeyFormat,
+    request: Request<B>,
+) -> Response<Full<Bytes>>
+where
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
+    if !is_json(request.headers().get(CONTENT_TYPE)) {
+        return json_static(StatusCode::UNSUPPORTED_MEDIA_TYPE, UNSUPPORTED_MEDIA_TYPE);
+    }
+    let body = match Limited::new(request.into_body(), MAX_KEY_BODY)
+        .collect()
+        .await
+    {
+        Ok(collected) => Zeroizing::new(collected.to_bytes().to_vec()),
+        Err(error) => {
+            return if error.is::<http_body_util::LengthLimitError>() {
+                json_static(StatusCode::PAYLOAD_TOO_LARGE, PAYLOAD_TOO_LARGE)
+            } else {
+                bad_request("could not read the request body")
+            };
+        }
+    };
+    // Parse into a `Value`, not a struct: that checks the whole body (serde skips unknown
+    // fields of a struct without validating their UTF-8 or escapes), refuses arrays (which
+    // serde would map onto the struct's fields by position), and moves the value out without
+    // copying it.
+    let value = match serde_json::from_slice::<serde_json::Value>(&body) {
+        Ok(serde_json::Value::Object(mut fields)) => match fields.remove("keyValue") {
+            Some(serde_json::Value::String(value)) => Zeroizing::new(value),
+            _ => return bad_request("the body must be a JSON object with a keyValue string"),
+        },
+        Ok(_) => return bad_request("the body must be a JSON object with a keyValue string"),
+        Err(e) => {
+            return bad_request(&format!(
+                "the body must be a JSON object with a keyValue string ({})",
+                json_error_class(&e)
+            ))
+        }
+    };
+    let key = match ApiKey::parse_with(&value, format) {
+        Ok(key) => key,
+        Err(format) => return bad_request(&format.to_string()),
+    };
+    match admin.edit(key).await {
+        Ok(info) => one(&info),
+        Err(e) => refused(&e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_match_relative_to_the_mount_point_or_below_the_full_prefix() {
+        for (path, expected) in [
+            ("/", Some(Route::Collection)),
+            ("/1", Some(Route::Item)),
+            ("/1/regenerate", Some(Route::Regenerate)),
+            ("/api/v1/apiKeys", Some(Route::Collection)),
+            ("/api/v1/apiKeys/", Some(Route::Collection)),
+            ("/api/v1/apiKeys/1", Some(Route::Item)),
+            ("/api/v1/apiKeys/1/regenerate", Some(Route::Regenerate)),
+            ("/apiKeys", Some(Route::Collection)),
+            ("/apiKeys/1/regenerate", Some(Route::Regenerate)),
+            ("/2", None),
+            ("/01", None),
+            ("/1/", None),
+            ("/1/regenerate/", None),
+            ("/1/other", None),
+            ("/api/v1/apiKeys/2", None),
+            ("/api/v1/apiKeysX", None),
+            ("/api/v1/apiKeysX/1", None),
+            ("/api/v1/other", None),
+            ("/api/v1/apiKeys/api/v1/apiKeys/1", None),
+        ] {
+            assert_eq!(route(path), expected, "{path}");
+        }
+    }
+
+    #[test]
+    fn modifier_ids_are_stable_31_bit_and_differ_by_name() {
+        let alice = modifier_id("alice@acme.example");
+        assert_eq!(alice, modifier_id("alice@acme.example"));
+        assert_ne!(alice, modifier_id("bob@acme.example"));
+        assert!(alice <= 0x7fff_ffff);
+        // SHA-256("") starts e3 b0 c4 42.
+        assert_eq!(modifier_id(""), 0x63b0_c442);
+    }
+
+    #[test]
+    fn wrong_methods_name_the_allowed_ones() {
+        assert_eq!(operation(Route::Collection, &Method::PUT), Err("GET, POST"));
+        assert_eq!(
+            operation(Route::Item, &Method::POST),
+            Err("GET, PUT, DELETE")
+        );
+        assert_eq!(operation(Route::Regenerate, &Method::GET), Err("POST"));
+        assert_eq!(operation(Route::Item, &Method::PUT), Ok(Operation::Edit));
+    }
+}

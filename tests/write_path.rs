@@ -1,0 +1,229 @@
+//! P1 and P2 through `KeyAdmin` with a store: commit, then swap, then return; a failed commit
+//! changes nothing; state survives a restart; racing writers on one database get one winner.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use orgkey::store::{
+    AuditRecord, BackendError, MemoryStore, OrgRecord, SqliteStore, Store, StoreError, StoreFuture,
+};
+use orgkey::{
+    Actor, AdminError, AuditEvent, Generation, KeyAction, KeyAdmin, KeyFormat, OrgId, OrgTable,
+};
+
+struct TempDb(std::path::PathBuf);
+
+impl TempDb {
+    fn new(name: &str) -> Self {
+        let mut bytes = [0u8; 8];
+        getrandom::fill(&mut bytes).unwrap();
+        Self(std::env::temp_dir().join(format!(
+            "orgkey-write-{name}-{}.db",
+            u64::from_le_bytes(bytes)
+        )))
+    }
+}
+
+impl Drop for TempDb {
+    fn drop(&mut self) {
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", self.0.display()));
+        }
+    }
+}
+
+/// A store whose commits fail while `failing` is set.
+struct Flaky {
+    inner: MemoryStore,
+    failing: Arc<AtomicBool>,
+}
+
+#[derive(Debug)]
+struct DiskFull;
+impl std::fmt::Display for DiskFull {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("disk full")
+    }
+}
+impl std::error::Error for DiskFull {}
+
+impl Store for Flaky {
+    fn load_orgs(&self) -> StoreFuture<'_, Vec<OrgRecord>> {
+        self.inner.load_orgs()
+    }
+    fn create_org<'a>(&'a self, org: &'a OrgId) -> StoreFuture<'a, ()> {
+        self.inner.create_org(org)
+    }
+    fn commit<'a>(
+        &'a self,
+        expected: Generation,
+        next: &'a OrgRecord,
+        audit: &'a AuditEvent,
+    ) -> StoreFuture<'a, ()> {
+        if self.failing.load(Ordering::SeqCst) {
+            return Box::pin(std::future::ready(Err(StoreError::Backend(
+                BackendError::new(DiskFull),
+            ))));
+        }
+        self.inner.commit(expected, next, audit)
+    }
+    fn audit_page<'a>(
+        &'a self,
+        org: &'a OrgId,
+        before: Option<u64>,
+        limit: u32,
+    ) -> StoreFuture<'a, Vec<AuditRecord>> {
+        self.inner.audit_page(org, before, limit)
+    }
+}
+
+fn org() -> OrgId {
+    OrgId::new("acme").unwrap()
+}
+
+fn alice() -> Actor {
+    Actor::new("alice@acme.example").unwrap()
+}
+
+#[tokio::test]
+async fn a_failed_commit_changes_nothing_in_memory_and_records_no_audit_event() {
+    let failing = Arc::new(AtomicBool::new(false));
+    let audited = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&audited);
+    let admin = KeyAdmin::open(
+        OrgTable::default(),
+        Flaky {
+            inner: MemoryStore::new(),
+            failing: Arc::clone(&failing),
+        },
+    )
+    .await
+    .unwrap()
+    .with_audit_sink(move |_: &AuditEvent| {
+        counter.fetch_add(1, Ordering::SeqCst);
+    });
+    admin.create_org(&org()).await.unwrap();
+    let info = admin.subscribe(&org(), &alice()).await.unwrap();
+    let key = info.key().unwrap().expose_secret().to_owned();
+    assert_eq!(audited.load(Ordering::SeqCst), 1);
+
+    failing.store(true, Ordering::SeqCst);
+    for result in [
+        admin.regenerate(&org(), &alice()).await,
+        admin.delete(&org(), &alice()).await,
+        admin.unsubscribe(&org(), &alice()).await,
+    ] {
+        let err = result.unwrap_err();
+        assert!(matches!(err, AdminError::Store(_)), "{err:?}");
+        assert_eq!(
+            std::error::Error::source(&err).unwrap().to_string(),
+            "the store failed"
+        );
+    }
+    // The old key still works, the generation did not move, nothing was audited.
+    assert!(admin.table().verify("acme", key.as_bytes()).is_ok());
+    assert_eq!(admin.view(&org()).unwrap().generation(), info.generation());
+    assert_eq!(audited.load(Ordering::SeqCst), 1);
+
+    failing.store(false, Ordering::SeqCst);
+    admin.regenerate(&org(), &alice()).await.unwrap();
+    assert!(admin.table().verify("acme", key.as_bytes()).is_err());
+}
+
+#[tokio::test]
+async fn changes_survive_a_restart_on_sqlite_and_old_keys_stay_dead() {
+    let db = TempDb::new("restart");
+    let (old, new) = {
+        let admin = KeyAdmin::open(
+            OrgTable::default(),
+            SqliteStore::open(&db.0, KeyFormat::default()).unwrap(),
+        )
+        .await
+        .unwrap();
+        admin.create_org(&org()).await.unwrap();
+        let first = admin.subscribe(&org(), &alice()).await.unwrap();
+        let second = admin.regenerate(&org(), &alice()).await.unwrap();
+        (
+            first.key().unwrap().expose_secret().to_owned(),
+            second.key().unwrap().expose_secret().to_owned(),
+        )
+    };
+    // A new process: a fresh table, loaded from the file.
+    let store = SqliteStore::open(&db.0, KeyFormat::default()).unwrap();
+    let audit = store.audit_page(&org(), None, 10).await.unwrap();
+    let admin = KeyAdmin::open(OrgTable::default(), store).await.unwrap();
+    assert!(admin.table().verify("acme", new.as_bytes()).is_ok());
+    assert!(admin.table().verify("acme", old.as_bytes()).is_err());
+    let info = admin.view(&org()).unwrap();
+    assert_eq!(
+        info.last_modified_by().unwrap().as_str(),
+        "alice@acme.example"
+    );
+    assert_eq!(info.generation(), Generation::new(2));
+    let actions: Vec<_> = audit.iter().map(|r| r.event.action).collect();
+    assert_eq!(actions, [KeyAction::Regenerate, KeyAction::Subscribe]);
+    assert!(matches!(
+        admin.create_org(&org()).await,
+        Err(AdminError::OrgExists)
+    ));
+}
+
+/// Eight writers, each with its own connection and its own in-memory table (as separate
+/// processes would be), regenerate one org at the same generation: exactly one wins, the
+/// others get `Conflict`, and the stored key is the winner's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_regenerates_on_one_sqlite_file_have_exactly_one_winner() {
+    let db = TempDb::new("race");
+    {
+        let admin = KeyAdmin::open(
+            OrgTable::default(),
+            SqliteStore::open(&db.0, KeyFormat::default()).unwrap(),
+        )
+        .await
+        .unwrap();
+        admin.create_org(&org()).await.unwrap();
+        admin.subscribe(&org(), &alice()).await.unwrap();
+    }
+    let mut writers = Vec::new();
+    for _ in 0..8 {
+        let store = SqliteStore::open(&db.0, KeyFormat::default()).unwrap();
+        writers.push(KeyAdmin::open(OrgTable::default(), store).await.unwrap());
+    }
+    let barrier = Arc::new(tokio::sync::Barrier::new(writers.len()));
+    let tasks: Vec<_> = writers
+        .into_iter()
+        .enumerate()
+        .map(|(i, admin)| {
+            let barrier = Arc::clone(&barrier);
+            tokio::spawn(async move {
+                let actor = Actor::new(&format!("admin{i}@acme.example")).unwrap();
+                barrier.wait().await;
+                admin
+                    .regenerate(&org(), &actor)
+                    .await
+                    .map(|info| info.key().unwrap().expose_secret().to_owned())
+            })
+        })
+        .collect();
+    let mut winners = Vec::new();
+    let mut conflicts = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(key) => winners.push(key),
+            Err(AdminError::Conflict) => conflicts += 1,
+            Err(e) => panic!("unexpected {e:?}"),
+        }
+    }
+    assert_eq!((winners.len(), conflicts), (1, 7));
+    let reopened = KeyAdmin::open(
+        OrgTable::default(),
+        SqliteStore::open(&db.0, KeyFormat::default()).unwrap(),
+    )
+    .await
+    .unwrap();
+    assert!(reopened
+        .table()
+        .verify("acme", winners[0].as_bytes())
+        .is_ok());
+}
