@@ -120,7 +120,9 @@ fn fixture() -> &'static Fixture {
         let admin = KeyAdmin::new(OrgTable::default());
         let ops = Actor::new("fuzz@orgkey.example").expect("actor");
         let acme = OrgId::new("acme").expect("org id");
-        admin.create_org(&acme).expect("create");
+        runtime
+            .block_on(admin.create_org(&acme))
+            .expect("create");
         runtime
             .block_on(admin.subscribe(&acme, &ops))
             .expect("subscribe");

@@ -85,37 +85,37 @@ fn fixture() -> &'static Fixture {
         let key = |k: &str| ApiKey::parse(k).expect("fixture key");
 
         // acme: subscribed, known key.
-        admin.create_org(&org("acme")).expect("create");
+        ready(admin.create_org(&org("acme"))).expect("create");
         ready(admin.subscribe(&org("acme"), &ops)).expect("subscribe");
         ready(admin.edit(&org("acme"), key("AbCdEf123456"), &ops)).expect("edit");
 
         // beta-corp: subscribed, known key.
-        admin.create_org(&org("beta-corp")).expect("create");
+        ready(admin.create_org(&org("beta-corp"))).expect("create");
         ready(admin.subscribe(&org("beta-corp"), &ops)).expect("subscribe");
         ready(admin.edit(&org("beta-corp"), key("ZyXw98765432"), &ops)).expect("edit");
 
         // shared.co: subscribed, the same key value as acme (K4 allows it).
-        admin.create_org(&org("shared.co")).expect("create");
+        ready(admin.create_org(&org("shared.co"))).expect("create");
         ready(admin.subscribe(&org("shared.co"), &ops)).expect("subscribe");
         ready(admin.edit(&org("shared.co"), key("AbCdEf123456"), &ops)).expect("edit");
 
         // gamma: had key Gamma0000001, then unsubscribed (K8: the key goes with it).
-        admin.create_org(&org("gamma")).expect("create");
+        ready(admin.create_org(&org("gamma"))).expect("create");
         ready(admin.subscribe(&org("gamma"), &ops)).expect("subscribe");
         ready(admin.edit(&org("gamma"), key("Gamma0000001"), &ops)).expect("edit");
         ready(admin.unsubscribe(&org("gamma"), &ops)).expect("unsubscribe");
 
         // delta_ops: subscribed, had key Delta0000002, key deleted (K5).
-        admin.create_org(&org("delta_ops")).expect("create");
+        ready(admin.create_org(&org("delta_ops"))).expect("create");
         ready(admin.subscribe(&org("delta_ops"), &ops)).expect("subscribe");
         ready(admin.edit(&org("delta_ops"), key("Delta0000002"), &ops)).expect("edit");
         ready(admin.delete(&org("delta_ops"), &ops)).expect("delete");
 
         // epsilon: created, never subscribed.
-        admin.create_org(&org("epsilon")).expect("create");
+        ready(admin.create_org(&org("epsilon"))).expect("create");
 
         // zeta: subscribed with a random key, then regenerated (old key dead, K6).
-        admin.create_org(&org("zeta")).expect("create");
+        ready(admin.create_org(&org("zeta"))).expect("create");
         ready(admin.subscribe(&org("zeta"), &ops)).expect("subscribe");
         ready(admin.regenerate(&org("zeta"), &ops)).expect("regenerate");
 

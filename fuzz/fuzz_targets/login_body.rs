@@ -119,7 +119,9 @@ fn fixture() -> &'static Fixture {
         let admin = KeyAdmin::new(OrgTable::default());
         let ops = Actor::new("fuzz@orgkey.example").expect("actor");
         let acme = OrgId::new("acme").expect("org id");
-        admin.create_org(&acme).expect("create");
+        runtime
+            .block_on(admin.create_org(&acme))
+            .expect("create");
         runtime
             .block_on(admin.subscribe(&acme, &ops))
             .expect("subscribe");
@@ -299,11 +301,15 @@ fn model(content_type: &ContentType, body: &[u8]) -> Expected {
     if body.len() > MAX_LOGIN_BODY {
         return Expected::TooLarge;
     }
-    if let Err(e) = serde_json::from_slice::<serde_json::Value>(body) {
-        return Expected::BadRequest(format!(
-            "login body must be JSON with apiKey, username, password and timestamp ({})",
-            json_class(&e)
-        ));
+    match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(value) if value.is_object() => {}
+        Ok(_) => return Expected::BadRequest("login body must be a JSON object".to_owned()),
+        Err(e) => {
+            return Expected::BadRequest(format!(
+                "login body must be JSON with apiKey, username, password and timestamp ({})",
+                json_class(&e)
+            ))
+        }
     }
     let shape: LoginShape = match serde_json::from_slice(body) {
         Ok(shape) => shape,
