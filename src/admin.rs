@@ -521,6 +521,8 @@ impl KeyAdmin {
             Err(()) => return Err(AdminError::UnknownOrg),
         }
         self.audit.record(&event);
+        #[cfg(feature = "metrics")]
+        crate::metrics::changed(action);
         Ok(KeyInfo::from_state(next, self.base_url.clone()))
     }
 }

@@ -24,6 +24,8 @@ pub mod auth;
 pub mod clock;
 pub mod key;
 pub mod keys_api;
+#[cfg(feature = "metrics")]
+pub mod metrics;
 pub mod org;
 pub mod password;
 pub mod session;

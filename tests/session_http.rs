@@ -130,5 +130,37 @@ async fn login_call_regenerate_and_the_old_cookie_is_rejected_over_http() {
     let (status, _, body) = exchange(addr, logout).await;
     assert_eq!((status, body.as_str()), (200, r#"{"status":"ACTIVE"}"#));
     assert_eq!(exchange(addr, get("/api/v1/status", &fresh)).await.0, 401);
+
+    // O2: the counters are served, in Prometheus text, and name no org, admin or secret.
+    let (status, head, metrics) = exchange(
+        addr,
+        "GET /metrics HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n\r\n".to_owned(),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(head
+        .to_ascii_lowercase()
+        .contains("content-type: text/plain; version=0.0.4"));
+    let count = |prefix: &str| -> u64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{prefix} missing:\n{metrics}"))
+    };
+    assert!(count("orgkey_logins_total{outcome=\"accepted\"}") >= 2);
+    assert!(count("orgkey_logins_total{outcome=\"wrong_key\"}") >= 1);
+    assert!(count("orgkey_requests_rejected_total{reason=\"session_key_changed\"}") >= 1);
+    assert!(count("orgkey_key_changes_total{action=\"regenerate\"}") >= 1);
+    for secret in [
+        "acme",
+        "admin@acme.example",
+        PASSWORD,
+        new_key.as_str(),
+        fresh.as_str(),
+    ] {
+        assert!(!metrics.contains(secret), "metrics mention {secret:?}");
+    }
     server.abort();
 }

@@ -93,6 +93,9 @@ pub(crate) async fn build(bootstrap: Bootstrap) -> Result<Bootstrapped, String> 
         .route_service("/api/v1/authenticatedSession", endpoint.clone())
         // The Go SDK sends its logout to /authenticatedSession, without /api/v1.
         .route_service("/authenticatedSession", endpoint)
+        // Counters only (O2): no org, user or key in any label. Protect it at the network
+        // level like any operations endpoint.
+        .route("/metrics", get(metrics))
         .merge(api);
 
     Ok(Bootstrapped {
@@ -104,6 +107,16 @@ pub(crate) async fn build(bootstrap: Bootstrap) -> Result<Bootstrapped, String> 
         },
         key,
     })
+}
+
+async fn metrics() -> ([(axum::http::HeaderName, &'static str); 1], String) {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        orgkey::metrics::render(),
+    )
 }
 
 async fn status() -> Json<Value> {

@@ -59,6 +59,8 @@ where
         let mut request = request;
         match self.config.authenticate(&mut request) {
             Ok(authenticated) => {
+                #[cfg(feature = "metrics")]
+                crate::metrics::accepted(authenticated.admin().is_some());
                 tracing::debug!(
                     target: "orgkey::auth",
                     org = %authenticated.org(),
@@ -71,6 +73,8 @@ where
                 ResponseFuture::inner(self.inner.call(request))
             }
             Err((reason, org)) => {
+                #[cfg(feature = "metrics")]
+                crate::metrics::rejected(reason);
                 tracing::info!(
                     target: "orgkey::auth",
                     org = org.as_ref().map_or("-", |o| o.loggable()),

@@ -313,6 +313,8 @@ impl Sessions {
     pub async fn login(&self, request: LoginRequest) -> Result<NewSession, LoginFailure> {
         let username = Username::new(&request.username).ok();
         let result = self.try_login(request, username.clone()).await;
+        #[cfg(feature = "metrics")]
+        crate::metrics::login(result.as_ref().map(|_| ()));
         match &result {
             Ok(session) => tracing::info!(
                 target: "orgkey::session",
