@@ -28,7 +28,7 @@ use crate::audit::{AuditEvent, AuditSink, KeyAction, TracingAuditSink};
 use crate::clock::{Clock, SharedClock};
 use crate::key::{ApiKey, KeyFormatError, RandomnessError};
 use crate::org::{Actor, Generation, OrgId};
-use crate::store::{OrgRecord, Store, StoreError};
+use crate::store::{AuditRecord, OrgRecord, Store, StoreError};
 use crate::table::{OrgState, OrgTable};
 use crate::Authenticated;
 
@@ -104,6 +104,8 @@ pub enum AdminError {
     Forbidden,
     /// The durable store failed; nothing was changed, in the store or in memory (P1).
     Store(StoreError),
+    /// The call needs a store (the audit log), and this handle has none.
+    NoStore,
 }
 
 impl fmt::Display for AdminError {
@@ -126,6 +128,7 @@ impl fmt::Display for AdminError {
                 f.write_str("managing the API key needs an admin session with the key-admin scope")
             }
             Self::Store(_) => f.write_str("the change could not be stored; nothing was changed"),
+            Self::NoStore => f.write_str("no store is configured: the audit log is not kept"),
         }
     }
 }
@@ -156,6 +159,7 @@ impl AdminError {
             Self::Randomness(_) => "randomness",
             Self::Forbidden => "forbidden",
             Self::Store(_) => "store",
+            Self::NoStore => "no_store",
         }
     }
 }
@@ -424,6 +428,26 @@ impl KeyAdmin {
             org: auth.org_id(),
             actor,
         })
+    }
+
+    /// Up to `limit` (at most 500) audit records of `org`, newest first, with a sequence
+    /// number below `before` if given (K7).
+    ///
+    /// # Errors
+    ///
+    /// [`AdminError::NoStore`] without a store (events then go only to the audit sink),
+    /// [`AdminError::Store`].
+    pub async fn audit_page(
+        &self,
+        org: &OrgId,
+        before: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<AuditRecord>, AdminError> {
+        let store = self.store.as_ref().ok_or(AdminError::NoStore)?;
+        store
+            .audit_page(org, before, limit.min(500))
+            .await
+            .map_err(AdminError::Store)
     }
 
     fn random_key(&self) -> Result<ApiKey, AdminError> {

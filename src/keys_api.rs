@@ -295,32 +295,32 @@ fn json_static(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> 
     with_headers(status, Bytes::from_static(body.as_bytes()), true)
 }
 
-fn json_value(status: StatusCode, value: &impl Serialize) -> Response<Full<Bytes>> {
+pub(crate) fn json_value(status: StatusCode, value: &impl Serialize) -> Response<Full<Bytes>> {
     match serde_json::to_vec(value) {
         Ok(body) => with_headers(status, Bytes::from(body), true),
         Err(_) => internal_error(),
     }
 }
 
-fn error(status: StatusCode, code: &str, message: &str) -> Response<Full<Bytes>> {
+pub(crate) fn error(status: StatusCode, code: &str, message: &str) -> Response<Full<Bytes>> {
     json_value(
         status,
         &serde_json::json!({"code": code, "message": message}),
     )
 }
 
-fn internal_error() -> Response<Full<Bytes>> {
+pub(crate) fn internal_error() -> Response<Full<Bytes>> {
     json_static(
         StatusCode::INTERNAL_SERVER_ERROR,
         r#"{"code":"INTERNAL_ERROR","message":"the request could not be completed"}"#,
     )
 }
 
-fn bad_request(message: &str) -> Response<Full<Bytes>> {
+pub(crate) fn bad_request(message: &str) -> Response<Full<Bytes>> {
     error(StatusCode::BAD_REQUEST, "INVALID_INPUT_ARGUMENT", message)
 }
 
-fn not_found() -> Response<Full<Bytes>> {
+pub(crate) fn not_found() -> Response<Full<Bytes>> {
     json_static(StatusCode::NOT_FOUND, NOT_FOUND)
 }
 
@@ -347,7 +347,8 @@ fn refused(error_: &AdminError) -> Response<Full<Bytes>> {
         AdminError::Randomness(_)
         | AdminError::OrgExists
         | AdminError::AlreadySubscribed
-        | AdminError::Store(_) => {
+        | AdminError::Store(_)
+        | AdminError::NoStore => {
             tracing::error!(
                 target: "orgkey::keys_api",
                 reason = error_.as_str(),

@@ -20,6 +20,7 @@
 pub mod admin;
 pub mod admins;
 pub mod audit;
+pub mod audit_api;
 pub mod auth;
 pub mod clock;
 pub mod key;

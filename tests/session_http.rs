@@ -123,6 +123,25 @@ async fn login_call_regenerate_and_the_old_cookie_is_rejected_over_http() {
     let fresh = cookie_of(&head);
     assert_eq!(exchange(addr, get("/api/v1/status", &fresh)).await.0, 200);
 
+    // K7: the audit log, newest first, paged; no key material.
+    let (status, _, body) = exchange(addr, get("/api/v1/auditLog?limit=1", &fresh)).await;
+    assert_eq!(status, 200, "{body}");
+    let page: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(page.as_array().unwrap().len(), 1);
+    assert_eq!(page[0]["action"], "regenerate");
+    assert_eq!(page[0]["actor"], "ops@acme.example");
+    let seq = page[0]["seq"].as_u64().unwrap();
+    let (_, _, body) = exchange(addr, get(&format!("/api/v1/auditLog?before={seq}"), &fresh)).await;
+    let older: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let actions: Vec<&str> = older
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(actions, ["edit", "subscribe"], "the gateway's bootstrap");
+    assert!(!body.contains("AbCdEf123456") && !body.contains(&new_key));
+
     // The Go SDK logs out at /authenticatedSession (no /api/v1): that works too.
     let logout = format!(
         "DELETE /authenticatedSession HTTP/1.1\r\nhost: gw\r\ncookie: JSESSIONID={fresh}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"

@@ -9,7 +9,9 @@ use std::net::SocketAddr;
 use axum::extract::ConnectInfo;
 use axum::routing::get;
 use axum::{Extension, Json, Router};
+use orgkey::audit_api::AuditLogEndpoint;
 use orgkey::session::SessionEndpoint;
+use orgkey::store::MemoryStore;
 use orgkey::{
     Actor, Admins, ApiKey, Authenticated, KeyAdmin, KeyManagementEndpoint, OrgId, OrgKeyLayer,
     OrgTable, Password, Scopes, SessionConfig, Sessions, Username,
@@ -46,7 +48,11 @@ pub(crate) struct Bootstrapped {
 /// Builds the gateway and its one org, subscription, key and admin (both scopes).
 pub(crate) async fn build(bootstrap: Bootstrap) -> Result<Bootstrapped, String> {
     let table = OrgTable::default();
-    let keys = KeyAdmin::new(table.clone()).with_base_url(&bootstrap.base_url);
+    // In memory for now: the SQLite state file comes with admins and sessions in the store.
+    let keys = KeyAdmin::open(table.clone(), MemoryStore::new())
+        .await
+        .map_err(|e| e.to_string())?
+        .with_base_url(&bootstrap.base_url);
     let provisioning = Actor::new("provisioning").map_err(|e| e.to_string())?;
     keys.create_org(&bootstrap.org)
         .await
@@ -88,6 +94,7 @@ pub(crate) async fn build(bootstrap: Bootstrap) -> Result<Bootstrapped, String> 
         .route("/api/v1/status", get(status))
         .route("/api/v1/whoami", get(whoami))
         .nest_service("/api/v1/apiKeys", KeyManagementEndpoint::new(keys.clone()))
+        .route_service("/api/v1/auditLog", AuditLogEndpoint::new(keys.clone()))
         .layer(OrgKeyLayer::new(table).with_sessions(sessions.clone()));
     let router = Router::new()
         .route_service("/api/v1/authenticatedSession", endpoint.clone())
