@@ -26,6 +26,7 @@ use zeroize::Zeroizing;
 
 use crate::admin::{AdminError, KeyAdmin, KeyInfo, SessionKeyAdmin};
 use crate::key::{ApiKey, KeyFormat};
+use crate::session::endpoint::is_json;
 use crate::Authenticated;
 
 /// Largest `PUT /apiKeys/1` body accepted, in bytes.
@@ -357,13 +358,6 @@ fn refused(error_: &AdminError) -> Response<Full<Bytes>> {
             internal_error()
         }
     }
-}
-
-fn is_json(content_type: Option<&HeaderValue>) -> bool {
-    content_type
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"))
 }
 
 /// A fixed description of a JSON error's class: serde_json's own messages can quote input.

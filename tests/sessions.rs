@@ -267,24 +267,14 @@ async fn the_layer_accepts_the_session_cookie_and_names_org_and_admin() {
         .header("cookie", "other=1")
         .body(Full::default())
         .unwrap();
-    let a = answer(
-        tower::ServiceExt::oneshot(protected(&w), request)
-            .await
-            .unwrap(),
-    )
-    .await;
+    let a = send_protected(&w, request).await;
     assert_eq!(
         a.body,
         "acme alice@acme.example [theme=dark; lang=en | other=1]"
     );
     // Neither a cookie nor a key: a ZIA client is told its session is not valid.
     let nothing = Request::get("/").body(Full::default()).unwrap();
-    let a = answer(
-        tower::ServiceExt::oneshot(protected(&w), nothing)
-            .await
-            .unwrap(),
-    )
-    .await;
+    let a = send_protected(&w, nothing).await;
     assert_eq!(a.status, StatusCode::UNAUTHORIZED);
     assert_eq!(a.json()["code"], "SESSION_NOT_VALID");
     // Two session cookies are ambiguous.
@@ -292,12 +282,7 @@ async fn the_layer_accepts_the_session_cookie_and_names_org_and_admin() {
         .header("cookie", format!("JSESSIONID={id}; JSESSIONID={id}"))
         .body(Full::default())
         .unwrap();
-    let a = answer(
-        tower::ServiceExt::oneshot(protected(&w), two)
-            .await
-            .unwrap(),
-    )
-    .await;
+    let a = send_protected(&w, two).await;
     assert_eq!(a.status, StatusCode::UNAUTHORIZED);
     // Direct keys still work beside sessions.
     let keyed = Request::get("/")
@@ -305,12 +290,7 @@ async fn the_layer_accepts_the_session_cookie_and_names_org_and_admin() {
         .header("x-api-key", KEY)
         .body(Full::default())
         .unwrap();
-    let a = answer(
-        tower::ServiceExt::oneshot(protected(&w), keyed)
-            .await
-            .unwrap(),
-    )
-    .await;
+    let a = send_protected(&w, keyed).await;
     assert_eq!((a.status, a.body.as_str()), (StatusCode::OK, "acme - []"));
     // Some clients also send Content-Type on GET; it changes nothing.
     let unknown = get_with_cookie(&w, &"0".repeat(64)).await;
@@ -330,24 +310,14 @@ async fn a_session_names_its_own_org_and_a_request_cannot_switch_it() {
         .header("x-org-id", "nokey")
         .body(Full::default())
         .unwrap();
-    let a = answer(
-        tower::ServiceExt::oneshot(protected(&w), request)
-            .await
-            .unwrap(),
-    )
-    .await;
+    let a = send_protected(&w, request).await;
     assert_eq!(a.status, StatusCode::UNAUTHORIZED);
     let same = Request::get("/")
         .header("cookie", format!("JSESSIONID={id}"))
         .header("x-org-id", "acme")
         .body(Full::default())
         .unwrap();
-    let a = answer(
-        tower::ServiceExt::oneshot(protected(&w), same)
-            .await
-            .unwrap(),
-    )
-    .await;
+    let a = send_protected(&w, same).await;
     assert_eq!(a.status, StatusCode::OK);
 }
 

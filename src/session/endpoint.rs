@@ -172,7 +172,8 @@ fn too_many_requests(retry_after_secs: u64) -> Response<Full<Bytes>> {
     response
 }
 
-fn is_json(content_type: Option<&HeaderValue>) -> bool {
+/// Whether a `Content-Type` is `application/json` (any parameters).
+pub(crate) fn is_json(content_type: Option<&HeaderValue>) -> bool {
     content_type
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split(';').next())

@@ -30,7 +30,7 @@
 //! one per minute, not applied at addresses where that admin logged in before.
 
 mod cookie;
-mod endpoint;
+pub(crate) mod endpoint;
 pub mod obfuscate;
 mod sessions;
 pub mod throttle;

@@ -232,3 +232,8 @@ pub async fn get_with_cookie(world: &World, session_id: &str) -> Answer {
         .unwrap();
     answer(protected(world).oneshot(request).await.unwrap()).await
 }
+
+/// Sends `request` through [`protected`].
+pub async fn send_protected(world: &World, request: Request<Full<Bytes>>) -> Answer {
+    answer(protected(world).oneshot(request).await.unwrap()).await
+}
