@@ -1,10 +1,14 @@
-//! One contract suite for every store (P1-P3): each test runs against the in-memory store and
-//! the SQLite store (a fresh file per test).
+//! One contract suite for every store (P1-P3): each test runs against the in-memory store, the
+//! SQLite store (a fresh file per test) and, with the `postgres` feature, the PostgreSQL store
+//! (a fresh schema per test in the database at `ORGKEY_TEST_POSTGRES_URL`; without it those
+//! tests print "skipped" and pass).
 #![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+#[cfg(feature = "postgres")]
+use orgkey::store::PostgresStore;
 use orgkey::store::{MemoryStore, OrgRecord, SqliteStore, Store, StoreError};
 use orgkey::{Actor, ApiKey, AuditEvent, Generation, KeyAction, KeyFormat, OrgId};
 
@@ -27,6 +31,86 @@ impl Drop for TempDb {
     fn drop(&mut self) {
         for suffix in ["", "-wal", "-shm"] {
             let _ = std::fs::remove_file(format!("{}{suffix}", self.0.display()));
+        }
+    }
+}
+
+/// A fresh PostgreSQL schema name in the test database, dropped (`CASCADE`) when this is
+/// dropped, also when the test panicked.
+#[cfg(feature = "postgres")]
+struct TempSchema {
+    url: String,
+    name: String,
+}
+
+#[cfg(feature = "postgres")]
+impl TempSchema {
+    /// `None` (after saying so) if `ORGKEY_TEST_POSTGRES_URL` is not set.
+    fn new() -> Option<Self> {
+        let url = match std::env::var("ORGKEY_TEST_POSTGRES_URL") {
+            Ok(url) if !url.is_empty() => url,
+            _ => {
+                println!("skipped: ORGKEY_TEST_POSTGRES_URL not set");
+                return None;
+            }
+        };
+        let mut bytes = [0u8; 8];
+        getrandom::fill(&mut bytes).unwrap();
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        Some(Self {
+            url,
+            name: format!("orgkey_test_{hex}"),
+        })
+    }
+
+    async fn connect(&self) -> PostgresStore {
+        self.connect_with(KeyFormat::default()).await
+    }
+
+    async fn connect_with(&self, format: KeyFormat) -> PostgresStore {
+        PostgresStore::connect(&self.url, &self.name, format)
+            .await
+            .unwrap()
+    }
+
+    /// A plain driver connection to the test database, for what the store does not offer.
+    async fn raw(&self) -> tokio_postgres::Client {
+        let (client, connection) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        client
+    }
+}
+
+#[cfg(feature = "postgres")]
+impl Drop for TempSchema {
+    fn drop(&mut self) {
+        // Drop runs outside async (and maybe while unwinding): use a runtime of its own on a
+        // thread of its own.
+        let url = self.url.clone();
+        let sql = format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", self.name);
+        let dropped = std::thread::spawn(move || -> Result<(), String> {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            runtime.block_on(async {
+                let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                tokio::spawn(connection);
+                client
+                    .batch_execute(&format!("SET lock_timeout = '10s'; {sql}"))
+                    .await
+                    .map_err(|e| e.to_string())
+            })
+        })
+        .join();
+        match dropped {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!("warning: could not drop test schema {}: {e}", self.name),
+            Err(_) => eprintln!("warning: dropping test schema {} panicked", self.name),
         }
     }
 }
@@ -281,6 +365,18 @@ macro_rules! contract {
                 }
             )*
         }
+        #[cfg(feature = "postgres")]
+        mod postgres {
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let Some(schema) = TempSchema::new() else { return };
+                    let store = schema.connect().await;
+                    super::$name(Arc::new(store)).await;
+                }
+            )*
+        }
     };
 }
 
@@ -342,6 +438,315 @@ async fn sqlite_refuses_a_key_that_does_not_match_the_deployment_format() {
     // Reopened by a deployment configured for 22-character keys: a clear error, not a
     // silently unusable key.
     let store = SqliteStore::open(&db.0, KeyFormat::with_len(22).unwrap()).unwrap();
+    let err = store.load_orgs().await.unwrap_err();
+    assert!(matches!(err, StoreError::Backend(_)));
+    let source = std::error::Error::source(&err).unwrap().to_string();
+    assert!(source.contains("key format"), "{source}");
+    assert!(!source.contains("AbCdEf123456"));
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_two_stores_racing_from_one_generation_have_exactly_one_winner() {
+    let Some(schema) = TempSchema::new() else {
+        return;
+    };
+    // Two stores, two connections: what two replicas of a fleet have.
+    let (a, b) = tokio::join!(schema.connect(), schema.connect());
+    let stores = [Arc::new(a), Arc::new(b)];
+    for round in 0..5 {
+        let id = format!("race{round}");
+        stores[0].create_org(&org(&id)).await.unwrap();
+        let tasks: Vec<_> = (0..8)
+            .map(|i| {
+                let store = Arc::clone(&stores[i % 2]);
+                let id = id.clone();
+                tokio::spawn(async move {
+                    let key = format!("Racer{i:07}");
+                    let by = format!("admin{i}@acme.example");
+                    store
+                        .commit(
+                            Generation::new(0),
+                            &record(&id, Some(&key), 1, &by, 1000),
+                            &event(&id, KeyAction::Regenerate, 1, &by, 1000),
+                        )
+                        .await
+                        .map(|()| key)
+                })
+            })
+            .collect();
+        let mut winners = Vec::new();
+        let mut conflicts = 0;
+        for task in tasks {
+            match task.await.unwrap() {
+                Ok(key) => winners.push(key),
+                Err(StoreError::Conflict) => conflicts += 1,
+                Err(e) => panic!("unexpected {e:?}"),
+            }
+        }
+        assert_eq!((winners.len(), conflicts), (1, 7), "round {round}");
+        // Both stores see the winner's key and one audit record.
+        for store in &stores {
+            let stored = find(&**store, &id).await.key.unwrap();
+            assert_eq!(stored.expose_secret(), winners[0]);
+            assert_eq!(
+                store.audit_page(&org(&id), None, 10).await.unwrap().len(),
+                1
+            );
+        }
+    }
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_commit_waits_for_the_row_lock_then_sees_the_new_generation() {
+    let Some(schema) = TempSchema::new() else {
+        return;
+    };
+    let store = schema.connect().await;
+    store.create_org(&org("acme")).await.unwrap();
+    // Another writer holds the org's row lock ...
+    let mut raw = schema.raw().await;
+    raw.batch_execute(&format!("SET search_path TO \"{}\"", schema.name))
+        .await
+        .unwrap();
+    let tx = raw.transaction().await.unwrap();
+    tx.query_one(
+        "SELECT generation FROM orgs WHERE id = 'acme' FOR UPDATE",
+        &[],
+    )
+    .await
+    .unwrap();
+    let waiting = tokio::spawn({
+        let store = store.clone();
+        async move {
+            store
+                .commit(
+                    Generation::new(0),
+                    &record("acme", Some("Mine00000000"), 1, "a@b.c", 5),
+                    &event("acme", KeyAction::Add, 1, "a@b.c", 5),
+                )
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "the commit waits for the row lock");
+    // ... and commits generation 1 first: the waiting commit must see it (no lost update).
+    tx.execute(
+        "UPDATE orgs SET subscribed = TRUE, api_key = 'Theirs000000', generation = 1
+         WHERE id = 'acme'",
+        &[],
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    assert!(matches!(waiting.await.unwrap(), Err(StoreError::Conflict)));
+    let r = find(&store, "acme").await;
+    assert_eq!(r.key.unwrap().expose_secret(), "Theirs000000");
+    assert!(store
+        .audit_page(&org("acme"), None, 10)
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_state_survives_reconnecting() {
+    let Some(schema) = TempSchema::new() else {
+        return;
+    };
+    {
+        let store = schema.connect().await;
+        store.create_org(&org("acme")).await.unwrap();
+        store.create_org(&org("beta")).await.unwrap();
+        store
+            .commit(
+                Generation::new(0),
+                &record("acme", Some("AbCdEf123456"), 1, "alice@acme.example", 5),
+                &event("acme", KeyAction::Subscribe, 1, "alice@acme.example", 5),
+            )
+            .await
+            .unwrap();
+        store
+            .commit(
+                Generation::new(0),
+                &record("beta", Some("OldKey000000"), 1, "bob@beta.example", 6),
+                &event("beta", KeyAction::Subscribe, 1, "bob@beta.example", 6),
+            )
+            .await
+            .unwrap();
+        store
+            .commit(
+                Generation::new(1),
+                &record("beta", None, 2, "bob@beta.example", 7),
+                &event("beta", KeyAction::Delete, 2, "bob@beta.example", 7),
+            )
+            .await
+            .unwrap();
+    }
+    // A new process: a new connection, migrations already done.
+    let store = schema.connect().await;
+    let acme = find(&store, "acme").await;
+    assert_eq!(acme.key.unwrap().expose_secret(), "AbCdEf123456");
+    assert_eq!(acme.generation, Generation::new(1));
+    assert_eq!(acme.last_modified_on, Some(at(5)));
+    let beta = find(&store, "beta").await;
+    assert!(beta.key.is_none(), "a deleted key stays deleted (P2)");
+    assert_eq!(beta.generation, Generation::new(2));
+    let audit = store.audit_page(&org("beta"), None, 10).await.unwrap();
+    let actions: Vec<KeyAction> = audit.iter().map(|r| r.event.action).collect();
+    assert_eq!(actions, [KeyAction::Delete, KeyAction::Subscribe]);
+    let raw = schema.raw().await;
+    let versions: i64 = raw
+        .query_one(
+            &format!(
+                "SELECT count(*) FROM \"{}\".orgkey_schema_version",
+                schema.name
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(versions, 1, "migrations ran once");
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_replicas_connecting_at_once_migrate_once() {
+    let Some(schema) = TempSchema::new() else {
+        return;
+    };
+    let stores = tokio::join!(
+        schema.connect(),
+        schema.connect(),
+        schema.connect(),
+        schema.connect()
+    );
+    stores.0.create_org(&org("acme")).await.unwrap();
+    assert_eq!(stores.3.load_orgs().await.unwrap().len(), 1);
+    let raw = schema.raw().await;
+    let versions: i64 = raw
+        .query_one(
+            &format!(
+                "SELECT count(*) FROM \"{}\".orgkey_schema_version",
+                schema.name
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(versions, 1);
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_reconnects_after_losing_its_connection() {
+    let Some(schema) = TempSchema::new() else {
+        return;
+    };
+    let store = schema.connect().await;
+    store.create_org(&org("acme")).await.unwrap();
+    let raw = schema.raw().await;
+    let killed = raw
+        .query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+            &[&format!("orgkey:{}", schema.name)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(killed.len(), 1, "the store has one connection");
+    // Calls in flight when the connection dies fail; once the loss is noticed, the next call
+    // reconnects.
+    let mut failures = 0;
+    let orgs = loop {
+        match store.load_orgs().await {
+            Ok(orgs) => break orgs,
+            Err(StoreError::Backend(_)) if failures < 50 => {
+                failures += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("no reconnect: {e:?}"),
+        }
+    };
+    assert_eq!(orgs.len(), 1);
+    store
+        .commit(
+            Generation::new(0),
+            &record("acme", Some("AbCdEf123456"), 1, "a@b.c", 5),
+            &event("acme", KeyAction::Subscribe, 1, "a@b.c", 5),
+        )
+        .await
+        .unwrap();
+    assert_eq!(find(&store, "acme").await.generation, Generation::new(1));
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test]
+async fn postgres_refuses_schema_names_it_cannot_quote_safely() {
+    // Checked before connecting: no server needed.
+    for bad in [
+        "",
+        "a-b",
+        "x\"; DROP SCHEMA public; --",
+        "pg_orgkey",
+        &"s".repeat(64),
+    ] {
+        let err = PostgresStore::connect(
+            "postgres://postgres@127.0.0.1:1/none",
+            bad,
+            KeyFormat::default(),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, StoreError::Backend(_)));
+        let source = std::error::Error::source(&err).unwrap().to_string();
+        assert!(source.contains("schema name"), "{bad}: {source}");
+    }
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_refuses_a_schema_written_by_a_newer_orgkey() {
+    let Some(schema) = TempSchema::new() else {
+        return;
+    };
+    drop(schema.connect().await);
+    let raw = schema.raw().await;
+    raw.batch_execute(&format!(
+        "INSERT INTO \"{}\".orgkey_schema_version (version, applied_ms) VALUES (99, 0)",
+        schema.name
+    ))
+    .await
+    .unwrap();
+    let err = PostgresStore::connect(&schema.url, &schema.name, KeyFormat::default())
+        .await
+        .unwrap_err();
+    let source = std::error::Error::source(&err).unwrap().to_string();
+    assert!(source.contains("newer orgkey"), "{source}");
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_refuses_a_key_that_does_not_match_the_deployment_format() {
+    let Some(schema) = TempSchema::new() else {
+        return;
+    };
+    {
+        let store = schema.connect().await;
+        store.create_org(&org("acme")).await.unwrap();
+        store
+            .commit(
+                Generation::new(0),
+                &record("acme", Some("AbCdEf123456"), 1, "a@b.c", 5),
+                &event("acme", KeyAction::Subscribe, 1, "a@b.c", 5),
+            )
+            .await
+            .unwrap();
+    }
+    let store = schema.connect_with(KeyFormat::with_len(22).unwrap()).await;
     let err = store.load_orgs().await.unwrap_err();
     assert!(matches!(err, StoreError::Backend(_)));
     let source = std::error::Error::source(&err).unwrap().to_string();

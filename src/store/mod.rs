@@ -1,11 +1,15 @@
 //! Durable state: the store trait and its backends (P1-P3).
 //!
-//! **Status:** this release defines the trait and ships an in-memory store and the embedded
-//! SQLite store, both passing one contract test suite (`tests/store_contract.rs`).
-//! [`KeyAdmin::open`](crate::KeyAdmin::open) loads the orgs from a store and commits every
-//! key and subscription change to it before the change takes effect (P1). Persisting admins
-//! and sessions, and the PostgreSQL backend with its change feed, come next: admins and
-//! sessions are still in memory only.
+//! **Status:** this release defines the trait and ships an in-memory store, the embedded
+//! SQLite store and (feature `postgres`) a PostgreSQL store, all passing one contract test
+//! suite (`tests/store_contract.rs`). [`KeyAdmin::open`](crate::KeyAdmin::open) loads the
+//! orgs from a store and commits every key and subscription change to it before the change
+//! takes effect (P1). Persisting admins and sessions, and PostgreSQL's change feed for fleets
+//! (F1), come next: admins and sessions are still in memory only.
+//!
+//! A commit that fails with [`StoreError::Backend`] while the connection broke may still
+//! have been written (the outcome is unknown to the client); treat such an error as "reload
+//! before retrying".
 //!
 //! # The contract
 //!
@@ -34,10 +38,14 @@ use crate::key::ApiKey;
 use crate::org::{Actor, Generation, OrgId};
 
 mod memory;
+#[cfg(feature = "postgres")]
+mod postgres;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 
 pub use memory::MemoryStore;
+#[cfg(feature = "postgres")]
+pub use postgres::PostgresStore;
 #[cfg(feature = "sqlite")]
 pub use sqlite::SqliteStore;
 

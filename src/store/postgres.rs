@@ -1,0 +1,524 @@
+//! [`PostgresStore`]: one PostgreSQL database shared by a fleet of replicas (P3, F1). The
+//! public documentation is on the type (this module is private).
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use tokio::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use tokio_postgres::{Client, Config, NoTls, Row, Statement};
+
+use super::{
+    from_millis, millis, AuditRecord, BackendError, OrgRecord, Store, StoreError, StoreFuture,
+};
+use crate::audit::{AuditEvent, KeyAction};
+use crate::key::{ApiKey, KeyFormat};
+use crate::org::{Actor, Generation, OrgId};
+
+/// The schema, one entry per version; `orgkey_schema_version` has one row per entry that ran.
+const MIGRATIONS: &[&str] = &[
+    // 1: orgs and the audit log.
+    "CREATE TABLE orgs (
+         id            TEXT PRIMARY KEY,
+         subscribed    BOOLEAN NOT NULL,
+         api_key       TEXT,
+         generation    BIGINT NOT NULL,
+         modified_by   TEXT,
+         modified_ms   BIGINT
+     );
+     CREATE TABLE audit (
+         seq           BIGSERIAL PRIMARY KEY,
+         org           TEXT NOT NULL,
+         actor         TEXT NOT NULL,
+         action        TEXT NOT NULL,
+         at_ms         BIGINT NOT NULL,
+         generation    BIGINT NOT NULL
+     );
+     CREATE INDEX audit_by_org ON audit (org, seq);",
+];
+
+/// The first key of the advisory lock that serializes migrations (`orgk`); the second key is
+/// a hash of the schema name.
+const MIGRATION_LOCK: i32 = 0x6f72_676b;
+
+/// The longest schema name PostgreSQL keeps whole (`NAMEDATALEN - 1`).
+const MAX_SCHEMA_LEN: usize = 63;
+
+/// A [`Store`] in one schema of a PostgreSQL database, for a fleet of replicas sharing it
+/// (P3, F1). Cheap to clone (shared connection).
+///
+/// The store keeps everything in one schema of the database, named at
+/// [`PostgresStore::connect`]: the tables `orgs` and `audit` (as in the SQLite store: keys as `TEXT`, times as `BIGINT`
+/// milliseconds since the Unix epoch) and `orgkey_schema_version`, which records the
+/// migrations that ran. Migrations run at connect, in one transaction, under an advisory lock,
+/// so replicas starting together do not race.
+///
+/// # Concurrency
+///
+/// [`Store::commit`] is a transaction: `SELECT generation ... FOR UPDATE` locks the org's row,
+/// the generation is compared, then the row is updated and the audit record inserted, then
+/// `COMMIT`. Two writers racing on one org, through one store or through two processes,
+/// queue on the row lock; the second one reads the first one's committed generation and gets
+/// [`StoreError::Conflict`]. A commit waits at most 5 seconds for the lock (`lock_timeout`),
+/// then fails with [`StoreError::Backend`].
+///
+/// One store holds one connection. Statements that are not in a transaction are pipelined on
+/// it; a transaction takes the connection for itself (a statement sent on a connection while
+/// it is in a transaction would run inside that transaction). If the connection is lost, the
+/// calls in flight fail with [`StoreError::Backend`] and the next call reconnects. A commit
+/// whose connection is lost while `COMMIT` is in flight is in doubt: it fails with
+/// [`StoreError::Backend`] but may have been written, so reload before retrying it.
+///
+/// # Deployment notes
+///
+/// - The connection is not encrypted (no TLS connector is built in): reach the server over
+///   loopback, a Unix socket (`host=/var/run/postgresql`) or a trusted network.
+/// - The connection keeps session state (`search_path`, prepared statements): point it at
+///   PostgreSQL or at a session-mode pooler, not at a transaction-mode pooler.
+/// - Keys are stored as they are: protect the database like the keys themselves.
+#[derive(Clone)]
+pub struct PostgresStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: Config,
+    schema: String,
+    format: KeyFormat,
+    conn: RwLock<Conn>,
+}
+
+/// One live connection and its prepared statements.
+struct Conn {
+    client: Client,
+    statements: Statements,
+}
+
+struct Statements {
+    load_orgs: Statement,
+    create_org: Statement,
+    lock_org: Statement,
+    update_org: Statement,
+    insert_audit: Statement,
+    audit_page: Statement,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Not the connection string: it may carry a password.
+        f.debug_struct("PostgresStore")
+            .field("schema", &self.inner.schema)
+            .finish_non_exhaustive()
+    }
+}
+
+fn backend(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
+    StoreError::Backend(BackendError::new(e))
+}
+
+fn corrupt(what: &str) -> StoreError {
+    StoreError::Backend(BackendError::msg(what))
+}
+
+/// Whether `name` may be used as the schema: 1 to 63 ASCII letters, digits and `_`, not
+/// starting with `pg_` (reserved by PostgreSQL).
+fn valid_schema(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_SCHEMA_LEN
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        && !name
+            .get(..3)
+            .is_some_and(|prefix| prefix.eq_ignore_ascii_case("pg_"))
+}
+
+fn to_i64(value: u64, what: &str) -> Result<i64, StoreError> {
+    i64::try_from(value).map_err(|_| corrupt(what))
+}
+
+impl PostgresStore {
+    /// Connects to the database at `url`, for keys of `format`, and keeps everything in the
+    /// schema `schema`, creating it and running migrations if needed.
+    ///
+    /// `url` is a libpq-style connection string, either a URL
+    /// (`postgres://user:password@host:5432/database`) or `key=value` pairs. Unless it names
+    /// one, the connection's `application_name` is `orgkey:<schema>`. The connection task is
+    /// spawned on the current tokio runtime, so this must be called within one.
+    ///
+    /// `schema` is used exactly as given (quoted, so case-sensitive). Because it is written
+    /// into SQL, it must be 1 to 63 ASCII letters, digits or `_`, and must not start with
+    /// `pg_`. Creating the schema needs the `CREATE` privilege on the database; if it already
+    /// exists (created by an administrator), creating tables in it is enough, and after the
+    /// first connect only reading and writing the tables is needed.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Backend`] if the schema name is invalid, the connection string cannot be
+    /// parsed, the server cannot be reached or refuses the connection, the schema was written
+    /// by a newer orgkey, or a migration fails.
+    pub async fn connect(url: &str, schema: &str, format: KeyFormat) -> Result<Self, StoreError> {
+        if !valid_schema(schema) {
+            return Err(corrupt(
+                "invalid PostgreSQL schema name: use 1 to 63 ASCII letters, digits or '_', \
+                 not starting with 'pg_'",
+            ));
+        }
+        let mut config: Config = url.parse().map_err(backend)?;
+        if config.get_application_name().is_none() {
+            config.application_name(format!("orgkey:{schema}"));
+        }
+        let conn = Conn::open(&config, schema).await?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                schema: schema.to_owned(),
+                format,
+                conn: RwLock::new(conn),
+            }),
+        })
+    }
+
+    /// The schema this store keeps its tables in.
+    pub fn schema(&self) -> &str {
+        &self.inner.schema
+    }
+
+    /// The connection, shared with other statements outside transactions; reconnects first
+    /// if it was lost.
+    async fn shared(&self) -> Result<RwLockReadGuard<'_, Conn>, StoreError> {
+        {
+            let conn = self.inner.conn.read().await;
+            if !conn.client.is_closed() {
+                return Ok(conn);
+            }
+        }
+        Ok(self.exclusive().await?.downgrade())
+    }
+
+    /// The connection, for this caller alone (a transaction); reconnects first if it was lost.
+    async fn exclusive(&self) -> Result<RwLockWriteGuard<'_, Conn>, StoreError> {
+        let mut conn = self.inner.conn.write().await;
+        if conn.client.is_closed() {
+            tracing::info!(schema = %self.inner.schema, "reconnecting to PostgreSQL");
+            *conn = Conn::open(&self.inner.config, &self.inner.schema).await?;
+        }
+        Ok(conn)
+    }
+}
+
+impl Conn {
+    /// Connects, points `search_path` at `schema`, migrates, and prepares the statements.
+    async fn open(config: &Config, schema: &str) -> Result<Self, StoreError> {
+        let (mut client, connection) = config.connect(NoTls).await.map_err(backend)?;
+        let name = schema.to_owned();
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::warn!(schema = %name, %error, "PostgreSQL connection failed");
+            }
+        });
+        // `schema` was validated: letters, digits and '_' only, so quoting it is enough. A
+        // commit waits at most 5 s for another writer's row lock (as SQLite's busy timeout).
+        client
+            .batch_execute(&format!(
+                "SET search_path TO \"{schema}\"; SET lock_timeout = '5s'"
+            ))
+            .await
+            .map_err(backend)?;
+        migrate(&mut client, schema).await?;
+        let statements = Statements::prepare(&client).await?;
+        Ok(Self { client, statements })
+    }
+}
+
+impl Statements {
+    async fn prepare(client: &Client) -> Result<Self, StoreError> {
+        let prepare = |sql: &'static str| async move { client.prepare(sql).await.map_err(backend) };
+        Ok(Self {
+            load_orgs: prepare(
+                "SELECT id, subscribed, api_key, generation, modified_by, modified_ms
+                 FROM orgs ORDER BY id",
+            )
+            .await?,
+            create_org: prepare(
+                "INSERT INTO orgs (id, subscribed, generation) VALUES ($1, FALSE, 0)
+                 ON CONFLICT (id) DO NOTHING",
+            )
+            .await?,
+            lock_org: prepare("SELECT generation FROM orgs WHERE id = $1 FOR UPDATE").await?,
+            update_org: prepare(
+                "UPDATE orgs SET subscribed = $2, api_key = $3, generation = $4,
+                     modified_by = $5, modified_ms = $6
+                 WHERE id = $1",
+            )
+            .await?,
+            insert_audit: prepare(
+                "INSERT INTO audit (org, actor, action, at_ms, generation)
+                 VALUES ($1, $2, $3, $4, $5)",
+            )
+            .await?,
+            audit_page: prepare(
+                "SELECT seq, actor, action, at_ms, generation FROM audit
+                 WHERE org = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3",
+            )
+            .await?,
+        })
+    }
+}
+
+/// Creates the schema if missing and runs the migrations it has not had, in one transaction
+/// under an advisory lock (so concurrent connects wait for each other).
+async fn migrate(client: &mut Client, schema: &str) -> Result<(), StoreError> {
+    let tx = client.transaction().await.map_err(backend)?;
+    tx.execute(
+        "SELECT pg_advisory_xact_lock($1, hashtext($2))",
+        &[&MIGRATION_LOCK, &schema],
+    )
+    .await
+    .map_err(backend)?;
+    // Only issue DDL that is needed, so that an existing schema needs no CREATE privilege on
+    // the database.
+    let exists: bool = tx
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
+            &[&schema],
+        )
+        .await
+        .and_then(|row| row.try_get(0))
+        .map_err(backend)?;
+    if !exists {
+        tx.batch_execute(&format!("CREATE SCHEMA \"{schema}\""))
+            .await
+            .map_err(backend)?;
+    }
+    let versioned: bool = tx
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_tables
+                 WHERE schemaname = $1 AND tablename = 'orgkey_schema_version')",
+            &[&schema],
+        )
+        .await
+        .and_then(|row| row.try_get(0))
+        .map_err(backend)?;
+    if !versioned {
+        tx.batch_execute(
+            "CREATE TABLE orgkey_schema_version (
+                 version       BIGINT PRIMARY KEY,
+                 applied_ms    BIGINT NOT NULL
+             )",
+        )
+        .await
+        .map_err(backend)?;
+    }
+    let version: i64 = tx
+        .query_one(
+            "SELECT COALESCE(MAX(version), 0) FROM orgkey_schema_version",
+            &[],
+        )
+        .await
+        .and_then(|row| row.try_get(0))
+        .map_err(backend)?;
+    let known = MIGRATIONS.len() as i64;
+    if version > known {
+        return Err(corrupt(
+            "the database was written by a newer orgkey (unknown schema version)",
+        ));
+    }
+    for (index, sql) in MIGRATIONS.iter().enumerate().skip(version.max(0) as usize) {
+        tx.batch_execute(sql).await.map_err(backend)?;
+        tx.execute(
+            "INSERT INTO orgkey_schema_version (version, applied_ms) VALUES ($1, $2)",
+            &[&(index as i64 + 1), &millis(SystemTime::now())],
+        )
+        .await
+        .map_err(backend)?;
+    }
+    tx.commit().await.map_err(backend)
+}
+
+fn action_from(name: &str) -> Option<KeyAction> {
+    Some(match name {
+        "subscribe" => KeyAction::Subscribe,
+        "unsubscribe" => KeyAction::Unsubscribe,
+        "add" => KeyAction::Add,
+        "edit" => KeyAction::Edit,
+        "regenerate" => KeyAction::Regenerate,
+        "delete" => KeyAction::Delete,
+        _ => return None,
+    })
+}
+
+fn org_from_row(row: &Row, format: KeyFormat) -> Result<OrgRecord, StoreError> {
+    let id: &str = row.try_get(0).map_err(backend)?;
+    let subscribed: bool = row.try_get(1).map_err(backend)?;
+    let key: Option<&str> = row.try_get(2).map_err(backend)?;
+    let generation: i64 = row.try_get(3).map_err(backend)?;
+    let by: Option<&str> = row.try_get(4).map_err(backend)?;
+    let on: Option<i64> = row.try_get(5).map_err(backend)?;
+    Ok(OrgRecord {
+        org: OrgId::new(id).map_err(|_| corrupt("stored org id is invalid"))?,
+        subscribed,
+        key: key
+            .map(|k| ApiKey::parse_with(k, format))
+            .transpose()
+            .map_err(|_| corrupt("stored key does not match the key format"))?,
+        generation: Generation::new(
+            u64::try_from(generation).map_err(|_| corrupt("stored generation is negative"))?,
+        ),
+        last_modified_by: by
+            .map(Actor::new)
+            .transpose()
+            .map_err(|_| corrupt("stored actor is invalid"))?,
+        last_modified_on: on.map(from_millis),
+    })
+}
+
+fn audit_from_row(row: &Row, org: &OrgId) -> Result<AuditRecord, StoreError> {
+    let seq: i64 = row.try_get(0).map_err(backend)?;
+    let actor: &str = row.try_get(1).map_err(backend)?;
+    let action: &str = row.try_get(2).map_err(backend)?;
+    let at: i64 = row.try_get(3).map_err(backend)?;
+    let generation: i64 = row.try_get(4).map_err(backend)?;
+    Ok(AuditRecord {
+        seq: u64::try_from(seq).map_err(|_| corrupt("stored audit sequence is negative"))?,
+        event: AuditEvent {
+            org: org.clone(),
+            actor: Actor::new(actor).map_err(|_| corrupt("stored actor"))?,
+            action: action_from(action).ok_or_else(|| corrupt("stored action"))?,
+            at: from_millis(at),
+            generation: Generation::new(
+                u64::try_from(generation).map_err(|_| corrupt("stored generation is negative"))?,
+            ),
+        },
+    })
+}
+
+impl Store for PostgresStore {
+    fn load_orgs(&self) -> StoreFuture<'_, Vec<OrgRecord>> {
+        Box::pin(async move {
+            let conn = self.shared().await?;
+            let rows = conn
+                .client
+                .query(&conn.statements.load_orgs, &[])
+                .await
+                .map_err(backend)?;
+            rows.iter()
+                .map(|row| org_from_row(row, self.inner.format))
+                .collect()
+        })
+    }
+
+    fn create_org<'a>(&'a self, org: &'a OrgId) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let conn = self.shared().await?;
+            let inserted = conn
+                .client
+                .execute(&conn.statements.create_org, &[&org.as_str()])
+                .await
+                .map_err(backend)?;
+            if inserted == 0 {
+                Err(StoreError::Exists)
+            } else {
+                Ok(())
+            }
+        })
+    }
+
+    fn commit<'a>(
+        &'a self,
+        expected: Generation,
+        next: &'a OrgRecord,
+        audit: &'a AuditEvent,
+    ) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let expected = to_i64(expected.get(), "expected generation out of range")?;
+            let generation = to_i64(next.generation.get(), "generation out of range")?;
+            let audit_generation = to_i64(audit.generation.get(), "generation out of range")?;
+            let mut conn = self.exclusive().await?;
+            let Conn { client, statements } = &mut *conn;
+            // Dropping `tx` without committing (any early return) queues a ROLLBACK ahead of
+            // whatever the connection is asked next.
+            let tx = client.transaction().await.map_err(backend)?;
+            let stored = tx
+                .query_opt(&statements.lock_org, &[&next.org.as_str()])
+                .await
+                .map_err(backend)?;
+            let stored: i64 = match stored {
+                None => return Err(StoreError::NotFound),
+                Some(row) => row.try_get(0).map_err(backend)?,
+            };
+            if stored != expected {
+                return Err(StoreError::Conflict);
+            }
+            tx.execute(
+                &statements.update_org,
+                &[
+                    &next.org.as_str(),
+                    &next.subscribed,
+                    &next.key.as_ref().map(ApiKey::expose_secret),
+                    &generation,
+                    &next.last_modified_by.as_ref().map(Actor::as_str),
+                    &next.last_modified_on.map(millis),
+                ],
+            )
+            .await
+            .map_err(backend)?;
+            tx.execute(
+                &statements.insert_audit,
+                &[
+                    &audit.org.as_str(),
+                    &audit.actor.as_str(),
+                    &audit.action.as_str(),
+                    &millis(audit.at),
+                    &audit_generation,
+                ],
+            )
+            .await
+            .map_err(backend)?;
+            tx.commit().await.map_err(backend)
+        })
+    }
+
+    fn audit_page<'a>(
+        &'a self,
+        org: &'a OrgId,
+        before: Option<u64>,
+        limit: u32,
+    ) -> StoreFuture<'a, Vec<AuditRecord>> {
+        Box::pin(async move {
+            let before = before.map_or(i64::MAX, |b| b.min(i64::MAX as u64) as i64);
+            let conn = self.shared().await?;
+            let rows = conn
+                .client
+                .query(
+                    &conn.statements.audit_page,
+                    &[&org.as_str(), &before, &i64::from(limit)],
+                )
+                .await
+                .map_err(backend)?;
+            rows.iter().map(|row| audit_from_row(row, org)).collect()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::valid_schema;
+
+    #[test]
+    fn schema_names_are_plain_identifiers() {
+        for good in ["orgkey", "orgkey_test_0123abcd", "A", "_x", &"s".repeat(63)] {
+            assert!(valid_schema(good), "{good}");
+        }
+        for bad in [
+            "",
+            "pg_orgkey",
+            "PG_x",
+            "a-b",
+            "a\"b",
+            "a b",
+            "a;b",
+            "é",
+            &"s".repeat(64),
+        ] {
+            assert!(!valid_schema(bad), "{bad}");
+        }
+    }
+}
