@@ -141,6 +141,16 @@ impl Scopes {
         Self(self.0 | scope.bit())
     }
 
+    /// The set as bits (`api` = 1, `key-admin` = 2), for stores.
+    pub const fn bits(self) -> u8 {
+        self.0
+    }
+
+    /// A set from [`Scopes::bits`]; unknown bits are dropped.
+    pub const fn from_bits(bits: u8) -> Self {
+        Self(bits & 3)
+    }
+
     /// The set with `scope` removed.
     #[must_use]
     pub const fn without(self, scope: Scope) -> Self {

@@ -343,6 +343,58 @@ async fn racing_commits_from_one_generation_have_exactly_one_winner(store: Arc<d
     );
 }
 
+async fn admins_are_stored_replaced_and_deleted(store: Arc<dyn Store>) {
+    use orgkey::store::AdminRecord;
+    use orgkey::{Scope, Scopes, Username};
+    assert!(store.load_admins().await.unwrap().is_empty());
+    let alice = Username::new("alice@acme.example").unwrap();
+    let record = AdminRecord {
+        username: alice.clone(),
+        org: org("acme"),
+        enabled: true,
+        scopes: Scopes::ALL,
+        password_hash: "$argon2id$v=19$m=19456,t=2,p=1$c2FsdA$aGFzaA".to_owned(),
+        credential_version: u64::MAX - 7, // all 64 bits survive
+    };
+    store.put_admin(&record).await.unwrap();
+    let loaded = store.load_admins().await.unwrap();
+    assert_eq!(loaded.len(), 1);
+    assert_eq!(loaded[0].username, alice);
+    assert_eq!(loaded[0].org.as_str(), "acme");
+    assert!(loaded[0].enabled);
+    assert_eq!(loaded[0].scopes, Scopes::ALL);
+    assert_eq!(loaded[0].password_hash, record.password_hash);
+    assert_eq!(loaded[0].credential_version, u64::MAX - 7);
+    assert!(
+        !format!("{:?}", loaded[0]).contains("argon2id"),
+        "Debug hides the hash"
+    );
+
+    let replaced = AdminRecord {
+        enabled: false,
+        scopes: Scopes::NONE.with(Scope::KeyAdmin),
+        credential_version: 3,
+        ..record.clone()
+    };
+    store.put_admin(&replaced).await.unwrap();
+    let loaded = store.load_admins().await.unwrap();
+    assert_eq!(loaded.len(), 1);
+    assert!(!loaded[0].enabled);
+    assert_eq!(loaded[0].scopes, Scopes::NONE.with(Scope::KeyAdmin));
+    assert_eq!(loaded[0].credential_version, 3);
+
+    store.delete_admin(&alice).await.unwrap();
+    assert!(store.load_admins().await.unwrap().is_empty());
+    assert!(matches!(
+        store.delete_admin(&alice).await,
+        Err(StoreError::NotFound)
+    ));
+}
+
+/// How many schema migrations orgkey has (one row each in `orgkey_schema_version`).
+#[cfg(feature = "postgres")]
+const PG_MIGRATIONS: i64 = 2;
+
 macro_rules! contract {
     ($($name:ident),* $(,)?) => {
         mod memory {
@@ -386,6 +438,7 @@ contract!(
     commit_to_an_unknown_org_is_not_found,
     the_audit_log_pages_newest_first_per_org_without_key_material,
     racing_commits_from_one_generation_have_exactly_one_winner,
+    admins_are_stored_replaced_and_deleted,
 );
 
 #[tokio::test]
@@ -609,7 +662,7 @@ async fn postgres_state_survives_reconnecting() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(versions, 1, "migrations ran once");
+    assert_eq!(versions, PG_MIGRATIONS, "each migration ran once");
 }
 
 #[cfg(feature = "postgres")]
@@ -638,7 +691,7 @@ async fn postgres_replicas_connecting_at_once_migrate_once() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(versions, 1);
+    assert_eq!(versions, PG_MIGRATIONS, "each migration ran once");
 }
 
 #[cfg(feature = "postgres")]

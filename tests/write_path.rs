@@ -6,10 +6,12 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use orgkey::store::{
-    AuditRecord, BackendError, MemoryStore, OrgRecord, SqliteStore, Store, StoreError, StoreFuture,
+    AdminRecord, AuditRecord, BackendError, MemoryStore, OrgRecord, SqliteStore, Store, StoreError,
+    StoreFuture,
 };
 use orgkey::{
     Actor, AdminError, AuditEvent, Generation, KeyAction, KeyAdmin, KeyFormat, OrgId, OrgTable,
+    Username,
 };
 
 struct TempDb(std::path::PathBuf);
@@ -75,6 +77,15 @@ impl Store for Flaky {
         limit: u32,
     ) -> StoreFuture<'a, Vec<AuditRecord>> {
         self.inner.audit_page(org, before, limit)
+    }
+    fn load_admins(&self) -> StoreFuture<'_, Vec<AdminRecord>> {
+        self.inner.load_admins()
+    }
+    fn put_admin<'a>(&'a self, admin: &'a AdminRecord) -> StoreFuture<'a, ()> {
+        self.inner.put_admin(admin)
+    }
+    fn delete_admin<'a>(&'a self, username: &'a Username) -> StoreFuture<'a, ()> {
+        self.inner.delete_admin(username)
     }
 }
 

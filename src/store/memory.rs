@@ -4,7 +4,10 @@
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
-use super::{millis, AuditRecord, BackendError, OrgRecord, Store, StoreError, StoreFuture};
+use super::{
+    millis, AdminRecord, AuditRecord, BackendError, OrgRecord, Store, StoreError, StoreFuture,
+};
+use crate::admins::Username;
 use crate::audit::AuditEvent;
 use crate::org::{Generation, OrgId};
 
@@ -18,6 +21,7 @@ pub struct MemoryStore {
 struct State {
     orgs: BTreeMap<OrgId, OrgRecord>,
     audit: Vec<AuditRecord>,
+    admins: BTreeMap<Username, AdminRecord>,
 }
 
 impl MemoryStore {
@@ -103,6 +107,29 @@ impl Store for MemoryStore {
                 .take(limit as usize)
                 .cloned()
                 .collect())
+        });
+        Box::pin(std::future::ready(result))
+    }
+
+    fn load_admins(&self) -> StoreFuture<'_, Vec<AdminRecord>> {
+        let result = self.with_state(|s| Ok(s.admins.values().cloned().collect()));
+        Box::pin(std::future::ready(result))
+    }
+
+    fn put_admin<'a>(&'a self, admin: &'a AdminRecord) -> StoreFuture<'a, ()> {
+        let result = self.with_state(|s| {
+            s.admins.insert(admin.username.clone(), admin.clone());
+            Ok(())
+        });
+        Box::pin(std::future::ready(result))
+    }
+
+    fn delete_admin<'a>(&'a self, username: &'a Username) -> StoreFuture<'a, ()> {
+        let result = self.with_state(|s| {
+            s.admins
+                .remove(username)
+                .map(drop)
+                .ok_or(StoreError::NotFound)
         });
         Box::pin(std::future::ready(result))
     }

@@ -22,6 +22,8 @@
 //!   once the change is durable.
 //! - [`Store::load_orgs`] returns every org as last committed (P2: a restart never
 //!   resurrects an old or deleted key).
+//! - [`Store::put_admin`] / [`Store::delete_admin`] / [`Store::load_admins`] keep admin
+//!   accounts (passwords only as argon2id PHC strings).
 //! - [`Store::audit_page`] reads an org's audit log newest first, `limit` records before a
 //!   sequence number (exclusive), for paging. Audit records never contain key material.
 //!
@@ -33,6 +35,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::SystemTime;
 
+use crate::admins::{Scopes, Username};
 use crate::audit::AuditEvent;
 use crate::key::ApiKey;
 use crate::org::{Actor, Generation, OrgId};
@@ -67,6 +70,35 @@ pub struct OrgRecord {
     pub last_modified_by: Option<Actor>,
     /// When the last change was made (millisecond precision once stored).
     pub last_modified_on: Option<SystemTime>,
+}
+
+/// One admin account as stored (A1: the password only as an argon2id PHC string).
+#[derive(Clone)]
+pub struct AdminRecord {
+    /// The username (normalized).
+    pub username: Username,
+    /// The admin's org.
+    pub org: OrgId,
+    /// Whether the account is enabled.
+    pub enabled: bool,
+    /// The functional scopes.
+    pub scopes: Scopes,
+    /// The argon2id PHC string.
+    pub password_hash: String,
+    /// Changes whenever the account changes in a way that must end its sessions.
+    pub credential_version: u64,
+}
+
+impl fmt::Debug for AdminRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The hash is not the password, but it is what an offline attack starts from.
+        f.debug_struct("AdminRecord")
+            .field("username", &self.username)
+            .field("org", &self.org)
+            .field("enabled", &self.enabled)
+            .field("scopes", &self.scopes)
+            .finish_non_exhaustive()
+    }
 }
 
 /// An audit event as stored, with its sequence number (increasing, unique per store).
@@ -168,6 +200,15 @@ pub trait Store: Send + Sync + 'static {
         before: Option<u64>,
         limit: u32,
     ) -> StoreFuture<'a, Vec<AuditRecord>>;
+
+    /// Every admin account.
+    fn load_admins(&self) -> StoreFuture<'_, Vec<AdminRecord>>;
+
+    /// Creates or replaces the account `admin.username`; durable when it returns.
+    fn put_admin<'a>(&'a self, admin: &'a AdminRecord) -> StoreFuture<'a, ()>;
+
+    /// Deletes an account; [`StoreError::NotFound`] if there is none.
+    fn delete_admin<'a>(&'a self, username: &'a Username) -> StoreFuture<'a, ()>;
 }
 
 pub(crate) fn millis(t: SystemTime) -> i64 {

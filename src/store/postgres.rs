@@ -8,8 +8,10 @@ use tokio::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use tokio_postgres::{Client, Config, NoTls, Row, Statement};
 
 use super::{
-    from_millis, millis, AuditRecord, BackendError, OrgRecord, Store, StoreError, StoreFuture,
+    from_millis, millis, AdminRecord, AuditRecord, BackendError, OrgRecord, Store, StoreError,
+    StoreFuture,
 };
+use crate::admins::{Scopes, Username};
 use crate::audit::{AuditEvent, KeyAction};
 use crate::key::{ApiKey, KeyFormat};
 use crate::org::{Actor, Generation, OrgId};
@@ -34,6 +36,15 @@ const MIGRATIONS: &[&str] = &[
          generation    BIGINT NOT NULL
      );
      CREATE INDEX audit_by_org ON audit (org, seq);",
+    // 2: admin accounts.
+    "CREATE TABLE admins (
+         username            TEXT PRIMARY KEY,
+         org                 TEXT NOT NULL,
+         enabled             BOOLEAN NOT NULL,
+         scopes              SMALLINT NOT NULL,
+         password_hash       TEXT NOT NULL,
+         credential_version  BIGINT NOT NULL
+     );",
 ];
 
 /// The first key of the advisory lock that serializes migrations (`orgk`); the second key is
@@ -494,6 +505,83 @@ impl Store for PostgresStore {
                 .await
                 .map_err(backend)?;
             rows.iter().map(|row| audit_from_row(row, org)).collect()
+        })
+    }
+
+    fn load_admins(&self) -> StoreFuture<'_, Vec<AdminRecord>> {
+        Box::pin(async move {
+            let conn = self.shared().await?;
+            let rows = conn
+                .client
+                .query(
+                    "SELECT username, org, enabled, scopes, password_hash, credential_version
+                     FROM admins ORDER BY username",
+                    &[],
+                )
+                .await
+                .map_err(backend)?;
+            rows.iter()
+                .map(|row| {
+                    let username: String = row.try_get(0).map_err(backend)?;
+                    let org: String = row.try_get(1).map_err(backend)?;
+                    let scopes: i16 = row.try_get(3).map_err(backend)?;
+                    let version: i64 = row.try_get(5).map_err(backend)?;
+                    Ok(AdminRecord {
+                        username: Username::new(&username)
+                            .map_err(|_| corrupt("stored username is invalid"))?,
+                        org: OrgId::new(&org).map_err(|_| corrupt("stored org id is invalid"))?,
+                        enabled: row.try_get(2).map_err(backend)?,
+                        scopes: Scopes::from_bits(scopes as u8),
+                        password_hash: row.try_get(4).map_err(backend)?,
+                        // Stored as the same 64 bits.
+                        credential_version: version as u64,
+                    })
+                })
+                .collect()
+        })
+    }
+
+    fn put_admin<'a>(&'a self, admin: &'a AdminRecord) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let conn = self.shared().await?;
+            conn.client
+                .execute(
+                    "INSERT INTO admins (username, org, enabled, scopes, password_hash,
+                         credential_version)
+                     VALUES ($1, $2, $3, $4, $5, $6)
+                     ON CONFLICT (username) DO UPDATE SET org = $2, enabled = $3,
+                         scopes = $4, password_hash = $5, credential_version = $6",
+                    &[
+                        &admin.username.as_str(),
+                        &admin.org.as_str(),
+                        &admin.enabled,
+                        &i16::from(admin.scopes.bits()),
+                        &admin.password_hash,
+                        &(admin.credential_version as i64),
+                    ],
+                )
+                .await
+                .map_err(backend)?;
+            Ok(())
+        })
+    }
+
+    fn delete_admin<'a>(&'a self, username: &'a Username) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let conn = self.shared().await?;
+            let deleted = conn
+                .client
+                .execute(
+                    "DELETE FROM admins WHERE username = $1",
+                    &[&username.as_str()],
+                )
+                .await
+                .map_err(backend)?;
+            if deleted == 0 {
+                Err(StoreError::NotFound)
+            } else {
+                Ok(())
+            }
         })
     }
 }

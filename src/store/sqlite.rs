@@ -10,8 +10,10 @@ use std::sync::{Arc, Mutex};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use super::{
-    from_millis, millis, AuditRecord, BackendError, OrgRecord, Store, StoreError, StoreFuture,
+    from_millis, millis, AdminRecord, AuditRecord, BackendError, OrgRecord, Store, StoreError,
+    StoreFuture,
 };
+use crate::admins::{Scopes, Username};
 use crate::audit::{AuditEvent, KeyAction};
 use crate::key::{ApiKey, KeyFormat};
 use crate::org::{Actor, Generation, OrgId};
@@ -36,6 +38,15 @@ const MIGRATIONS: &[&str] = &[
          generation    INTEGER NOT NULL
      );
      CREATE INDEX audit_by_org ON audit (org, seq);",
+    // 2: admin accounts.
+    "CREATE TABLE admins (
+         username            TEXT PRIMARY KEY,
+         org                 TEXT NOT NULL,
+         enabled             INTEGER NOT NULL,
+         scopes              INTEGER NOT NULL,
+         password_hash       TEXT NOT NULL,
+         credential_version  INTEGER NOT NULL
+     );",
 ];
 
 /// A [`Store`] in one SQLite file. Cheap to clone (shared connection).
@@ -317,6 +328,73 @@ impl Store for SqliteStore {
                 });
             }
             Ok(page)
+        })
+    }
+
+    fn load_admins(&self) -> StoreFuture<'_, Vec<AdminRecord>> {
+        self.run(|conn, _| {
+            let mut statement = conn
+                .prepare(
+                    "SELECT username, org, enabled, scopes, password_hash, credential_version
+                     FROM admins ORDER BY username",
+                )
+                .map_err(backend)?;
+            let mut rows = statement.query([]).map_err(backend)?;
+            let mut admins = Vec::new();
+            while let Some(row) = rows.next().map_err(backend)? {
+                let username: String = row.get(0).map_err(backend)?;
+                let org: String = row.get(1).map_err(backend)?;
+                let scopes: i64 = row.get(3).map_err(backend)?;
+                let version: i64 = row.get(5).map_err(backend)?;
+                admins.push(AdminRecord {
+                    username: Username::new(&username)
+                        .map_err(|_| corrupt("stored username is invalid"))?,
+                    org: OrgId::new(&org).map_err(|_| corrupt("stored org id is invalid"))?,
+                    enabled: row.get(2).map_err(backend)?,
+                    scopes: Scopes::from_bits(scopes as u8),
+                    password_hash: row.get(4).map_err(backend)?,
+                    // Stored as the same 64 bits.
+                    credential_version: version as u64,
+                });
+            }
+            Ok(admins)
+        })
+    }
+
+    fn put_admin<'a>(&'a self, admin: &'a AdminRecord) -> StoreFuture<'a, ()> {
+        let admin = admin.clone();
+        self.run(move |conn, _| {
+            conn.execute(
+                "INSERT INTO admins (username, org, enabled, scopes, password_hash,
+                     credential_version)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (username) DO UPDATE SET org = ?2, enabled = ?3, scopes = ?4,
+                     password_hash = ?5, credential_version = ?6",
+                params![
+                    admin.username.as_str(),
+                    admin.org.as_str(),
+                    admin.enabled,
+                    i64::from(admin.scopes.bits()),
+                    admin.password_hash,
+                    admin.credential_version as i64,
+                ],
+            )
+            .map_err(backend)?;
+            Ok(())
+        })
+    }
+
+    fn delete_admin<'a>(&'a self, username: &'a Username) -> StoreFuture<'a, ()> {
+        let name = username.as_str().to_owned();
+        self.run(move |conn, _| {
+            let deleted = conn
+                .execute("DELETE FROM admins WHERE username = ?1", params![name])
+                .map_err(backend)?;
+            if deleted == 0 {
+                Err(StoreError::NotFound)
+            } else {
+                Ok(())
+            }
         })
     }
 }
