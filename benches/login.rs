@@ -31,14 +31,13 @@ fn login_cost(c: &mut Criterion) {
         .unwrap();
     let admins = Admins::new(table.clone());
     let password = Password::new("CorrectHorse12!");
-    admins
-        .create(
-            &Username::new("alice@acme.example").unwrap(),
-            &org,
-            &password,
-            Scopes::ALL,
-        )
-        .unwrap();
+    rt.block_on(admins.create(
+        &Username::new("alice@acme.example").unwrap(),
+        &org,
+        &password,
+        Scopes::ALL,
+    ))
+    .unwrap();
     let config = SessionConfig {
         throttle: ThrottlePolicy {
             address_burst: u32::MAX,

@@ -220,14 +220,13 @@ fn run_logins(runner: &mut CtRunner, rng: &mut BenchRng, leaky: bool, samples: u
     let table = table();
     let admins = Admins::new(table.clone());
     let org = OrgId::new("org-0500").unwrap();
-    admins
-        .create(
-            &Username::new("alice@acme.example").unwrap(),
-            &org,
-            &Password::new("CorrectHorse12!"),
-            Scopes::ALL,
-        )
-        .unwrap();
+    rt.block_on(admins.create(
+        &Username::new("alice@acme.example").unwrap(),
+        &org,
+        &Password::new("CorrectHorse12!"),
+        Scopes::ALL,
+    ))
+    .unwrap();
     let config = SessionConfig {
         throttle: ThrottlePolicy {
             address_burst: u32::MAX,

@@ -12,13 +12,13 @@
 use std::fmt;
 use std::sync::Arc;
 
-use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 
 use crate::org::OrgId;
 use crate::password::{
     dummy_verify, hash_password, verify_password, HashError, Password, PasswordPolicyError,
 };
+use crate::store::{AdminRecord, Store, StoreError};
 use crate::table::OrgTable;
 
 /// An admin's username, `name@domain`, compared case-insensitively (stored lowercased).
@@ -220,6 +220,8 @@ pub enum AdminsError {
     WeakPassword(PasswordPolicyError),
     /// Hashing failed.
     Hash(HashError),
+    /// The store failed; nothing was changed.
+    Store(StoreError),
 }
 
 impl fmt::Display for AdminsError {
@@ -230,6 +232,7 @@ impl fmt::Display for AdminsError {
             Self::UnknownOrg => f.write_str("unknown organization"),
             Self::WeakPassword(e) => write!(f, "password refused: {e}"),
             Self::Hash(_) => f.write_str("password hashing failed"),
+            Self::Store(_) => f.write_str("the account could not be stored; nothing was changed"),
         }
     }
 }
@@ -239,15 +242,19 @@ impl std::error::Error for AdminsError {
         match self {
             Self::WeakPassword(e) => Some(e),
             Self::Hash(e) => Some(e),
+            Self::Store(e) => Some(e),
             _ => None,
         }
     }
 }
 
-/// The built-in admin directory: accounts in memory. Cheap to clone (shared).
+/// The built-in admin directory: accounts in memory, and in a [`Store`] if opened with one.
+/// Cheap to clone (shared).
 ///
-/// Creating an account and changing a password hash the password (about 20 ms of CPU): call
-/// them from a blocking context in async code.
+/// Every change is written to the store first and then made visible (P1); a failed write
+/// changes nothing. Creating an account and changing a password hash the password (about
+/// 20 ms of CPU, on tokio's blocking pool when a runtime is present). Two changes to the same
+/// account at the same time: the last one written wins.
 #[derive(Clone)]
 pub struct Admins {
     inner: Arc<AdminsInner>,
@@ -256,6 +263,7 @@ pub struct Admins {
 struct AdminsInner {
     orgs: OrgTable,
     accounts: DashMap<Username, Account>,
+    store: Option<Arc<dyn Store>>,
 }
 
 impl fmt::Debug for Admins {
@@ -279,15 +287,89 @@ fn new_credential_version() -> u64 {
     u64::from_le_bytes(bytes)
 }
 
+/// Hashes on tokio's blocking pool when a runtime is present.
+async fn hash_off_thread(password: &Password) -> Result<String, AdminsError> {
+    let password = password.clone();
+    let job = move || hash_password(&password);
+    let hashed = match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => runtime
+            .spawn_blocking(job)
+            .await
+            .map_err(|_| AdminsError::Hash(HashError::panicked()))?,
+        Err(_) => job(),
+    };
+    hashed.map_err(AdminsError::Hash)
+}
+
 impl Admins {
-    /// An empty directory for the orgs of `orgs`.
+    /// An empty directory for the orgs of `orgs`, in memory only.
     pub fn new(orgs: OrgTable) -> Self {
         Self {
             inner: Arc::new(AdminsInner {
                 orgs,
                 accounts: DashMap::new(),
+                store: None,
             }),
         }
+    }
+
+    /// A directory backed by `store`: loads every account, and writes every change to the
+    /// store before it takes effect.
+    ///
+    /// # Errors
+    ///
+    /// [`AdminsError::Store`] if the accounts cannot be read.
+    pub async fn open(orgs: OrgTable, store: impl Store) -> Result<Self, AdminsError> {
+        let store: Arc<dyn Store> = Arc::new(store);
+        let accounts = DashMap::new();
+        for record in store.load_admins().await.map_err(AdminsError::Store)? {
+            accounts.insert(
+                record.username.clone(),
+                Account {
+                    status: AdminStatus {
+                        org: record.org,
+                        enabled: record.enabled,
+                        scopes: record.scopes,
+                        credential_version: record.credential_version,
+                    },
+                    password_hash: Arc::from(record.password_hash),
+                },
+            );
+        }
+        Ok(Self {
+            inner: Arc::new(AdminsInner {
+                orgs,
+                accounts,
+                store: Some(store),
+            }),
+        })
+    }
+
+    /// The number of accounts.
+    pub fn len(&self) -> usize {
+        self.inner.accounts.len()
+    }
+
+    /// Whether there is no account.
+    pub fn is_empty(&self) -> bool {
+        self.inner.accounts.is_empty()
+    }
+
+    /// Writes `account` to the store (if any), then makes it visible.
+    async fn save(&self, username: &Username, account: Account) -> Result<(), AdminsError> {
+        if let Some(store) = &self.inner.store {
+            let record = AdminRecord {
+                username: username.clone(),
+                org: account.status.org.clone(),
+                enabled: account.status.enabled,
+                scopes: account.status.scopes,
+                password_hash: account.password_hash.to_string(),
+                credential_version: account.status.credential_version,
+            };
+            store.put_admin(&record).await.map_err(AdminsError::Store)?;
+        }
+        self.inner.accounts.insert(username.clone(), account);
+        Ok(())
     }
 
     /// Creates an enabled admin of `org` with `scopes`.
@@ -295,8 +377,8 @@ impl Admins {
     /// # Errors
     ///
     /// [`AdminsError::UnknownOrg`], [`AdminsError::AdminExists`],
-    /// [`AdminsError::WeakPassword`], [`AdminsError::Hash`].
-    pub fn create(
+    /// [`AdminsError::WeakPassword`], [`AdminsError::Hash`], [`AdminsError::Store`].
+    pub async fn create(
         &self,
         username: &Username,
         org: &OrgId,
@@ -307,56 +389,65 @@ impl Admins {
             return Err(AdminsError::UnknownOrg);
         }
         password.check_policy().map_err(AdminsError::WeakPassword)?;
-        let password_hash: Arc<str> =
-            Arc::from(hash_password(password).map_err(AdminsError::Hash)?);
-        match self.inner.accounts.entry(username.clone()) {
-            Entry::Occupied(_) => Err(AdminsError::AdminExists),
-            Entry::Vacant(slot) => {
-                slot.insert(Account {
-                    status: AdminStatus {
-                        org: org.clone(),
-                        enabled: true,
-                        scopes,
-                        credential_version: new_credential_version(),
-                    },
-                    password_hash,
-                });
-                tracing::info!(target: "orgkey::admin", admin = %username, org = %org, scopes = ?scopes, "admin created");
-                Ok(())
-            }
+        if self.inner.accounts.contains_key(username) {
+            return Err(AdminsError::AdminExists);
         }
+        let password_hash: Arc<str> = Arc::from(hash_off_thread(password).await?);
+        let account = Account {
+            status: AdminStatus {
+                org: org.clone(),
+                enabled: true,
+                scopes,
+                credential_version: new_credential_version(),
+            },
+            password_hash,
+        };
+        self.save(username, account).await?;
+        tracing::info!(target: "orgkey::admin", admin = %username, org = %org, scopes = ?scopes, "admin created");
+        Ok(())
     }
 
     /// Disables an admin: logins fail and its sessions die (S2).
     ///
     /// # Errors
     ///
-    /// [`AdminsError::UnknownAdmin`].
-    pub fn disable(&self, username: &Username) -> Result<(), AdminsError> {
+    /// [`AdminsError::UnknownAdmin`], [`AdminsError::Store`].
+    pub async fn disable(&self, username: &Username) -> Result<(), AdminsError> {
         self.update(username, "disabled", |account| {
             account.status.enabled = false;
             true
         })
+        .await
     }
 
     /// Enables a disabled admin (its old sessions stay dead).
     ///
     /// # Errors
     ///
-    /// [`AdminsError::UnknownAdmin`].
-    pub fn enable(&self, username: &Username) -> Result<(), AdminsError> {
+    /// [`AdminsError::UnknownAdmin`], [`AdminsError::Store`].
+    pub async fn enable(&self, username: &Username) -> Result<(), AdminsError> {
         self.update(username, "enabled", |account| {
             account.status.enabled = true;
             false
         })
+        .await
     }
 
     /// Deletes an admin; its sessions die.
     ///
     /// # Errors
     ///
-    /// [`AdminsError::UnknownAdmin`].
-    pub fn delete(&self, username: &Username) -> Result<(), AdminsError> {
+    /// [`AdminsError::UnknownAdmin`], [`AdminsError::Store`].
+    pub async fn delete(&self, username: &Username) -> Result<(), AdminsError> {
+        if !self.inner.accounts.contains_key(username) {
+            return Err(AdminsError::UnknownAdmin);
+        }
+        if let Some(store) = &self.inner.store {
+            match store.delete_admin(username).await {
+                Ok(()) | Err(StoreError::NotFound) => {}
+                Err(e) => return Err(AdminsError::Store(e)),
+            }
+        }
         match self.inner.accounts.remove(username) {
             Some(_) => {
                 tracing::info!(target: "orgkey::admin", admin = %username, "admin deleted");
@@ -370,8 +461,9 @@ impl Admins {
     ///
     /// # Errors
     ///
-    /// [`AdminsError::UnknownAdmin`], [`AdminsError::WeakPassword`], [`AdminsError::Hash`].
-    pub fn change_password(
+    /// [`AdminsError::UnknownAdmin`], [`AdminsError::WeakPassword`], [`AdminsError::Hash`],
+    /// [`AdminsError::Store`].
+    pub async fn change_password(
         &self,
         username: &Username,
         password: &Password,
@@ -380,23 +472,25 @@ impl Admins {
             return Err(AdminsError::UnknownAdmin);
         }
         password.check_policy().map_err(AdminsError::WeakPassword)?;
-        let hash: Arc<str> = Arc::from(hash_password(password).map_err(AdminsError::Hash)?);
+        let hash: Arc<str> = Arc::from(hash_off_thread(password).await?);
         self.update(username, "password changed", |account| {
             account.password_hash = Arc::clone(&hash);
             true
         })
+        .await
     }
 
     /// Grants a scope.
     ///
     /// # Errors
     ///
-    /// [`AdminsError::UnknownAdmin`].
-    pub fn grant(&self, username: &Username, scope: Scope) -> Result<(), AdminsError> {
+    /// [`AdminsError::UnknownAdmin`], [`AdminsError::Store`].
+    pub async fn grant(&self, username: &Username, scope: Scope) -> Result<(), AdminsError> {
         self.update(username, "scope granted", |account| {
             account.status.scopes = account.status.scopes.with(scope);
             false
         })
+        .await
     }
 
     /// Revokes a scope. Revoking `api` ends the admin's sessions; revoking `key-admin` takes
@@ -404,12 +498,13 @@ impl Admins {
     ///
     /// # Errors
     ///
-    /// [`AdminsError::UnknownAdmin`].
-    pub fn revoke(&self, username: &Username, scope: Scope) -> Result<(), AdminsError> {
+    /// [`AdminsError::UnknownAdmin`], [`AdminsError::Store`].
+    pub async fn revoke(&self, username: &Username, scope: Scope) -> Result<(), AdminsError> {
         self.update(username, "scope revoked", |account| {
             account.status.scopes = account.status.scopes.without(scope);
             scope == Scope::Api
         })
+        .await
     }
 
     /// The admin's current status.
@@ -417,8 +512,9 @@ impl Admins {
         self.status(username)
     }
 
-    /// Applies `change`; if it returns true, the account gets a new credential version.
-    fn update(
+    /// Applies `change` to a copy; if it returns true, the account gets a new credential
+    /// version; then saves it (store first).
+    async fn update(
         &self,
         username: &Username,
         what: &'static str,
@@ -427,11 +523,13 @@ impl Admins {
         let mut account = self
             .inner
             .accounts
-            .get_mut(username)
+            .get(username)
+            .map(|a| a.clone())
             .ok_or(AdminsError::UnknownAdmin)?;
         if change(&mut account) {
             account.status.credential_version = new_credential_version();
         }
+        self.save(username, account).await?;
         tracing::info!(target: "orgkey::admin", admin = %username, change = what, "admin changed");
         Ok(())
     }

@@ -121,6 +121,12 @@ impl fmt::Display for HashError {
 
 impl std::error::Error for HashError {}
 
+impl HashError {
+    pub(crate) fn panicked() -> Self {
+        Self("the hashing task panicked".to_owned())
+    }
+}
+
 fn hasher() -> Argon2<'static> {
     // The constants are valid argon2 parameters; `Params::DEFAULT` is the fallback only to
     // keep this panic-free (it is the same OWASP set in argon2 0.5).

@@ -553,6 +553,7 @@ async fn sessions_without_key_admin_get_403_not_authorized_and_change_nothing() 
             &Password::new(PASSWORD),
             Scopes::API,
         )
+        .await
         .unwrap();
     let erin = login(&w, "erin@acme.example").await;
     assert_eq!(erin.status, StatusCode::OK, "{}", erin.body);

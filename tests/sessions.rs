@@ -102,7 +102,7 @@ async fn login_matrix_all_failures_but_the_scope_share_one_401() {
         answers.push((name, a));
     }
     // A disabled admin, with everything else right.
-    w.admins.disable(&user("alice@acme.example")).unwrap();
+    w.admins.disable(&user("alice@acme.example")).await.unwrap();
     let disabled = login(&w, "alice@acme.example").await;
     assert_eq!(disabled.status, StatusCode::UNAUTHORIZED);
     answers.push(("disabled admin", disabled));
@@ -400,22 +400,23 @@ async fn sessions_die_when_their_admin_changes() {
     };
 
     let id = login(&w, "alice@acme.example").await.session_id();
-    w.admins.disable(&alice).unwrap();
+    w.admins.disable(&alice).await.unwrap();
     assert_eq!(check(id).await, StatusCode::UNAUTHORIZED, "disabled");
-    w.admins.enable(&alice).unwrap();
+    w.admins.enable(&alice).await.unwrap();
 
     let id = login(&w, "alice@acme.example").await.session_id();
-    w.admins.revoke(&alice, Scope::Api).unwrap();
+    w.admins.revoke(&alice, Scope::Api).await.unwrap();
     assert_eq!(
         check(id).await,
         StatusCode::UNAUTHORIZED,
         "api scope revoked"
     );
-    w.admins.grant(&alice, Scope::Api).unwrap();
+    w.admins.grant(&alice, Scope::Api).await.unwrap();
 
     let id = login(&w, "alice@acme.example").await.session_id();
     w.admins
         .change_password(&alice, &Password::new("AnotherHorse34!"))
+        .await
         .unwrap();
     assert_eq!(
         check(id).await,
@@ -424,14 +425,15 @@ async fn sessions_die_when_their_admin_changes() {
     );
     w.admins
         .change_password(&alice, &Password::new(PASSWORD))
+        .await
         .unwrap();
 
     // Revoking key-admin does not end the session, but takes the scope away at once.
     let id = login(&w, "alice@acme.example").await.session_id();
-    w.admins.revoke(&alice, Scope::KeyAdmin).unwrap();
+    w.admins.revoke(&alice, Scope::KeyAdmin).await.unwrap();
     assert_eq!(check(id.clone()).await, StatusCode::OK, "key-admin revoked");
 
-    w.admins.delete(&alice).unwrap();
+    w.admins.delete(&alice).await.unwrap();
     assert_eq!(check(id).await, StatusCode::UNAUTHORIZED, "deleted");
 }
 
@@ -580,6 +582,7 @@ async fn key_admin_sessions_manage_the_key_and_are_recorded_as_the_modifier() {
     // Without key-admin: forbidden.
     w.admins
         .revoke(&user("alice@acme.example"), Scope::KeyAdmin)
+        .await
         .unwrap();
     let ts = w.clock.now_ms();
     let again = call_endpoint(

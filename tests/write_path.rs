@@ -238,3 +238,45 @@ async fn racing_regenerates_on_one_sqlite_file_have_exactly_one_winner() {
         .verify("acme", winners[0].as_bytes())
         .is_ok());
 }
+
+#[tokio::test]
+async fn admin_accounts_survive_a_restart_on_sqlite() {
+    use orgkey::{AdminDirectory, Admins, Password, Scope, Scopes, Username};
+    let db = TempDb::new("admins");
+    let alice = Username::new("alice@acme.example").unwrap();
+    let version = {
+        let store = Arc::new(SqliteStore::open(&db.0, KeyFormat::default()).unwrap());
+        let keys = KeyAdmin::open(OrgTable::default(), Arc::clone(&store))
+            .await
+            .unwrap();
+        keys.create_org(&org()).await.unwrap();
+        let admins = Admins::open(keys.table().clone(), store).await.unwrap();
+        admins
+            .create(&alice, &org(), &Password::new("FirstHorse123"), Scopes::ALL)
+            .await
+            .unwrap();
+        admins.revoke(&alice, Scope::KeyAdmin).await.unwrap();
+        admins
+            .change_password(&alice, &Password::new("SecondHorse45"))
+            .await
+            .unwrap();
+        admins.get(&alice).unwrap().credential_version
+    };
+    let store = Arc::new(SqliteStore::open(&db.0, KeyFormat::default()).unwrap());
+    let keys = KeyAdmin::open(OrgTable::default(), Arc::clone(&store))
+        .await
+        .unwrap();
+    let admins = Admins::open(keys.table().clone(), store).await.unwrap();
+    let status = admins.get(&alice).unwrap();
+    assert_eq!(status.scopes, Scopes::API);
+    assert_eq!(status.credential_version, version);
+    assert!(admins
+        .authenticate(&alice, &Password::new("SecondHorse45"))
+        .is_some());
+    assert!(admins
+        .authenticate(&alice, &Password::new("FirstHorse123"))
+        .is_none());
+    admins.delete(&alice).await.unwrap();
+    let store = SqliteStore::open(&db.0, KeyFormat::default()).unwrap();
+    assert!(store.load_admins().await.unwrap().is_empty());
+}

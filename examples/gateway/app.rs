@@ -71,10 +71,9 @@ pub(crate) async fn build(bootstrap: Bootstrap) -> Result<Bootstrapped, String> 
 
     let admins = Admins::new(table.clone());
     let (admin, org, password) = (bootstrap.admin, bootstrap.org, bootstrap.password);
-    let directory = admins.clone();
-    tokio::task::spawn_blocking(move || directory.create(&admin, &org, &password, Scopes::ALL))
+    admins
+        .create(&admin, &org, &password, Scopes::ALL)
         .await
-        .map_err(|e| e.to_string())?
         .map_err(|e| format!("admin: {e}"))?;
 
     let sessions = Sessions::with_config(

@@ -211,6 +211,42 @@ pub trait Store: Send + Sync + 'static {
     fn delete_admin<'a>(&'a self, username: &'a Username) -> StoreFuture<'a, ()>;
 }
 
+/// A shared store is a store: `KeyAdmin::open(table, Arc::clone(&store))` and
+/// `Admins::open(orgs, store)` can share one database.
+impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
+    fn load_orgs(&self) -> StoreFuture<'_, Vec<OrgRecord>> {
+        (**self).load_orgs()
+    }
+    fn create_org<'a>(&'a self, org: &'a OrgId) -> StoreFuture<'a, ()> {
+        (**self).create_org(org)
+    }
+    fn commit<'a>(
+        &'a self,
+        expected: Generation,
+        next: &'a OrgRecord,
+        audit: &'a AuditEvent,
+    ) -> StoreFuture<'a, ()> {
+        (**self).commit(expected, next, audit)
+    }
+    fn audit_page<'a>(
+        &'a self,
+        org: &'a OrgId,
+        before: Option<u64>,
+        limit: u32,
+    ) -> StoreFuture<'a, Vec<AuditRecord>> {
+        (**self).audit_page(org, before, limit)
+    }
+    fn load_admins(&self) -> StoreFuture<'_, Vec<AdminRecord>> {
+        (**self).load_admins()
+    }
+    fn put_admin<'a>(&'a self, admin: &'a AdminRecord) -> StoreFuture<'a, ()> {
+        (**self).put_admin(admin)
+    }
+    fn delete_admin<'a>(&'a self, username: &'a Username) -> StoreFuture<'a, ()> {
+        (**self).delete_admin(username)
+    }
+}
+
 pub(crate) fn millis(t: SystemTime) -> i64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)

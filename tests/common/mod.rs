@@ -96,6 +96,7 @@ pub async fn world_with(config: SessionConfig) -> World {
     ] {
         admins
             .create(&user(name), &org(id), &password, scopes)
+            .await
             .unwrap();
     }
     let sessions = Sessions::with_config(table, admins.clone(), config, clock.clone());
