@@ -24,6 +24,29 @@ struct Gateway {
     lines: Vec<String>,
 }
 
+/// A fresh state file path, removed with its WAL files when dropped.
+struct State(std::path::PathBuf);
+
+impl State {
+    fn new() -> Self {
+        let mut bytes = [0u8; 8];
+        getrandom::fill(&mut bytes).unwrap();
+        Self(std::env::temp_dir().join(format!("orgkey-gateway-{}.db", u64::from_le_bytes(bytes))))
+    }
+
+    fn arg(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+}
+
+impl Drop for State {
+    fn drop(&mut self) {
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", self.0.display()));
+        }
+    }
+}
+
 impl Drop for Gateway {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -31,13 +54,15 @@ impl Drop for Gateway {
     }
 }
 
-fn start(args: &[&str]) -> Gateway {
-    start_with_env(args, &[])
+fn start(state: &State, args: &[&str]) -> Gateway {
+    start_with_env(state, args, &[], true)
 }
 
-fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Gateway {
+/// Starts the gateway on `state`; `first` says whether it is the first start (then it prints
+/// the key, and a generated password unless one is given).
+fn start_with_env(state: &State, args: &[&str], env: &[(&str, &str)], first: bool) -> Gateway {
     let mut child = Command::new(gateway_binary())
-        .args(["--listen", "127.0.0.1:0"])
+        .args(["--listen", "127.0.0.1:0", "--state", state.arg()])
         .args(args)
         .env_remove("ORGKEY_ADMIN_PASSWORD")
         .envs(env.iter().copied())
@@ -49,7 +74,11 @@ fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Gateway {
     // A generated admin password is printed as a fifth line; a given one never is.
     let given =
         args.contains(&"--password") || env.iter().any(|(k, _)| *k == "ORGKEY_ADMIN_PASSWORD");
-    let expected = if given { 4 } else { 5 };
+    let expected = match (first, given) {
+        (true, false) => 5,
+        (true, true) => 4,
+        (false, _) => 3,
+    };
     // Read on a thread, so a gateway that prints less fails the test instead of hanging it.
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -69,33 +98,72 @@ fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Gateway {
             }
         }
     }
-    let base = lines[0].strip_prefix("base url: http://").unwrap();
+    let base = lines[0]
+        .strip_prefix("base url: http://")
+        .unwrap_or_else(|| panic!("unexpected first line: {lines:?}"));
     let addr = base.strip_suffix("/api/v1").unwrap().to_owned();
     Gateway { child, addr, lines }
 }
 
 fn get(addr: &str, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    send(addr, "GET", path, headers, "").1
+}
+
+/// One HTTP/1.1 exchange: (the response head, (status, body)).
+fn send(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (String, (u16, String)) {
     let mut stream = TcpStream::connect(addr).unwrap();
-    let mut request = format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n");
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\ncontent-length: {}\r\n",
+        body.len()
+    );
     for (k, v) in headers {
         request.push_str(&format!("{k}: {v}\r\n"));
     }
     request.push_str("\r\n");
+    request.push_str(body);
     stream.write_all(request.as_bytes()).unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).unwrap();
     let status = response[9..12].parse().unwrap();
-    let body = response
-        .split("\r\n\r\n")
-        .nth(1)
-        .unwrap_or_default()
-        .to_owned();
-    (status, body)
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    (head.to_owned(), (status, body.to_owned()))
+}
+
+/// Logs in with the obfuscated key; returns the status and the session id, if any.
+fn login(addr: &str, key: &str, password: &str) -> (u16, Option<String>) {
+    let ts = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let api_key = orgkey::session::obfuscate::obfuscate(key.as_bytes(), ts).unwrap();
+    let body = format!(
+        r#"{{"apiKey":"{}","username":"admin@acme.example","password":"{password}","timestamp":{ts}}}"#,
+        std::str::from_utf8(&api_key).unwrap()
+    );
+    let (head, (status, _)) = send(
+        addr,
+        "POST",
+        "/api/v1/authenticatedSession",
+        &[("content-type", "application/json")],
+        &body,
+    );
+    let cookie = head
+        .lines()
+        .find_map(|l| l.strip_prefix("set-cookie: JSESSIONID="))
+        .map(|rest| rest.split(';').next().unwrap().to_owned());
+    (status, cookie)
 }
 
 #[test]
 fn gateway_prints_credentials_and_serves_them_with_200_and_everything_else_with_401() {
-    let gw = start(&[]);
+    let state = State::new();
+    let gw = start(&state, &[]);
     assert_eq!(gw.lines[1], "org id: acme");
     let key = gw.lines[2].strip_prefix("api key: ").unwrap().to_owned();
     assert!(orgkey::ApiKey::parse(&key).is_ok());
@@ -134,9 +202,12 @@ fn gateway_prints_credentials_and_serves_them_with_200_and_everything_else_with_
 
 #[test]
 fn gateway_uses_the_given_key_and_org_and_refuses_bad_flags() {
+    let state = State::new();
     let gw = start_with_env(
+        &state,
         &["--org-id", "org-7", "--api-key", "AbCdEf123456"],
         &[("ORGKEY_ADMIN_PASSWORD", "FromTheEnvironment1")],
+        true,
     );
     assert_eq!(gw.lines[1], "org id: org-7");
     assert_eq!(gw.lines[2], "api key: AbCdEf123456");
@@ -160,4 +231,58 @@ fn gateway_uses_the_given_key_and_org_and_refuses_bad_flags() {
         !stderr.contains("short-key!"),
         "the value is never echoed: {stderr}"
     );
+}
+
+/// The persistence issue's end-to-end check: regenerate over HTTP, the old session and key
+/// die, the new key logs in and names the admin; after a restart on the same state file the
+/// old key is still rejected and the new one works, and no secret is printed again.
+#[test]
+fn regenerate_over_http_then_restart_on_the_same_state_keeps_the_new_key() {
+    let state = State::new();
+    let password = "CorrectHorse12!";
+    let gw = start_with_env(
+        &state,
+        &["--api-key", "AbCdEf123456", "--password", password],
+        &[],
+        true,
+    );
+    assert_eq!(gw.lines[2], "api key: AbCdEf123456");
+    let (status, cookie) = login(&gw.addr, "AbCdEf123456", password);
+    assert_eq!(status, 200);
+    let cookie = format!("JSESSIONID={}", cookie.unwrap());
+
+    let (_, (status, body)) = send(
+        &gw.addr,
+        "POST",
+        "/api/v1/apiKeys/1/regenerate",
+        &[("cookie", &cookie)],
+        "",
+    );
+    assert_eq!(status, 200, "{body}");
+    let resource: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let new_key = resource["keyValue"].as_str().unwrap().to_owned();
+    assert_eq!(resource["lastModifiedBy"]["name"], "admin@acme.example");
+    assert_ne!(new_key, "AbCdEf123456");
+
+    let old_key = [("X-Org-Id", "acme"), ("X-API-Key", "AbCdEf123456")];
+    let fresh_key = [("X-Org-Id", "acme"), ("X-API-Key", new_key.as_str())];
+    assert_eq!(
+        get(&gw.addr, "/api/v1/status", &[("cookie", &cookie)]).0,
+        401
+    );
+    assert_eq!(get(&gw.addr, "/api/v1/status", &old_key).0, 401);
+    assert_eq!(get(&gw.addr, "/api/v1/status", &fresh_key).0, 200);
+    assert_eq!(login(&gw.addr, "AbCdEf123456", password).0, 401);
+    assert_eq!(login(&gw.addr, &new_key, password).0, 200);
+    drop(gw); // SIGKILL: what was acknowledged is on disk
+
+    let gw = start_with_env(&state, &[], &[], false);
+    assert_eq!(gw.lines[1], "org id: acme");
+    assert_eq!(
+        gw.lines[2], "admin: admin@acme.example",
+        "no key, no password printed"
+    );
+    assert_eq!(get(&gw.addr, "/api/v1/status", &old_key).0, 401);
+    assert_eq!(get(&gw.addr, "/api/v1/status", &fresh_key).0, 200);
+    assert_eq!(login(&gw.addr, &new_key, password).0, 200);
 }

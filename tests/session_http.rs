@@ -69,13 +69,16 @@ fn cookie_of(head: &str) -> String {
 
 #[tokio::test]
 async fn login_call_regenerate_and_the_old_cookie_is_rejected_over_http() {
-    let built = app::build(app::Bootstrap {
-        org: OrgId::new("acme").unwrap(),
-        api_key: Some(ApiKey::parse("AbCdEf123456").unwrap()),
-        admin: Username::new("admin@acme.example").unwrap(),
-        password: Password::new(PASSWORD),
-        base_url: "http://127.0.0.1/api/v1".into(),
-    })
+    let built = app::build(
+        app::Bootstrap {
+            org: OrgId::new("acme").unwrap(),
+            api_key: Some(ApiKey::parse("AbCdEf123456").unwrap()),
+            admin: Username::new("admin@acme.example").unwrap(),
+            password: Some(Password::new(PASSWORD)),
+            base_url: "http://127.0.0.1/api/v1".into(),
+        },
+        orgkey::store::MemoryStore::new(),
+    )
     .await
     .unwrap();
     let keys = built.gateway.keys.clone();

@@ -5,13 +5,14 @@
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use axum::extract::ConnectInfo;
 use axum::routing::get;
 use axum::{Extension, Json, Router};
 use orgkey::audit_api::AuditLogEndpoint;
 use orgkey::session::SessionEndpoint;
-use orgkey::store::MemoryStore;
+use orgkey::store::Store;
 use orgkey::{
     Actor, Admins, ApiKey, Authenticated, KeyAdmin, KeyManagementEndpoint, OrgId, OrgKeyLayer,
     OrgTable, Password, Scopes, SessionConfig, Sessions, Username,
@@ -30,51 +31,72 @@ pub(crate) struct Gateway {
     pub(crate) router: Router,
 }
 
-/// What to bootstrap.
+/// What to bootstrap on a first start (a store without the org).
 pub(crate) struct Bootstrap {
     pub(crate) org: OrgId,
     pub(crate) api_key: Option<ApiKey>,
     pub(crate) admin: Username,
-    pub(crate) password: Password,
+    /// `None`: generate one (and report it) if the admin has to be created.
+    pub(crate) password: Option<Password>,
     pub(crate) base_url: String,
 }
 
-/// What the bootstrap produced, for printing.
+/// What was built; on a first start, also the secrets created, to print once.
 pub(crate) struct Bootstrapped {
     pub(crate) gateway: Gateway,
-    pub(crate) key: ApiKey,
+    /// The org's key, on a first start only.
+    pub(crate) new_key: Option<ApiKey>,
+    /// The admin's password, if it was generated on this start.
+    pub(crate) generated_password: Option<Password>,
 }
 
-/// Builds the gateway and its one org, subscription, key and admin (both scopes).
-pub(crate) async fn build(bootstrap: Bootstrap) -> Result<Bootstrapped, String> {
+/// Builds the gateway over `store`. On a first start (the org is not in the store) it creates
+/// the org, its subscription and key, and the admin with both scopes; later starts reuse the
+/// stored state and create nothing.
+pub(crate) async fn build(bootstrap: Bootstrap, store: impl Store) -> Result<Bootstrapped, String> {
+    let store: Arc<dyn Store> = Arc::new(store);
     let table = OrgTable::default();
-    // In memory for now: the SQLite state file comes with admins and sessions in the store.
-    let keys = KeyAdmin::open(table.clone(), MemoryStore::new())
+    let keys = KeyAdmin::open(table.clone(), Arc::clone(&store))
         .await
-        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("state: {e}"))?
         .with_base_url(&bootstrap.base_url);
-    let provisioning = Actor::new("provisioning").map_err(|e| e.to_string())?;
-    keys.create_org(&bootstrap.org)
+    let admins = Admins::open(table.clone(), Arc::clone(&store))
         .await
-        .map_err(|e| e.to_string())?;
-    let mut info = keys
-        .subscribe(&bootstrap.org, &provisioning)
-        .await
-        .map_err(|e| e.to_string())?;
-    if let Some(key) = bootstrap.api_key {
-        info = keys
-            .edit(&bootstrap.org, key, &provisioning)
+        .map_err(|e| format!("state: {e}"))?;
+
+    let mut new_key = None;
+    if table.state(bootstrap.org.as_str()).is_none() {
+        let provisioning = Actor::new("provisioning").map_err(|e| e.to_string())?;
+        keys.create_org(&bootstrap.org)
             .await
             .map_err(|e| e.to_string())?;
+        let mut info = keys
+            .subscribe(&bootstrap.org, &provisioning)
+            .await
+            .map_err(|e| e.to_string())?;
+        if let Some(key) = bootstrap.api_key {
+            info = keys
+                .edit(&bootstrap.org, key, &provisioning)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        new_key = Some(info.key().ok_or("the org has no key")?.clone());
     }
-    let key = info.key().ok_or("the org has no key")?.clone();
-
-    let admins = Admins::new(table.clone());
-    let (admin, org, password) = (bootstrap.admin, bootstrap.org, bootstrap.password);
-    admins
-        .create(&admin, &org, &password, Scopes::ALL)
-        .await
-        .map_err(|e| format!("admin: {e}"))?;
+    let mut generated_password = None;
+    if admins.get(&bootstrap.admin).is_none() {
+        let password = match bootstrap.password {
+            Some(password) => password,
+            None => {
+                let password = Password::generate(20).map_err(|e| e.to_string())?;
+                generated_password = Some(password.clone());
+                password
+            }
+        };
+        admins
+            .create(&bootstrap.admin, &bootstrap.org, &password, Scopes::ALL)
+            .await
+            .map_err(|e| format!("admin: {e}"))?;
+    }
 
     let sessions = Sessions::with_config(
         table.clone(),
@@ -111,7 +133,8 @@ pub(crate) async fn build(bootstrap: Bootstrap) -> Result<Bootstrapped, String> 
             sessions,
             router,
         },
-        key,
+        new_key,
+        generated_password,
     })
 }
 

@@ -21,7 +21,8 @@
 use std::net::SocketAddr;
 use std::process::ExitCode;
 
-use orgkey::{ApiKey, OrgId, Password, Username};
+use orgkey::store::SqliteStore;
+use orgkey::{ApiKey, KeyFormat, OrgId, Password, Username};
 
 mod app;
 
@@ -40,9 +41,14 @@ OPTIONS:
                        else random, printed once]
     --base-url URL     base URL to advertise; https:// makes the session cookie Secure
                        [default: http://<listen>/api/v1]
+    --state PATH       the SQLite state file (created on first start) [default: ./orgkey.db]
+    --postgres URL     keep the state in PostgreSQL instead (schema \"orgkey\"; needs the
+                       `postgres` feature: cargo run --features postgres --example gateway)
     -h, --help         print this help
 
-The key is printed once on stdout at start. Send it in X-API-Key with the org in X-Org-Id:
+On the first start (a new state) the gateway creates the org, its key and the admin, and
+prints the key (and a generated password) once; later starts reuse the state, ignore
+--api-key and --password, and print no secret. The key is printed once on stdout at start. Send it in X-API-Key with the org in X-Org-Id:
     curl -H 'X-Org-Id: acme' -H 'X-API-Key: <key>' http://127.0.0.1:8080/api/v1/whoami
 or log in as the admin through POST /api/v1/authenticatedSession (see the README).
 ";
@@ -54,6 +60,8 @@ struct Options {
     admin: Option<Username>,
     password: Option<Password>,
     base_url: Option<String>,
+    state: std::path::PathBuf,
+    postgres: Option<String>,
 }
 
 fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Options>, String> {
@@ -64,6 +72,8 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Options>,
         admin: None,
         password: None,
         base_url: None,
+        state: std::path::PathBuf::from("orgkey.db"),
+        postgres: None,
     };
     while let Some(flag) = args.next() {
         let mut value = |name: &str| {
@@ -100,6 +110,8 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Options>,
                 options.password = Some(password);
             }
             "--base-url" => options.base_url = Some(value("--base-url")?),
+            "--state" => options.state = value("--state")?.into(),
+            "--postgres" => options.postgres = Some(value("--postgres")?),
             other => return Err(format!("unknown option {other:?} (see --help)")),
         }
     }
@@ -148,37 +160,56 @@ async fn run(options: Options) -> Result<(), String> {
         None => Username::new(&format!("admin@{}.example", options.org_id))
             .map_err(|e| format!("default admin name: {e}"))?,
     };
-    let (password, generated) = match options.password {
-        Some(password) => (password, false),
+    let password = match options.password {
+        Some(password) => Some(password),
         None => match std::env::var("ORGKEY_ADMIN_PASSWORD") {
             Ok(from_env) => {
                 let password = Password::new(from_env);
                 password
                     .check_policy()
                     .map_err(|e| format!("ORGKEY_ADMIN_PASSWORD: {e}"))?;
-                (password, false)
+                Some(password)
             }
-            Err(_) => (Password::generate(20).map_err(|e| e.to_string())?, true),
+            Err(_) => None,
         },
     };
-
-    let built = app::build(app::Bootstrap {
+    let bootstrap = app::Bootstrap {
         org: options.org_id.clone(),
         api_key: options.api_key,
         admin: admin.clone(),
-        password: password.clone(),
+        password,
         base_url: base_url.clone(),
-    })
-    .await?;
+    };
+    let built = match &options.postgres {
+        Some(url) => build_on_postgres(bootstrap, url).await?,
+        None => {
+            let store = SqliteStore::open(&options.state, KeyFormat::default()).map_err(|e| {
+                format!(
+                    "state file {}: {e}{}",
+                    options.state.display(),
+                    std::error::Error::source(&e)
+                        .map(|s| format!(" ({s})"))
+                        .unwrap_or_default()
+                )
+            })?;
+            tracing::info!(state = %options.state.display(), "state file opened");
+            app::build(bootstrap, store).await?
+        }
+    };
 
     println!("base url: {base_url}");
     println!("org id: {}", options.org_id);
-    println!("api key: {}", built.key.expose_secret());
+    match &built.new_key {
+        Some(key) => println!("api key: {}", key.expose_secret()),
+        None => eprintln!(
+            "note: using the stored state; its key is not printed again (and --api-key, if \
+             given, was ignored)"
+        ),
+    }
     println!("admin: {admin}");
-    if generated {
+    if let Some(password) = &built.generated_password {
         println!("admin password: {}", password.expose_secret());
     }
-    drop(password);
 
     tracing::info!(%local, "gateway listening");
     let service = built
@@ -191,6 +222,25 @@ async fn run(options: Options) -> Result<(), String> {
         .map_err(|e| format!("server error: {e}"))?;
     tracing::info!("gateway stopped");
     Ok(())
+}
+
+#[cfg(feature = "postgres")]
+async fn build_on_postgres(
+    bootstrap: app::Bootstrap,
+    url: &str,
+) -> Result<app::Bootstrapped, String> {
+    let store = orgkey::store::PostgresStore::connect(url, "orgkey", KeyFormat::default())
+        .await
+        .map_err(|e| format!("--postgres: {e}"))?;
+    app::build(bootstrap, store).await
+}
+
+#[cfg(not(feature = "postgres"))]
+async fn build_on_postgres(_: app::Bootstrap, _: &str) -> Result<app::Bootstrapped, String> {
+    Err(
+        "--postgres needs the postgres feature: cargo run --features postgres --example gateway"
+            .into(),
+    )
 }
 
 async fn shutdown_signal() {

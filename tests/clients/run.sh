@@ -68,7 +68,7 @@ trap cleanup EXIT
 
 port=$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 say "starting the gateway on 127.0.0.1:$port"
-"$gateway_bin" --listen "127.0.0.1:$port" --org-id "$ORG_ID" --api-key "$API_KEY" --password "$PASSWORD" \
+"$gateway_bin" --listen "127.0.0.1:$port" --state "$work/state.db" --org-id "$ORG_ID" --api-key "$API_KEY" --password "$PASSWORD" \
   >"$work/gateway.out" 2>"$work/gateway.err" &
 gateway_pid=$!
 
