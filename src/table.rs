@@ -8,6 +8,7 @@
 //! The table is changed only through [`KeyAdmin`](crate::KeyAdmin); this module exposes
 //! reading.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -29,6 +30,24 @@ pub struct OrgState {
 }
 
 impl OrgState {
+    // Used by the PostgreSQL change feed.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    pub(crate) fn from_record(
+        subscribed: bool,
+        key: Option<ApiKey>,
+        generation: Generation,
+        last_modified_by: Option<Actor>,
+        last_modified_on: Option<SystemTime>,
+    ) -> Self {
+        Self {
+            subscribed,
+            key,
+            generation,
+            last_modified_by,
+            last_modified_on,
+        }
+    }
+
     fn new_unsubscribed() -> Self {
         Self {
             subscribed: false,
@@ -99,6 +118,9 @@ pub struct OrgTable {
 struct Inner {
     orgs: DashMap<OrgId, ArcSwap<OrgState>>,
     format: KeyFormat,
+    /// False while a change feed has lost its connection and not yet reloaded (F1): every
+    /// check then fails closed.
+    trusted: AtomicBool,
 }
 
 impl std::fmt::Debug for OrgTable {
@@ -123,6 +145,7 @@ impl OrgTable {
             inner: Arc::new(Inner {
                 orgs: DashMap::new(),
                 format,
+                trusted: AtomicBool::new(true),
             }),
         }
     }
@@ -133,7 +156,39 @@ impl OrgTable {
             inner: Arc::new(Inner {
                 orgs: DashMap::with_capacity(capacity),
                 format,
+                trusted: AtomicBool::new(true),
             }),
+        }
+    }
+
+    /// Whether the table can be trusted: false while a change feed that keeps it in step
+    /// with other replicas is disconnected and has not reloaded (F1). The layer answers 503
+    /// meanwhile.
+    pub fn is_trusted(&self) -> bool {
+        self.inner.trusted.load(Ordering::Acquire)
+    }
+
+    // Used by the PostgreSQL change feed.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    pub(crate) fn set_trusted(&self, trusted: bool) {
+        self.inner.trusted.store(trusted, Ordering::Release);
+    }
+
+    /// Installs `state` for `org` unless the table already has that generation or a newer one
+    /// (a change feed may deliver a change after a reload already brought it).
+    // Used by the PostgreSQL change feed.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    pub(crate) fn install_if_newer(&self, org: OrgId, state: OrgState) {
+        match self.inner.orgs.entry(org) {
+            Entry::Occupied(slot) => {
+                let cell = slot.get();
+                if cell.load().generation < state.generation {
+                    cell.store(Arc::new(state));
+                }
+            }
+            Entry::Vacant(slot) => {
+                slot.insert(ArcSwap::from_pointee(state));
+            }
         }
     }
 

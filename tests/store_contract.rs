@@ -806,3 +806,97 @@ async fn postgres_refuses_a_key_that_does_not_match_the_deployment_format() {
     assert!(source.contains("key format"), "{source}");
     assert!(!source.contains("AbCdEf123456"));
 }
+
+/// F1: a change committed through one replica reaches another replica's table through the
+/// change feed; when the feed's connection is killed, a change made meanwhile still arrives
+/// (full reload after reconnect) and the table is trusted again. Also measures propagation:
+/// from `regenerate` returning on replica A to replica B rejecting the old key, over
+/// `ORGKEY_PROPAGATION_ROTATIONS` rotations (default 200; 1,000 for BENCHMARKS.md).
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_change_feed_propagates_and_recovers_after_losing_its_connection() {
+    use orgkey::{KeyAdmin, OrgTable};
+    use std::time::{Duration, Instant};
+    let Some(schema) = TempSchema::new() else {
+        return;
+    };
+    let a = KeyAdmin::open(OrgTable::default(), schema.connect().await)
+        .await
+        .unwrap();
+    let actor = Actor::new("ops@acme.example").unwrap();
+    a.create_org(&org("acme")).await.unwrap();
+    let first = a.subscribe(&org("acme"), &actor).await.unwrap();
+    let first = first.key().unwrap().expose_secret().to_owned();
+
+    // Replica B: its own connection and table, loaded, then following.
+    let b_store = schema.connect().await;
+    let b = KeyAdmin::open(OrgTable::default(), b_store.clone())
+        .await
+        .unwrap();
+    let _follower = b_store.follow(b.table().clone());
+    let wait_for = |key: String| {
+        let table = b.table().clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while table.verify("acme", key.as_bytes()).is_err() {
+                assert!(
+                    Instant::now() < deadline,
+                    "the change never reached replica B"
+                );
+                tokio::task::yield_now().await;
+            }
+        }
+    };
+    wait_for(first.clone()).await;
+
+    let rotations: usize = std::env::var("ORGKEY_PROPAGATION_ROTATIONS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(200);
+    let mut latencies = Vec::with_capacity(rotations);
+    let mut previous = first;
+    for _ in 0..rotations {
+        let info = a.regenerate(&org("acme"), &actor).await.unwrap();
+        let committed = Instant::now();
+        let key = info.key().unwrap().expose_secret().to_owned();
+        // Spin until B has the new state: from then on it rejects the previous key.
+        while b.table().verify("acme", previous.as_bytes()).is_ok() {
+            assert!(
+                committed.elapsed() < Duration::from_secs(10),
+                "no propagation"
+            );
+            std::hint::spin_loop();
+            tokio::task::yield_now().await;
+        }
+        latencies.push(committed.elapsed());
+        assert!(b.table().verify("acme", key.as_bytes()).is_ok());
+        previous = key;
+    }
+    latencies.sort();
+    let at = |q: f64| latencies[((latencies.len() as f64 - 1.0) * q).round() as usize];
+    println!(
+        "propagation over {rotations} rotations: p50 {:?}, p99 {:?}, max {:?}",
+        at(0.5),
+        at(0.99),
+        latencies.last().unwrap()
+    );
+
+    // Kill the follower's connection; change the key while it is gone.
+    let raw = schema.raw().await;
+    raw.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+        &[&format!("orgkey-follow:{}", schema.name)],
+    )
+    .await
+    .unwrap();
+    let during = a.regenerate(&org("acme"), &actor).await.unwrap();
+    let during = during.key().unwrap().expose_secret().to_owned();
+    wait_for(during.clone()).await;
+    assert!(b.table().verify("acme", previous.as_bytes()).is_err());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !b.table().is_trusted() {
+        assert!(Instant::now() < deadline, "never trusted again");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(_follower);
+}

@@ -180,7 +180,7 @@ async fn run(options: Options) -> Result<(), String> {
         password,
         base_url: base_url.clone(),
     };
-    let built = match &options.postgres {
+    let (built, _follower) = match &options.postgres {
         Some(url) => build_on_postgres(bootstrap, url).await?,
         None => {
             let store = SqliteStore::open(&options.state, KeyFormat::default()).map_err(|e| {
@@ -193,7 +193,7 @@ async fn run(options: Options) -> Result<(), String> {
                 )
             })?;
             tracing::info!(state = %options.state.display(), "state file opened");
-            app::build(bootstrap, store).await?
+            (app::build(bootstrap, store).await?, None)
         }
     };
 
@@ -224,19 +224,29 @@ async fn run(options: Options) -> Result<(), String> {
     Ok(())
 }
 
+/// Something to keep alive while the gateway runs (the PostgreSQL change follower).
+type KeepAlive = Option<Box<dyn std::any::Any>>;
+
+/// On PostgreSQL the gateway also follows changes made by other replicas (F1); the follower
+/// runs as long as the returned handle lives.
 #[cfg(feature = "postgres")]
 async fn build_on_postgres(
     bootstrap: app::Bootstrap,
     url: &str,
-) -> Result<app::Bootstrapped, String> {
+) -> Result<(app::Bootstrapped, KeepAlive), String> {
     let store = orgkey::store::PostgresStore::connect(url, "orgkey", KeyFormat::default())
         .await
         .map_err(|e| format!("--postgres: {e}"))?;
-    app::build(bootstrap, store).await
+    let built = app::build(bootstrap, store.clone()).await?;
+    let follower = store.follow(built.gateway.keys.table().clone());
+    Ok((built, Some(Box::new(follower))))
 }
 
 #[cfg(not(feature = "postgres"))]
-async fn build_on_postgres(_: app::Bootstrap, _: &str) -> Result<app::Bootstrapped, String> {
+async fn build_on_postgres(
+    _: app::Bootstrap,
+    _: &str,
+) -> Result<(app::Bootstrapped, KeepAlive), String> {
     Err(
         "--postgres needs the postgres feature: cargo run --features postgres --example gateway"
             .into(),

@@ -140,6 +140,10 @@ impl Config {
         &self,
         request: &mut Request<B>,
     ) -> Result<Authenticated, (RejectionReason, Option<InlineOrgId>)> {
+        // F1: while a change feed is reconnecting, nothing is accepted (fail closed).
+        if !self.table.is_trusted() {
+            return Err((RejectionReason::Unavailable, None));
+        }
         let sessions_apply = match &self.sessions {
             Some(sessions) if !request.headers().contains_key(&self.key_header) => {
                 let checked = match find_session_cookie(request.headers()) {
@@ -286,6 +290,47 @@ mod tests {
             layer.config.challenge,
             HeaderValue::from_static(r#"ApiKey realm="gw", header="x-key""#)
         );
+    }
+
+    #[test]
+    fn an_untrusted_table_fails_closed_with_503() {
+        use tower_service::Service;
+        let table = OrgTable::default();
+        let mut svc = tower_layer::Layer::layer(&OrgKeyLayer::new(table.clone()), Never);
+        table.set_trusted(false);
+        let request = http::Request::get("/")
+            .header("x-org-id", "acme")
+            .header("x-api-key", "AbCdEf123456")
+            .body(())
+            .unwrap();
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let mut future = std::pin::pin!(svc.call(request));
+        let std::task::Poll::Ready(Ok(response)) =
+            std::future::Future::poll(future.as_mut(), &mut cx)
+        else {
+            panic!("a rejection is ready at once");
+        };
+        assert_eq!(response.status(), http::StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()["retry-after"], "1");
+        table.set_trusted(true);
+    }
+
+    /// An inner service that must not be called.
+    struct Never;
+
+    impl tower_service::Service<http::Request<()>> for Never {
+        type Response = http::Response<http_body_util::Empty<bytes::Bytes>>;
+        type Error = std::convert::Infallible;
+        type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+        fn poll_ready(
+            &mut self,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), Self::Error>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, _: http::Request<()>) -> Self::Future {
+            panic!("the inner service is not called while the table is untrusted")
+        }
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use std::fmt;
 
 use bytes::Bytes;
-use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE, WWW_AUTHENTICATE};
+use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{Response, StatusCode};
 
 use crate::session::SessionRejection;
@@ -48,6 +48,9 @@ pub enum RejectionReason {
     /// Sessions are accepted and the request has neither a session cookie nor a key (nor an
     /// org): what a ZIA client lacks is a session.
     SessionMissing,
+    /// The org table cannot be trusted right now (its change feed is reconnecting, F1): the
+    /// request fails closed with 503.
+    Unavailable,
 }
 
 impl RejectionReason {
@@ -69,11 +72,12 @@ impl RejectionReason {
             Self::SessionAdminChanged => "session_admin_changed",
             Self::SessionAmbiguous => "session_ambiguous",
             Self::SessionMissing => "session_missing",
+            Self::Unavailable => "unavailable",
         }
     }
 
     /// Every reason, for exhaustive tests and metrics registration.
-    pub const ALL: [RejectionReason; 15] = [
+    pub const ALL: [RejectionReason; 16] = [
         Self::MissingOrg,
         Self::MissingKey,
         Self::KeyInQuery,
@@ -89,6 +93,7 @@ impl RejectionReason {
         Self::SessionAdminChanged,
         Self::SessionAmbiguous,
         Self::SessionMissing,
+        Self::Unavailable,
     ];
 
     /// The JSON body the client sees. Unknown org, no subscription, no key and wrong key share
@@ -116,6 +121,9 @@ impl RejectionReason {
             | Self::SessionAmbiguous
             | Self::SessionMissing => {
                 r#"{"code":"SESSION_NOT_VALID","message":"Session is not valid"}"#
+            }
+            Self::Unavailable => {
+                r#"{"code":"SERVICE_UNAVAILABLE","message":"authentication state is reloading; retry shortly"}"#
             }
         }
     }
@@ -168,9 +176,12 @@ impl Rejection {
         self.reason
     }
 
-    /// The HTTP status of the rejection.
+    /// The HTTP status of the rejection: 401, or 503 while the table cannot be trusted.
     pub fn status(&self) -> StatusCode {
-        StatusCode::UNAUTHORIZED
+        match self.reason {
+            RejectionReason::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::UNAUTHORIZED,
+        }
     }
 
     pub(crate) fn into_response(self, challenge: &HeaderValue) -> Response<Bytes> {
@@ -180,6 +191,9 @@ impl Rejection {
         headers.insert(WWW_AUTHENTICATE, challenge.clone());
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if self.reason == RejectionReason::Unavailable {
+            headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        }
         response.extensions_mut().insert(self);
         response
     }
@@ -207,6 +221,8 @@ mod tests {
             let body = r.body();
             let code = if r.as_str().starts_with("session_") {
                 "SESSION_NOT_VALID"
+            } else if r == RejectionReason::Unavailable {
+                "SERVICE_UNAVAILABLE"
             } else {
                 "AUTHENTICATION_FAILED"
             };

@@ -15,6 +15,9 @@ use crate::admins::{Scopes, Username};
 use crate::audit::{AuditEvent, KeyAction};
 use crate::key::{ApiKey, KeyFormat};
 use crate::org::{Actor, Generation, OrgId};
+use crate::table::{OrgState, OrgTable};
+use std::time::Duration;
+use tokio_postgres::AsyncMessage;
 
 /// The schema, one entry per version; `orgkey_schema_version` has one row per entry that ran.
 const MIGRATIONS: &[&str] = &[
@@ -96,6 +99,115 @@ struct Inner {
     schema: String,
     format: KeyFormat,
     conn: RwLock<Conn>,
+}
+
+/// The handle of [`PostgresStore::follow`]; dropping it stops following (the table keeps the
+/// state it has).
+#[derive(Debug)]
+pub struct ChangeFollower {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for ChangeFollower {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The notification channel of a schema (at most 63 bytes, as PostgreSQL identifiers).
+fn channel(schema: &str) -> String {
+    let mut name = format!("orgkey_{schema}");
+    name.truncate(MAX_SCHEMA_LEN);
+    name
+}
+
+fn state_of(record: OrgRecord) -> (OrgId, OrgState) {
+    (
+        record.org,
+        OrgState::from_record(
+            record.subscribed,
+            record.key,
+            record.generation,
+            record.last_modified_by,
+            record.last_modified_on,
+        ),
+    )
+}
+
+/// One life of the follower's connection: LISTEN, reload everything, then apply each change
+/// until the connection fails.
+async fn follow_once(inner: &Inner, table: &OrgTable) -> Result<(), StoreError> {
+    let mut config = inner.config.clone();
+    config.application_name(format!("orgkey-follow:{}", inner.schema));
+    let (client, mut connection) = config.connect(NoTls).await.map_err(backend)?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let driver = tokio::spawn(async move {
+        loop {
+            match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                Some(Ok(AsyncMessage::Notification(n))) => {
+                    if tx.send(n.payload().to_owned()).is_err() {
+                        break;
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => break,
+            }
+        }
+    });
+    let result = async {
+        client
+            .batch_execute(&format!(
+                "SET search_path TO \"{}\"; LISTEN \"{}\"",
+                inner.schema,
+                channel(&inner.schema)
+            ))
+            .await
+            .map_err(backend)?;
+        // Reload after LISTEN, so that no change falls between the two.
+        let rows = client
+            .query(
+                "SELECT id, subscribed, api_key, generation, modified_by, modified_ms FROM orgs",
+                &[],
+            )
+            .await
+            .map_err(backend)?;
+        for row in &rows {
+            let (org, state) = state_of(org_from_row(row, inner.format)?);
+            table.install_if_newer(org, state);
+        }
+        table.set_trusted(true);
+        tracing::info!(schema = %inner.schema, orgs = rows.len(), "change feed following");
+        while let Some(payload) = rx.recv().await {
+            let Some((org, generation)) = payload.rsplit_once(':') else {
+                continue;
+            };
+            let (Ok(org), Ok(generation)) = (OrgId::new(org), generation.parse::<u64>()) else {
+                continue;
+            };
+            if table
+                .state(org.as_str())
+                .is_some_and(|s| s.generation().get() >= generation)
+            {
+                continue; // already have it (or newer)
+            }
+            let row = client
+                .query_opt(
+                    "SELECT id, subscribed, api_key, generation, modified_by, modified_ms
+                     FROM orgs WHERE id = $1",
+                    &[&org.as_str()],
+                )
+                .await
+                .map_err(backend)?;
+            if let Some(row) = row {
+                let (org, state) = state_of(org_from_row(&row, inner.format)?);
+                table.install_if_newer(org, state);
+            }
+        }
+        Err(corrupt("the change feed connection closed"))
+    }
+    .await;
+    driver.abort();
+    result
 }
 
 /// One live connection and its prepared statements.
@@ -190,6 +302,29 @@ impl PostgresStore {
     /// The schema this store keeps its tables in.
     pub fn schema(&self) -> &str {
         &self.inner.schema
+    }
+
+    /// Keeps `table` in step with every change committed to this schema, by any replica
+    /// (F1): a dedicated connection `LISTEN`s for the `org:generation` notifications that
+    /// commits send (never key material), and reloads each changed org. When that connection
+    /// is lost, `table` is marked untrusted at once (the layer answers 503, fail closed); the
+    /// follower reconnects, `LISTEN`s again, reloads every org, and marks the table trusted.
+    /// Stops when the returned handle is dropped.
+    pub fn follow(&self, table: OrgTable) -> ChangeFollower {
+        let inner = Arc::clone(&self.inner);
+        let task = tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(50);
+            loop {
+                let result = follow_once(&inner, &table).await;
+                table.set_trusted(false);
+                if let Err(error) = result {
+                    tracing::warn!(schema = %inner.schema, %error, "change feed lost; failing closed until reloaded");
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        });
+        ChangeFollower { task }
     }
 
     /// The connection, shared with other statements outside transactions; reconnects first
@@ -479,6 +614,18 @@ impl Store for PostgresStore {
                     &audit.action.as_str(),
                     &millis(audit.at),
                     &audit_generation,
+                ],
+            )
+            .await
+            .map_err(backend)?;
+            // F1: every follower of this schema hears "org:generation" when this commits (a
+            // notification is delivered at COMMIT, never for a rolled-back change). Never key
+            // material.
+            tx.execute(
+                "SELECT pg_notify($1, $2)",
+                &[
+                    &channel(&self.inner.schema),
+                    &format!("{}:{}", next.org.as_str(), next.generation.get()),
                 ],
             )
             .await
