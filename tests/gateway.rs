@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
 /// `cargo test` builds the examples before running tests; find the gateway beside this test.
+/// (`cargo test --test gateway` alone does not rebuild the example: run
+/// `cargo build --all-features --example gateway` first, or the whole `cargo test`.)
 fn gateway_binary() -> PathBuf {
     let mut dir = std::env::current_exe().unwrap();
     dir.pop(); // the test binary
@@ -285,4 +287,82 @@ fn regenerate_over_http_then_restart_on_the_same_state_keeps_the_new_key() {
     assert_eq!(get(&gw.addr, "/api/v1/status", &old_key).0, 401);
     assert_eq!(get(&gw.addr, "/api/v1/status", &fresh_key).0, 200);
     assert_eq!(login(&gw.addr, &new_key, password).0, 200);
+}
+
+/// `--upstream`: authenticated requests are forwarded without credentials and with the
+/// identity headers (which clients cannot forge); unauthenticated ones never reach it.
+#[test]
+fn upstream_mode_forwards_identity_and_strips_credentials() {
+    use std::net::TcpListener;
+    let upstream = TcpListener::bind("127.0.0.1:0").unwrap();
+    let upstream_addr = upstream.local_addr().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for stream in upstream.incoming() {
+            let mut stream = stream.unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut head = String::new();
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap() == 0 || line == "\r\n" {
+                    break;
+                }
+                head.push_str(&line);
+            }
+            tx.send(head).unwrap();
+            stream
+                .write_all(
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 8\r\nconnection: close\r\n\r\nupstream",
+                )
+                .unwrap();
+        }
+    });
+    let state = State::new();
+    let gw = start_with_env(
+        &state,
+        &[
+            "--api-key",
+            "AbCdEf123456",
+            "--password",
+            "CorrectHorse12!",
+            "--upstream",
+            &format!("http://{upstream_addr}"),
+        ],
+        &[],
+        true,
+    );
+    let (status, body) = get(
+        &gw.addr,
+        "/reports/1?x=2",
+        &[
+            ("X-Org-Id", "acme"),
+            ("X-API-Key", "AbCdEf123456"),
+            ("X-Orgkey-Org", "evil"),
+            ("X-Orgkey-Admin", "root@evil.example"),
+        ],
+    );
+    assert_eq!((status, body.as_str()), (200, "upstream"));
+    let head = rx
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .unwrap()
+        .to_ascii_lowercase();
+    assert!(head.starts_with("get /reports/1?x=2 http/1.1"), "{head}");
+    assert!(head.contains("x-orgkey-org: acme\r\n"), "{head}");
+    assert!(head.contains("x-orgkey-auth: api_key\r\n"), "{head}");
+    assert!(
+        !head.contains("evil"),
+        "client-sent identity headers are dropped: {head}"
+    );
+    assert!(
+        !head.contains("x-api-key"),
+        "the key never reaches the upstream: {head}"
+    );
+
+    let (status, _) = get(&gw.addr, "/reports/1", &[("X-Org-Id", "acme")]);
+    assert_eq!(status, 401);
+    assert!(
+        rx.recv_timeout(std::time::Duration::from_millis(300))
+            .is_err(),
+        "an unauthenticated request never reaches the upstream"
+    );
 }

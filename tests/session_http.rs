@@ -76,6 +76,7 @@ async fn login_call_regenerate_and_the_old_cookie_is_rejected_over_http() {
             admin: Username::new("admin@acme.example").unwrap(),
             password: Some(Password::new(PASSWORD)),
             base_url: "http://127.0.0.1/api/v1".into(),
+            upstream: None,
         },
         orgkey::store::MemoryStore::new(),
     )

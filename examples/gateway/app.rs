@@ -39,6 +39,8 @@ pub(crate) struct Bootstrap {
     /// `None`: generate one (and report it) if the admin has to be created.
     pub(crate) password: Option<Password>,
     pub(crate) base_url: String,
+    /// Where authenticated requests go (`--upstream`); `None`: the demo API answers them.
+    pub(crate) upstream: Option<http::Uri>,
 }
 
 /// What was built; on a first start, also the secrets created, to print once.
@@ -111,9 +113,13 @@ pub(crate) async fn build(bootstrap: Bootstrap, store: impl Store) -> Result<Boo
             .map(|info| info.0.ip())
     });
 
-    let api = Router::new()
-        .route("/api/v1/status", get(status))
-        .route("/api/v1/whoami", get(whoami))
+    let api = match bootstrap.upstream {
+        Some(upstream) => Router::new().fallback(proxy_to(upstream)),
+        None => Router::new()
+            .route("/api/v1/status", get(status))
+            .route("/api/v1/whoami", get(whoami)),
+    };
+    let api = api
         .nest_service("/api/v1/apiKeys", KeyManagementEndpoint::new(keys.clone()))
         .route_service("/api/v1/auditLog", AuditLogEndpoint::new(keys.clone()))
         .layer(OrgKeyLayer::new(table).with_sessions(sessions.clone()));
@@ -146,6 +152,77 @@ async fn metrics() -> ([(axum::http::HeaderName, &'static str); 1], String) {
         )],
         orgkey::metrics::render(),
     )
+}
+
+/// Headers the gateway sets on proxied requests (and removes from what clients send, so they
+/// cannot be forged).
+pub(crate) const ORG_HEADER: &str = "x-orgkey-org";
+/// The admin of a session (absent for direct-key requests).
+pub(crate) const ADMIN_HEADER: &str = "x-orgkey-admin";
+/// `api_key` or `session`.
+pub(crate) const METHOD_HEADER: &str = "x-orgkey-auth";
+
+/// A handler that forwards each authenticated request to `upstream` (same path and query),
+/// without credentials (the layer already removed the key header and the session cookie),
+/// with the identity in the `x-orgkey-*` headers.
+fn proxy_to(
+    upstream: http::Uri,
+) -> impl Fn(
+    Extension<Authenticated>,
+    axum::extract::Request,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = axum::response::Response> + Send>>
+       + Clone
+       + Send
+       + 'static {
+    use axum::response::IntoResponse;
+    let client: hyper_util::client::legacy::Client<_, axum::body::Body> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+    move |Extension(auth): Extension<Authenticated>, mut request: axum::extract::Request| {
+        let client = client.clone();
+        let upstream = upstream.clone();
+        Box::pin(async move {
+            let path = request
+                .uri()
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .to_owned();
+            let mut parts = upstream.into_parts();
+            parts.path_and_query = match path.parse() {
+                Ok(p) => Some(p),
+                Err(_) => return http::StatusCode::BAD_REQUEST.into_response(),
+            };
+            let Ok(uri) = http::Uri::from_parts(parts) else {
+                return http::StatusCode::BAD_GATEWAY.into_response();
+            };
+            *request.uri_mut() = uri;
+            let headers = request.headers_mut();
+            for name in [ORG_HEADER, ADMIN_HEADER, METHOD_HEADER] {
+                headers.remove(name);
+            }
+            headers.remove(http::header::HOST);
+            if let Ok(org) = http::HeaderValue::from_str(auth.org()) {
+                headers.insert(ORG_HEADER, org);
+            }
+            let method = match auth.admin() {
+                Some(admin) => {
+                    if let Ok(admin) = http::HeaderValue::from_str(admin.as_str()) {
+                        headers.insert(ADMIN_HEADER, admin);
+                    }
+                    "session"
+                }
+                None => "api_key",
+            };
+            headers.insert(METHOD_HEADER, http::HeaderValue::from_static(method));
+            match client.request(request).await {
+                Ok(response) => response.map(axum::body::Body::new).into_response(),
+                Err(error) => {
+                    tracing::warn!(%error, "upstream request failed");
+                    http::StatusCode::BAD_GATEWAY.into_response()
+                }
+            }
+        })
+    }
 }
 
 async fn status() -> Json<Value> {

@@ -42,6 +42,9 @@ OPTIONS:
     --base-url URL     base URL to advertise; https:// makes the session cookie Secure
                        [default: http://<listen>/api/v1]
     --state PATH       the SQLite state file (created on first start) [default: ./orgkey.db]
+    --upstream URL     forward authenticated requests to URL (http://host:port), without the
+                       key header or session cookie, with x-orgkey-org, x-orgkey-admin and
+                       x-orgkey-auth set [default: the demo API answers them]
     --postgres URL     keep the state in PostgreSQL instead (schema \"orgkey\"; needs the
                        `postgres` feature: cargo run --features postgres --example gateway)
     -h, --help         print this help
@@ -62,6 +65,7 @@ struct Options {
     base_url: Option<String>,
     state: std::path::PathBuf,
     postgres: Option<String>,
+    upstream: Option<axum::http::Uri>,
 }
 
 fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Options>, String> {
@@ -74,6 +78,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Options>,
         base_url: None,
         state: std::path::PathBuf::from("orgkey.db"),
         postgres: None,
+        upstream: None,
     };
     while let Some(flag) = args.next() {
         let mut value = |name: &str| {
@@ -112,6 +117,15 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Options>,
             "--base-url" => options.base_url = Some(value("--base-url")?),
             "--state" => options.state = value("--state")?.into(),
             "--postgres" => options.postgres = Some(value("--postgres")?),
+            "--upstream" => {
+                let v = value("--upstream")?;
+                let uri: axum::http::Uri =
+                    v.parse().map_err(|e| format!("--upstream {v:?}: {e}"))?;
+                if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+                    return Err(format!("--upstream {v:?}: use http://host:port"));
+                }
+                options.upstream = Some(uri);
+            }
             other => return Err(format!("unknown option {other:?} (see --help)")),
         }
     }
@@ -179,6 +193,7 @@ async fn run(options: Options) -> Result<(), String> {
         admin: admin.clone(),
         password,
         base_url: base_url.clone(),
+        upstream: options.upstream.clone(),
     };
     let (built, _follower) = match &options.postgres {
         Some(url) => build_on_postgres(bootstrap, url).await?,
