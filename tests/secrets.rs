@@ -10,6 +10,40 @@ assert_not_impl_any!(ApiKey: PartialEq, Eq, PartialOrd, std::fmt::Display, std::
 assert_not_impl_any!(KeyInfo: PartialEq, std::fmt::Display);
 assert_not_impl_any!(orgkey::table::OrgState: PartialEq, std::fmt::Display);
 assert_impl_all!(ApiKey: subtle::ConstantTimeEq, zeroize::ZeroizeOnDrop, std::fmt::Debug, Send, Sync);
+assert_not_impl_any!(orgkey::Password: PartialEq, Eq, std::fmt::Display, std::hash::Hash);
+assert_not_impl_any!(orgkey::session::SessionToken: PartialEq, Eq, std::fmt::Display, std::hash::Hash, Clone);
+assert_impl_all!(orgkey::session::SessionToken: subtle::ConstantTimeEq, std::fmt::Debug);
+assert_not_impl_any!(orgkey::session::LoginRequest: PartialEq, std::fmt::Display);
+
+#[test]
+fn debug_of_passwords_login_requests_and_stored_admins_never_shows_the_secret() {
+    let password = orgkey::Password::new("CorrectHorse12!");
+    let request = orgkey::session::LoginRequest {
+        api_key: orgkey::Password::new("24C312f631ff"),
+        username: "alice@acme.example".into(),
+        password: password.clone(),
+        timestamp_ms: 1,
+        source: None,
+    };
+    let admin = orgkey::store::AdminRecord {
+        username: orgkey::Username::new("alice@acme.example").unwrap(),
+        org: OrgId::new("acme").unwrap(),
+        enabled: true,
+        scopes: orgkey::Scopes::ALL,
+        password_hash: "$argon2id$v=19$m=19456,t=2,p=1$c2FsdA$aGFzaA".into(),
+        credential_version: 1,
+    };
+    for rendering in [
+        format!("{password:?}"),
+        format!("{request:?}"),
+        format!("{request:#?}"),
+        format!("{admin:?}"),
+    ] {
+        assert!(!rendering.contains("CorrectHorse"), "{rendering}");
+        assert!(!rendering.contains("24C312"), "{rendering}");
+        assert!(!rendering.contains("argon2id"), "{rendering}");
+    }
+}
 
 const KEY: &str = "Zx9Qw8Er7Ty6";
 
