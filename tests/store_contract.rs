@@ -391,9 +391,31 @@ async fn admins_are_stored_replaced_and_deleted(store: Arc<dyn Store>) {
     ));
 }
 
+async fn sessions_are_stored_by_digest_and_deleted(store: Arc<dyn Store>) {
+    use orgkey::store::SessionRecord;
+    use orgkey::Username;
+    assert!(store.load_sessions().await.unwrap().is_empty());
+    let session = |byte: u8| SessionRecord {
+        digest: [byte; 32],
+        org: org("acme"),
+        admin: Username::new("alice@acme.example").unwrap(),
+        generation: Generation::new(7),
+        credential_version: u64::MAX - 1,
+        created: at(1_795_651_200_123),
+    };
+    store.put_session(&session(1)).await.unwrap();
+    store.put_session(&session(2)).await.unwrap();
+    let mut loaded = store.load_sessions().await.unwrap();
+    loaded.sort_by_key(|s| s.digest);
+    assert_eq!(loaded, vec![session(1), session(2)]);
+    store.delete_session(&[1; 32]).await.unwrap();
+    store.delete_session(&[1; 32]).await.unwrap(); // not an error
+    assert_eq!(store.load_sessions().await.unwrap(), vec![session(2)]);
+}
+
 /// How many schema migrations orgkey has (one row each in `orgkey_schema_version`).
 #[cfg(feature = "postgres")]
-const PG_MIGRATIONS: i64 = 2;
+const PG_MIGRATIONS: i64 = 3;
 
 macro_rules! contract {
     ($($name:ident),* $(,)?) => {
@@ -439,6 +461,7 @@ contract!(
     the_audit_log_pages_newest_first_per_org_without_key_material,
     racing_commits_from_one_generation_have_exactly_one_winner,
     admins_are_stored_replaced_and_deleted,
+    sessions_are_stored_by_digest_and_deleted,
 );
 
 #[tokio::test]

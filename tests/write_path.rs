@@ -87,6 +87,15 @@ impl Store for Flaky {
     fn delete_admin<'a>(&'a self, username: &'a Username) -> StoreFuture<'a, ()> {
         self.inner.delete_admin(username)
     }
+    fn load_sessions(&self) -> StoreFuture<'_, Vec<orgkey::store::SessionRecord>> {
+        self.inner.load_sessions()
+    }
+    fn put_session<'a>(&'a self, session: &'a orgkey::store::SessionRecord) -> StoreFuture<'a, ()> {
+        self.inner.put_session(session)
+    }
+    fn delete_session<'a>(&'a self, digest: &'a [u8; 32]) -> StoreFuture<'a, ()> {
+        self.inner.delete_session(digest)
+    }
 }
 
 fn org() -> OrgId {

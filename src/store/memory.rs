@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use super::{
-    millis, AdminRecord, AuditRecord, BackendError, OrgRecord, Store, StoreError, StoreFuture,
+    millis, AdminRecord, AuditRecord, BackendError, OrgRecord, SessionRecord, Store, StoreError,
+    StoreFuture,
 };
 use crate::admins::Username;
 use crate::audit::AuditEvent;
@@ -22,6 +23,7 @@ struct State {
     orgs: BTreeMap<OrgId, OrgRecord>,
     audit: Vec<AuditRecord>,
     admins: BTreeMap<Username, AdminRecord>,
+    sessions: BTreeMap<[u8; 32], SessionRecord>,
 }
 
 impl MemoryStore {
@@ -130,6 +132,29 @@ impl Store for MemoryStore {
                 .remove(username)
                 .map(drop)
                 .ok_or(StoreError::NotFound)
+        });
+        Box::pin(std::future::ready(result))
+    }
+
+    fn load_sessions(&self) -> StoreFuture<'_, Vec<SessionRecord>> {
+        let result = self.with_state(|s| Ok(s.sessions.values().cloned().collect()));
+        Box::pin(std::future::ready(result))
+    }
+
+    fn put_session<'a>(&'a self, session: &'a SessionRecord) -> StoreFuture<'a, ()> {
+        let result = self.with_state(|s| {
+            let mut stored = session.clone();
+            stored.created = super::from_millis(millis(session.created));
+            s.sessions.insert(session.digest, stored);
+            Ok(())
+        });
+        Box::pin(std::future::ready(result))
+    }
+
+    fn delete_session<'a>(&'a self, digest: &'a [u8; 32]) -> StoreFuture<'a, ()> {
+        let result = self.with_state(|s| {
+            s.sessions.remove(digest);
+            Ok(())
         });
         Box::pin(std::future::ready(result))
     }

@@ -24,6 +24,8 @@
 //!   resurrects an old or deleted key).
 //! - [`Store::put_admin`] / [`Store::delete_admin`] / [`Store::load_admins`] keep admin
 //!   accounts (passwords only as argon2id PHC strings).
+//! - [`Store::put_session`] / [`Store::delete_session`] / [`Store::load_sessions`] keep
+//!   sessions by the SHA-256 digest of their id (never the id).
 //! - [`Store::audit_page`] reads an org's audit log newest first, `limit` records before a
 //!   sequence number (exclusive), for paging. Audit records never contain key material.
 //!
@@ -99,6 +101,23 @@ impl fmt::Debug for AdminRecord {
             .field("scopes", &self.scopes)
             .finish_non_exhaustive()
     }
+}
+
+/// One session as stored (S1: only the digest of its id).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionRecord {
+    /// SHA-256 of the session id.
+    pub digest: [u8; 32],
+    /// The admin's org.
+    pub org: OrgId,
+    /// The admin.
+    pub admin: Username,
+    /// The org's generation at login (K6).
+    pub generation: Generation,
+    /// The admin's credential version at login (S2).
+    pub credential_version: u64,
+    /// When the session was created (millisecond precision once stored).
+    pub created: SystemTime,
 }
 
 /// An audit event as stored, with its sequence number (increasing, unique per store).
@@ -209,6 +228,15 @@ pub trait Store: Send + Sync + 'static {
 
     /// Deletes an account; [`StoreError::NotFound`] if there is none.
     fn delete_admin<'a>(&'a self, username: &'a Username) -> StoreFuture<'a, ()>;
+
+    /// Every stored session.
+    fn load_sessions(&self) -> StoreFuture<'_, Vec<SessionRecord>>;
+
+    /// Stores a new session; durable when it returns.
+    fn put_session<'a>(&'a self, session: &'a SessionRecord) -> StoreFuture<'a, ()>;
+
+    /// Deletes a session (logout, expiry); deleting one that is not there is not an error.
+    fn delete_session<'a>(&'a self, digest: &'a [u8; 32]) -> StoreFuture<'a, ()>;
 }
 
 /// A shared store is a store: `KeyAdmin::open(table, Arc::clone(&store))` and
@@ -244,6 +272,15 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
     }
     fn delete_admin<'a>(&'a self, username: &'a Username) -> StoreFuture<'a, ()> {
         (**self).delete_admin(username)
+    }
+    fn load_sessions(&self) -> StoreFuture<'_, Vec<SessionRecord>> {
+        (**self).load_sessions()
+    }
+    fn put_session<'a>(&'a self, session: &'a SessionRecord) -> StoreFuture<'a, ()> {
+        (**self).put_session(session)
+    }
+    fn delete_session<'a>(&'a self, digest: &'a [u8; 32]) -> StoreFuture<'a, ()> {
+        (**self).delete_session(digest)
     }
 }
 

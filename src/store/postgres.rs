@@ -8,8 +8,8 @@ use tokio::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use tokio_postgres::{Client, Config, NoTls, Row, Statement};
 
 use super::{
-    from_millis, millis, AdminRecord, AuditRecord, BackendError, OrgRecord, Store, StoreError,
-    StoreFuture,
+    from_millis, millis, AdminRecord, AuditRecord, BackendError, OrgRecord, SessionRecord, Store,
+    StoreError, StoreFuture,
 };
 use crate::admins::{Scopes, Username};
 use crate::audit::{AuditEvent, KeyAction};
@@ -47,6 +47,15 @@ const MIGRATIONS: &[&str] = &[
          scopes              SMALLINT NOT NULL,
          password_hash       TEXT NOT NULL,
          credential_version  BIGINT NOT NULL
+     );",
+    // 3: sessions, by the digest of their id.
+    "CREATE TABLE sessions (
+         digest              BYTEA PRIMARY KEY,
+         org                 TEXT NOT NULL,
+         admin               TEXT NOT NULL,
+         generation          BIGINT NOT NULL,
+         credential_version  BIGINT NOT NULL,
+         created_ms          BIGINT NOT NULL
      );",
 ];
 
@@ -729,6 +738,78 @@ impl Store for PostgresStore {
             } else {
                 Ok(())
             }
+        })
+    }
+
+    fn load_sessions(&self) -> StoreFuture<'_, Vec<SessionRecord>> {
+        Box::pin(async move {
+            let conn = self.shared().await?;
+            let rows = conn
+                .client
+                .query(
+                    "SELECT digest, org, admin, generation, credential_version, created_ms
+                     FROM sessions",
+                    &[],
+                )
+                .await
+                .map_err(backend)?;
+            rows.iter()
+                .map(|row| {
+                    let digest: Vec<u8> = row.try_get(0).map_err(backend)?;
+                    let org: String = row.try_get(1).map_err(backend)?;
+                    let admin: String = row.try_get(2).map_err(backend)?;
+                    let generation: i64 = row.try_get(3).map_err(backend)?;
+                    let version: i64 = row.try_get(4).map_err(backend)?;
+                    let created: i64 = row.try_get(5).map_err(backend)?;
+                    Ok(SessionRecord {
+                        digest: digest
+                            .try_into()
+                            .map_err(|_| corrupt("stored session digest is not 32 bytes"))?,
+                        org: OrgId::new(&org).map_err(|_| corrupt("stored org id is invalid"))?,
+                        admin: Username::new(&admin)
+                            .map_err(|_| corrupt("stored username is invalid"))?,
+                        generation: Generation::new(generation as u64),
+                        credential_version: version as u64,
+                        created: from_millis(created),
+                    })
+                })
+                .collect()
+        })
+    }
+
+    fn put_session<'a>(&'a self, session: &'a SessionRecord) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let generation = to_i64(session.generation.get(), "generation out of range")?;
+            let conn = self.shared().await?;
+            conn.client
+                .execute(
+                    "INSERT INTO sessions
+                         (digest, org, admin, generation, credential_version, created_ms)
+                     VALUES ($1, $2, $3, $4, $5, $6)
+                     ON CONFLICT (digest) DO NOTHING",
+                    &[
+                        &&session.digest[..],
+                        &session.org.as_str(),
+                        &session.admin.as_str(),
+                        &generation,
+                        &(session.credential_version as i64),
+                        &millis(session.created),
+                    ],
+                )
+                .await
+                .map_err(backend)?;
+            Ok(())
+        })
+    }
+
+    fn delete_session<'a>(&'a self, digest: &'a [u8; 32]) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let conn = self.shared().await?;
+            conn.client
+                .execute("DELETE FROM sessions WHERE digest = $1", &[&&digest[..]])
+                .await
+                .map_err(backend)?;
+            Ok(())
         })
     }
 }

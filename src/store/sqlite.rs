@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use super::{
-    from_millis, millis, AdminRecord, AuditRecord, BackendError, OrgRecord, Store, StoreError,
-    StoreFuture,
+    from_millis, millis, AdminRecord, AuditRecord, BackendError, OrgRecord, SessionRecord, Store,
+    StoreError, StoreFuture,
 };
 use crate::admins::{Scopes, Username};
 use crate::audit::{AuditEvent, KeyAction};
@@ -46,6 +46,15 @@ const MIGRATIONS: &[&str] = &[
          scopes              INTEGER NOT NULL,
          password_hash       TEXT NOT NULL,
          credential_version  INTEGER NOT NULL
+     );",
+    // 3: sessions, by the digest of their id.
+    "CREATE TABLE sessions (
+         digest              BLOB PRIMARY KEY,
+         org                 TEXT NOT NULL,
+         admin               TEXT NOT NULL,
+         generation          INTEGER NOT NULL,
+         credential_version  INTEGER NOT NULL,
+         created_ms          INTEGER NOT NULL
      );",
 ];
 
@@ -395,6 +404,72 @@ impl Store for SqliteStore {
             } else {
                 Ok(())
             }
+        })
+    }
+
+    fn load_sessions(&self) -> StoreFuture<'_, Vec<SessionRecord>> {
+        self.run(|conn, _| {
+            let mut statement = conn
+                .prepare(
+                    "SELECT digest, org, admin, generation, credential_version, created_ms
+                     FROM sessions",
+                )
+                .map_err(backend)?;
+            let mut rows = statement.query([]).map_err(backend)?;
+            let mut sessions = Vec::new();
+            while let Some(row) = rows.next().map_err(backend)? {
+                let digest: Vec<u8> = row.get(0).map_err(backend)?;
+                let org: String = row.get(1).map_err(backend)?;
+                let admin: String = row.get(2).map_err(backend)?;
+                let generation: i64 = row.get(3).map_err(backend)?;
+                let version: i64 = row.get(4).map_err(backend)?;
+                let created: i64 = row.get(5).map_err(backend)?;
+                sessions.push(SessionRecord {
+                    digest: digest
+                        .try_into()
+                        .map_err(|_| corrupt("stored session digest is not 32 bytes"))?,
+                    org: OrgId::new(&org).map_err(|_| corrupt("stored org id is invalid"))?,
+                    admin: Username::new(&admin)
+                        .map_err(|_| corrupt("stored username is invalid"))?,
+                    generation: Generation::new(generation as u64),
+                    credential_version: version as u64,
+                    created: from_millis(created),
+                });
+            }
+            Ok(sessions)
+        })
+    }
+
+    fn put_session<'a>(&'a self, session: &'a SessionRecord) -> StoreFuture<'a, ()> {
+        let session = session.clone();
+        self.run(move |conn, _| {
+            conn.execute(
+                "INSERT OR REPLACE INTO sessions
+                     (digest, org, admin, generation, credential_version, created_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    &session.digest[..],
+                    session.org.as_str(),
+                    session.admin.as_str(),
+                    session.generation.get() as i64,
+                    session.credential_version as i64,
+                    millis(session.created),
+                ],
+            )
+            .map_err(backend)?;
+            Ok(())
+        })
+    }
+
+    fn delete_session<'a>(&'a self, digest: &'a [u8; 32]) -> StoreFuture<'a, ()> {
+        let digest = *digest;
+        self.run(move |conn, _| {
+            conn.execute(
+                "DELETE FROM sessions WHERE digest = ?1",
+                params![&digest[..]],
+            )
+            .map_err(backend)?;
+            Ok(())
         })
     }
 }
