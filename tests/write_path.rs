@@ -289,3 +289,82 @@ async fn admin_accounts_survive_a_restart_on_sqlite() {
     let store = SqliteStore::open(&db.0, KeyFormat::default()).unwrap();
     assert!(store.load_admins().await.unwrap().is_empty());
 }
+
+/// P2 for sessions: after a restart on the same SQLite file a live session is still live and
+/// a logged-out one stays dead.
+#[tokio::test]
+async fn logged_out_sessions_stay_dead_across_a_restart_and_live_ones_survive() {
+    use orgkey::session::obfuscate::obfuscate;
+    use orgkey::session::{LoginRequest, SessionConfig, Sessions};
+    use orgkey::{Admins, ApiKey, Password, Scopes, Username};
+    let db = TempDb::new("sessions");
+    let alice_name = Username::new("alice@acme.example").unwrap();
+    let open = || async {
+        let store = Arc::new(SqliteStore::open(&db.0, KeyFormat::default()).unwrap());
+        let keys = KeyAdmin::open(OrgTable::default(), Arc::clone(&store))
+            .await
+            .unwrap();
+        let admins = Admins::open(keys.table().clone(), Arc::clone(&store))
+            .await
+            .unwrap();
+        let sessions = Sessions::open(
+            keys.table().clone(),
+            admins.clone(),
+            SessionConfig::default(),
+            orgkey::clock::SystemClock,
+            store,
+        )
+        .await
+        .unwrap();
+        (keys, admins, sessions)
+    };
+    let login = |sessions: Sessions| async move {
+        let ts = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let api_key = obfuscate(b"AbCdEf123456", ts).unwrap();
+        let session = sessions
+            .login(LoginRequest {
+                api_key: Password::new(String::from_utf8(api_key.to_vec()).unwrap()),
+                username: "alice@acme.example".into(),
+                password: Password::new("CorrectHorse12!"),
+                timestamp_ms: ts,
+                source: None,
+            })
+            .await
+            .unwrap();
+        session.token.expose_secret().to_owned()
+    };
+    let (kept, ended) = {
+        let (keys, admins, sessions) = open().await;
+        keys.create_org(&org()).await.unwrap();
+        keys.subscribe(&org(), &alice()).await.unwrap();
+        keys.edit(&org(), ApiKey::parse("AbCdEf123456").unwrap(), &alice())
+            .await
+            .unwrap();
+        admins
+            .create(
+                &alice_name,
+                &org(),
+                &Password::new("CorrectHorse12!"),
+                Scopes::ALL,
+            )
+            .await
+            .unwrap();
+        let kept = login(sessions.clone()).await;
+        let ended = login(sessions.clone()).await;
+        assert!(sessions.logout(ended.as_bytes()).await.unwrap());
+        (kept, ended)
+    };
+    let (_keys, _admins, sessions) = open().await;
+    assert!(
+        sessions.validate(kept.as_bytes()).is_ok(),
+        "a live session survives"
+    );
+    assert!(
+        sessions.validate(ended.as_bytes()).is_err(),
+        "a logged-out one stays dead"
+    );
+    assert_eq!(sessions.len(), 1);
+}

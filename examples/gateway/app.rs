@@ -100,12 +100,15 @@ pub(crate) async fn build(bootstrap: Bootstrap, store: impl Store) -> Result<Boo
             .map_err(|e| format!("admin: {e}"))?;
     }
 
-    let sessions = Sessions::with_config(
+    let sessions = Sessions::open(
         table.clone(),
         admins.clone(),
         SessionConfig::for_base_url(&bootstrap.base_url),
         orgkey::clock::SystemClock,
-    );
+        Arc::clone(&store),
+    )
+    .await
+    .map_err(|e| format!("state: {e}"))?;
     let endpoint = SessionEndpoint::new(sessions.clone()).client_addr(|request| {
         request
             .extensions()

@@ -210,11 +210,23 @@ where
                 Box::pin(std::future::ready(Ok(response)))
             }
             Method::DELETE => {
-                if let CookieLookup::One(id) = find_session_cookie(request.headers()) {
-                    sessions.logout(id);
-                }
+                let id = match find_session_cookie(request.headers()) {
+                    CookieLookup::One(id) => Some(id.to_vec()),
+                    _ => None,
+                };
                 // A body, with or without a content type, is ignored (never read).
-                Box::pin(std::future::ready(Ok(json(StatusCode::OK, LOGGED_OUT))))
+                Box::pin(async move {
+                    if let Some(id) = id {
+                        if let Err(error) = sessions.logout(&id).await {
+                            tracing::warn!(target: "orgkey::session", %error, "logout could not be stored");
+                            return Ok(json(
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                r#"{"code":"SERVICE_UNAVAILABLE","message":"logout could not be completed; retry"}"#,
+                            ));
+                        }
+                    }
+                    Ok(json(StatusCode::OK, LOGGED_OUT))
+                })
             }
             Method::POST => {
                 let source = {

@@ -15,6 +15,7 @@ use crate::admins::{AdminDirectory, AdminStatus, Scope, Scopes, Username};
 use crate::clock::{Clock, SharedClock};
 use crate::org::{Generation, OrgId};
 use crate::password::{Password, MAX_PASSWORD_BYTES};
+use crate::store::{Store, StoreError};
 use crate::table::OrgTable;
 
 /// Session and login settings.
@@ -218,6 +219,7 @@ pub struct Sessions {
 struct Inner {
     orgs: OrgTable,
     directory: Arc<dyn AdminDirectory>,
+    store: Option<Arc<dyn Store>>,
     sessions: DashMap<[u8; 32], Arc<SessionRecord>>,
     clock: SharedClock,
     config: SessionConfig,
@@ -234,7 +236,7 @@ impl fmt::Debug for Sessions {
     }
 }
 
-fn millis(t: SystemTime) -> u64 {
+fn millis_u64(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
@@ -261,6 +263,66 @@ impl Sessions {
         Self::build(orgs, Arc::new(directory), config, SharedClock::new(clock))
     }
 
+    /// Sessions kept in `store` too (S3, P2): the stored sessions are loaded (each is checked
+    /// in full at its next use, as always), a login is stored before its cookie is handed
+    /// out, and a logout deletes it from the store before it answers. Uses are not stored:
+    /// after a restart the idle timer of a loaded session counts from its login, so sessions
+    /// idle or older than the idle timeout need a new login.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`] if the sessions cannot be read.
+    pub async fn open(
+        orgs: OrgTable,
+        directory: impl AdminDirectory,
+        config: SessionConfig,
+        clock: impl Clock,
+        store: impl Store,
+    ) -> Result<Self, StoreError> {
+        let store: Arc<dyn Store> = Arc::new(store);
+        let mut sessions = Self::build(orgs, Arc::new(directory), config, SharedClock::new(clock));
+        let loaded = store.load_sessions().await?;
+        let inner = Arc::get_mut(&mut sessions.inner)
+            .ok_or_else(|| StoreError::Backend(crate::store::BackendError::msg("shared early")))?;
+        for record in loaded {
+            let created = millis_u64(record.created);
+            inner.sessions.insert(
+                record.digest,
+                Arc::new(SessionRecord {
+                    org: record.org,
+                    admin: record.admin,
+                    generation: record.generation,
+                    credential_version: record.credential_version,
+                    created_ms: created,
+                    last_seen_ms: AtomicU64::new(created),
+                }),
+            );
+        }
+        inner.store = Some(store);
+        Ok(sessions)
+    }
+
+    /// Deletes dead sessions from the store in the background (when there is a store and a
+    /// runtime); they are already gone from memory.
+    fn forget(&self, digests: Vec<[u8; 32]>) {
+        let (Some(store), Ok(runtime)) = (
+            self.inner.store.clone(),
+            tokio::runtime::Handle::try_current(),
+        ) else {
+            return;
+        };
+        if digests.is_empty() {
+            return;
+        }
+        runtime.spawn(async move {
+            for digest in digests {
+                if let Err(error) = store.delete_session(&digest).await {
+                    tracing::warn!(target: "orgkey::session", %error, "could not delete a dead session from the store");
+                }
+            }
+        });
+    }
+
     fn build(
         orgs: OrgTable,
         directory: Arc<dyn AdminDirectory>,
@@ -274,6 +336,7 @@ impl Sessions {
             inner: Arc::new(Inner {
                 orgs,
                 directory,
+                store: None,
                 sessions: DashMap::new(),
                 throttle: Throttle::new(config.throttle.clone()),
                 clock,
@@ -299,7 +362,7 @@ impl Sessions {
     }
 
     fn now_ms(&self) -> u64 {
-        millis(self.inner.clock.now())
+        millis_u64(self.inner.clock.now())
     }
 
     /// Logs an admin in (A2): throttle, password (argon2id, on a blocking thread when a tokio
@@ -401,6 +464,20 @@ impl Sessions {
             return Err(LoginFailure::MissingApiScope);
         }
         let (token, digest) = SessionToken::generate().map_err(|_| LoginFailure::Internal)?;
+        if let Some(store) = &self.inner.store {
+            let record = crate::store::SessionRecord {
+                digest,
+                org: admin.org.clone(),
+                admin: username.clone(),
+                generation: state.generation(),
+                credential_version: admin.credential_version,
+                created: crate::store::from_millis(now_ms as i64),
+            };
+            if let Err(error) = store.put_session(&record).await {
+                tracing::warn!(target: "orgkey::session", %error, "could not store a session");
+                return Err(LoginFailure::Internal);
+            }
+        }
         self.inner.sessions.insert(
             digest,
             Arc::new(SessionRecord {
@@ -441,6 +518,7 @@ impl Sessions {
             Ok(identity) => Ok(identity),
             Err(rejection) => {
                 self.inner.sessions.remove(&digest);
+                self.forget(vec![digest]);
                 Err(rejection)
             }
         }
@@ -488,16 +566,25 @@ impl Sessions {
         })
     }
 
-    /// Ends a session (logout, S3). Returns whether it existed.
-    pub fn logout(&self, presented: &[u8]) -> bool {
+    /// Ends a session (logout, S3): deleted from the store first (if any), then from memory.
+    /// Returns whether it existed.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`] if the store cannot delete it; the session then stays valid (nothing
+    /// changed), so the client may retry the logout.
+    pub async fn logout(&self, presented: &[u8]) -> Result<bool, StoreError> {
         let Some(digest) = digest_of_presented(presented) else {
-            return false;
+            return Ok(false);
         };
+        if let Some(store) = &self.inner.store {
+            store.delete_session(&digest).await?;
+        }
         let removed = self.inner.sessions.remove(&digest);
         if let Some((_, record)) = &removed {
             tracing::info!(target: "orgkey::session", org = %record.org, admin = %record.admin, "logout");
         }
-        removed.is_some()
+        Ok(removed.is_some())
     }
 
     /// Removes sessions past their idle timeout or lifetime; returns how many. Runs by
@@ -506,12 +593,18 @@ impl Sessions {
         let now_ms = self.now_ms();
         let idle = self.inner.config.idle_timeout.as_millis() as u64;
         let lifetime = self.inner.config.absolute_lifetime.as_millis() as u64;
-        let before = self.inner.sessions.len();
-        self.inner.sessions.retain(|_, record| {
-            now_ms.saturating_sub(record.last_seen_ms.load(Ordering::Relaxed)) < idle
-                && now_ms.saturating_sub(record.created_ms) < lifetime
+        let mut dead = Vec::new();
+        self.inner.sessions.retain(|digest, record| {
+            let alive = now_ms.saturating_sub(record.last_seen_ms.load(Ordering::Relaxed)) < idle
+                && now_ms.saturating_sub(record.created_ms) < lifetime;
+            if !alive {
+                dead.push(*digest);
+            }
+            alive
         });
-        before.saturating_sub(self.inner.sessions.len())
+        let count = dead.len();
+        self.forget(dead);
+        count
     }
 
     /// The org table these sessions check against.
