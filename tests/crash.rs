@@ -1,7 +1,8 @@
-//! P2 crash safety on SQLite: a child process regenerates a key in a loop and is killed with
-//! SIGKILL at random moments; after each kill the file is reopened and must hold the last
-//! acknowledged key or the one that was in flight (never an older one), and pass SQLite's
-//! integrity check. `ORGKEY_CRASH_KILLS` sets the number of kills (default 50).
+//! P2 crash safety on SQLite: a child process regenerates a key in a loop (and, every few
+//! rotations, logs an admin in and out) and is killed with SIGKILL at random moments; after each
+//! kill the file is reopened and must hold the last acknowledged key or the one that was in
+//! flight (never an older one), every acknowledged logout must still be dead, and the file must
+//! pass SQLite's integrity check. `ORGKEY_CRASH_KILLS` sets the number of kills (default 50).
 #![allow(clippy::unwrap_used)]
 
 use std::io::{BufRead, BufReader};
@@ -9,8 +10,43 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+use std::sync::Arc;
+
+use orgkey::session::obfuscate::obfuscate;
+use orgkey::session::{LoginRequest, SessionConfig, Sessions, ThrottlePolicy};
 use orgkey::store::{SqliteStore, Store};
-use orgkey::{Actor, KeyAdmin, KeyFormat, OrgId, OrgTable};
+use orgkey::{Actor, Admins, KeyAdmin, KeyFormat, OrgId, OrgTable, Password};
+
+const PASSWORD: &str = "CorrectHorse12!";
+
+/// The admin, the key admin and the sessions over one SQLite file.
+async fn open(path: &str) -> (KeyAdmin, Admins, Sessions) {
+    let store = Arc::new(SqliteStore::open(path, KeyFormat::default()).unwrap());
+    let keys = KeyAdmin::open(OrgTable::default(), Arc::clone(&store))
+        .await
+        .unwrap();
+    let admins = Admins::open(keys.table().clone(), Arc::clone(&store))
+        .await
+        .unwrap();
+    let config = SessionConfig {
+        throttle: ThrottlePolicy {
+            address_burst: u32::MAX,
+            username_burst: u32::MAX,
+            ..ThrottlePolicy::default()
+        },
+        ..SessionConfig::default()
+    };
+    let sessions = Sessions::open(
+        keys.table().clone(),
+        admins.clone(),
+        config,
+        orgkey::clock::SystemClock,
+        store,
+    )
+    .await
+    .unwrap();
+    (keys, admins, sessions)
+}
 
 const CHILD_ENV: &str = "ORGKEY_CRASH_CHILD_DB";
 
@@ -27,20 +63,46 @@ fn crash_child_rotates_until_killed() {
         .build()
         .unwrap();
     runtime.block_on(async {
-        let store = SqliteStore::open(&path, KeyFormat::default()).unwrap();
-        let admin = KeyAdmin::open(OrgTable::default(), store).await.unwrap();
+        let (admin, _, sessions) = open(&path).await;
         let org = OrgId::new("acme").unwrap();
         let actor = Actor::new("rotator@acme.example").unwrap();
+        let mut round = 0u64;
         loop {
             let info = admin.regenerate(&org, &actor).await.unwrap();
+            let key = info.key().unwrap().expose_secret().to_owned();
             // One write per line; the parent reads line by line.
-            println!(
-                "ACK {} {}",
-                info.generation().get(),
-                info.key().unwrap().expose_secret()
-            );
+            println!("ACK {} {key}", info.generation().get());
+            round += 1;
+            if round.is_multiple_of(8) {
+                let ts = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_millis() as u64;
+                let api_key = obfuscate(key.as_bytes(), ts).unwrap();
+                let session = sessions
+                    .login(LoginRequest {
+                        api_key: Password::new(String::from_utf8(api_key.to_vec()).unwrap()),
+                        username: "admin@acme.example".into(),
+                        password: Password::new(PASSWORD),
+                        timestamp_ms: ts,
+                        source: None,
+                    })
+                    .await
+                    .unwrap();
+                let id = session.token.expose_secret().to_owned();
+                assert!(sessions.logout(id.as_bytes()).await.unwrap());
+                println!("LOGOUT {id}");
+            }
         }
     });
+}
+
+/// What the child reports.
+enum Event {
+    /// A regenerate returned: generation and key.
+    Ack(u64, String),
+    /// A logout returned: the session id.
+    LoggedOut(String),
 }
 
 fn random_below(n: u64) -> u64 {
@@ -61,16 +123,26 @@ fn sigkill_during_rotations_never_loses_an_acknowledged_key() {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
+    let path_text = path.to_str().unwrap().to_owned();
     runtime.block_on(async {
-        let store = SqliteStore::open(&path, KeyFormat::default()).unwrap();
-        let admin = KeyAdmin::open(OrgTable::default(), store).await.unwrap();
+        let (admin, admins, _) = open(&path_text).await;
         let org = OrgId::new("acme").unwrap();
         admin.create_org(&org).await.unwrap();
         admin
             .subscribe(&org, &Actor::new("setup@acme.example").unwrap())
             .await
             .unwrap();
+        admins
+            .create(
+                &orgkey::Username::new("admin@acme.example").unwrap(),
+                &org,
+                &Password::new(PASSWORD),
+                orgkey::Scopes::ALL,
+            )
+            .await
+            .unwrap();
     });
+    let mut logged_out: Vec<String> = Vec::new();
 
     let (mut violations, mut in_flight_seen, mut acks_total) = (Vec::new(), 0, 0u64);
     for round in 0..kills {
@@ -92,28 +164,40 @@ fn sigkill_during_rotations_never_loses_an_acknowledged_key() {
         let reader = std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
-                if let Some(rest) = line.strip_prefix("ACK ") {
+                let event = if let Some(rest) = line.strip_prefix("ACK ") {
                     let (generation, key) = rest.split_once(' ').unwrap();
-                    if tx
-                        .send((generation.parse::<u64>().unwrap(), key.to_owned()))
-                        .is_err()
-                    {
-                        break;
-                    }
+                    Event::Ack(generation.parse::<u64>().unwrap(), key.to_owned())
+                } else if let Some(id) = line.strip_prefix("LOGOUT ") {
+                    Event::LoggedOut(id.to_owned())
+                } else {
+                    continue;
+                };
+                if tx.send(event).is_err() {
+                    break;
                 }
             }
         });
         // Wait for the child to be rotating, then kill it at a random moment.
-        let first = rx.recv_timeout(Duration::from_secs(30)).unwrap();
+        let first = loop {
+            match rx.recv_timeout(Duration::from_secs(30)).unwrap() {
+                Event::Ack(generation, key) => break (generation, key),
+                Event::LoggedOut(id) => logged_out.push(id),
+            }
+        };
         std::thread::sleep(Duration::from_millis(random_below(40)));
         child.kill().unwrap(); // SIGKILL on Unix
         child.wait().unwrap();
         reader.join().unwrap();
         let mut last = first;
         let mut acks = 1;
-        while let Ok(ack) = rx.try_recv() {
-            last = ack;
-            acks += 1;
+        while let Ok(event) = rx.try_recv() {
+            match event {
+                Event::Ack(generation, key) => {
+                    last = (generation, key);
+                    acks += 1;
+                }
+                Event::LoggedOut(id) => logged_out.push(id),
+            }
         }
         acks_total += acks;
 
@@ -122,6 +206,13 @@ fn sigkill_during_rotations_never_loses_an_acknowledged_key() {
             let store = SqliteStore::open(&path, KeyFormat::default()).unwrap();
             if !store.integrity_check().await.unwrap() {
                 violations.push(format!("round {round}: integrity check failed"));
+            }
+            // Every acknowledged logout stays dead after the crash.
+            let (_, _, sessions) = open(&path_text).await;
+            for id in &logged_out {
+                if sessions.validate(id.as_bytes()).is_ok() {
+                    violations.push(format!("round {round}: a logged-out session came back"));
+                }
             }
             let record = store
                 .load_orgs()
@@ -153,7 +244,9 @@ fn sigkill_during_rotations_never_loses_an_acknowledged_key() {
     let _ = std::fs::remove_dir_all(&dir);
     println!(
         "crash test: {kills} SIGKILLs, {acks_total} acknowledged rotations, \
-         {in_flight_seen} kills landed after a commit and before its acknowledgement, {} violations",
+         {in_flight_seen} kills landed after a commit and before its acknowledgement, \
+         {} acknowledged logouts checked after every kill, {} violations",
+        logged_out.len(),
         violations.len()
     );
     assert!(violations.is_empty(), "{violations:#?}");
