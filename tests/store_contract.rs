@@ -923,3 +923,58 @@ async fn postgres_change_feed_propagates_and_recovers_after_losing_its_connectio
     }
     drop(_follower);
 }
+
+/// P1 on PostgreSQL through `KeyAdmin`: eight writers, each with its own connection and its
+/// own table (as separate replicas would be), regenerate one org from the same generation:
+/// exactly one wins, seven get `Conflict`, and the stored key is the winner's.
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_racing_regenerates_through_key_admin_have_exactly_one_winner() {
+    use orgkey::{AdminError, KeyAdmin, OrgTable};
+    let Some(schema) = TempSchema::new() else {
+        return;
+    };
+    let setup = KeyAdmin::open(OrgTable::default(), schema.connect().await)
+        .await
+        .unwrap();
+    setup.create_org(&org("acme")).await.unwrap();
+    setup
+        .subscribe(&org("acme"), &Actor::new("ops@acme.example").unwrap())
+        .await
+        .unwrap();
+    let mut writers = Vec::new();
+    for _ in 0..8 {
+        writers.push(
+            KeyAdmin::open(OrgTable::default(), schema.connect().await)
+                .await
+                .unwrap(),
+        );
+    }
+    let barrier = Arc::new(tokio::sync::Barrier::new(writers.len()));
+    let tasks: Vec<_> = writers
+        .into_iter()
+        .enumerate()
+        .map(|(i, admin)| {
+            let barrier = Arc::clone(&barrier);
+            tokio::spawn(async move {
+                let actor = Actor::new(&format!("admin{i}@acme.example")).unwrap();
+                barrier.wait().await;
+                admin
+                    .regenerate(&org("acme"), &actor)
+                    .await
+                    .map(|info| info.key().unwrap().expose_secret().to_owned())
+            })
+        })
+        .collect();
+    let (mut winners, mut conflicts) = (Vec::new(), 0);
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(key) => winners.push(key),
+            Err(AdminError::Conflict) => conflicts += 1,
+            Err(e) => panic!("unexpected {e:?}"),
+        }
+    }
+    assert_eq!((winners.len(), conflicts), (1, 7));
+    let stored = find(&schema.connect().await, "acme").await;
+    assert_eq!(stored.key.unwrap().expose_secret(), winners[0]);
+}
