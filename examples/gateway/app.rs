@@ -12,7 +12,7 @@ use axum::routing::get;
 use axum::{Extension, Json, Router};
 use orgkey::audit_api::AuditLogEndpoint;
 use orgkey::session::SessionEndpoint;
-use orgkey::store::Store;
+use orgkey::store::{ChangeFollower, Store};
 use orgkey::{
     Actor, Admins, ApiKey, Authenticated, KeyAdmin, KeyManagementEndpoint, OrgId, OrgKeyLayer,
     OrgTable, Password, Scopes, SessionConfig, Sessions, Username,
@@ -29,6 +29,8 @@ pub(crate) struct Gateway {
     pub(crate) sessions: Sessions,
     /// The HTTP service.
     pub(crate) router: Router,
+    /// The change feed, on stores other replicas write too (PostgreSQL); runs while held.
+    pub(crate) follower: Option<ChangeFollower>,
 }
 
 /// What to bootstrap on a first start (a store without the org).
@@ -135,12 +137,15 @@ pub(crate) async fn build(bootstrap: Bootstrap, store: impl Store) -> Result<Boo
         .route("/metrics", get(metrics))
         .merge(api);
 
+    // F1: follow what other replicas commit (PostgreSQL); nothing to follow on SQLite.
+    let follower = store.follow_changes(keys.table().clone());
     Ok(Bootstrapped {
         gateway: Gateway {
             keys,
             admins,
             sessions,
             router,
+            follower,
         },
         new_key,
         generated_password,

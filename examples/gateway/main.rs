@@ -195,7 +195,7 @@ async fn run(options: Options) -> Result<(), String> {
         base_url: base_url.clone(),
         upstream: options.upstream.clone(),
     };
-    let (built, _follower) = match &options.postgres {
+    let built = match &options.postgres {
         Some(url) => build_on_postgres(bootstrap, url).await?,
         None => {
             let store = SqliteStore::open(&options.state, KeyFormat::default()).map_err(|e| {
@@ -208,7 +208,7 @@ async fn run(options: Options) -> Result<(), String> {
                 )
             })?;
             tracing::info!(state = %options.state.display(), "state file opened");
-            (app::build(bootstrap, store).await?, None)
+            app::build(bootstrap, store).await?
         }
     };
 
@@ -227,6 +227,8 @@ async fn run(options: Options) -> Result<(), String> {
     }
 
     tracing::info!(%local, "gateway listening");
+    // Keep the change feed (PostgreSQL) running while serving.
+    let _follower = built.gateway.follower;
     let service = built
         .gateway
         .router
@@ -239,29 +241,19 @@ async fn run(options: Options) -> Result<(), String> {
     Ok(())
 }
 
-/// Something to keep alive while the gateway runs (the PostgreSQL change follower).
-type KeepAlive = Option<Box<dyn std::any::Any>>;
-
-/// On PostgreSQL the gateway also follows changes made by other replicas (F1); the follower
-/// runs as long as the returned handle lives.
 #[cfg(feature = "postgres")]
 async fn build_on_postgres(
     bootstrap: app::Bootstrap,
     url: &str,
-) -> Result<(app::Bootstrapped, KeepAlive), String> {
+) -> Result<app::Bootstrapped, String> {
     let store = orgkey::store::PostgresStore::connect(url, "orgkey", KeyFormat::default())
         .await
         .map_err(|e| format!("--postgres: {e}"))?;
-    let built = app::build(bootstrap, store.clone()).await?;
-    let follower = store.follow(built.gateway.keys.table().clone());
-    Ok((built, Some(Box::new(follower))))
+    app::build(bootstrap, store).await
 }
 
 #[cfg(not(feature = "postgres"))]
-async fn build_on_postgres(
-    _: app::Bootstrap,
-    _: &str,
-) -> Result<(app::Bootstrapped, KeepAlive), String> {
+async fn build_on_postgres(_: app::Bootstrap, _: &str) -> Result<app::Bootstrapped, String> {
     Err(
         "--postgres needs the postgres feature: cargo run --features postgres --example gateway"
             .into(),

@@ -26,6 +26,8 @@
 //!   accounts (passwords only as argon2id PHC strings).
 //! - [`Store::put_session`] / [`Store::delete_session`] / [`Store::load_sessions`] keep
 //!   sessions by the SHA-256 digest of their id (never the id).
+//! - [`Store::follow_changes`] is the change feed for stores that several processes share
+//!   (PostgreSQL): org id and generation only, never key material.
 //! - [`Store::audit_page`] reads an org's audit log newest first, `limit` records before a
 //!   sequence number (exclusive), for paging. Audit records never contain key material.
 //!
@@ -41,6 +43,7 @@ use crate::admins::{Scopes, Username};
 use crate::audit::AuditEvent;
 use crate::key::ApiKey;
 use crate::org::{Actor, Generation, OrgId};
+use crate::table::OrgTable;
 
 mod memory;
 #[cfg(feature = "postgres")]
@@ -50,7 +53,7 @@ mod sqlite;
 
 pub use memory::MemoryStore;
 #[cfg(feature = "postgres")]
-pub use postgres::{ChangeFollower, PostgresStore};
+pub use postgres::PostgresStore;
 #[cfg(feature = "sqlite")]
 pub use sqlite::SqliteStore;
 
@@ -237,6 +240,35 @@ pub trait Store: Send + Sync + 'static {
 
     /// Deletes a session (logout, expiry); deleting one that is not there is not an error.
     fn delete_session<'a>(&'a self, digest: &'a [u8; 32]) -> StoreFuture<'a, ()>;
+
+    /// The change feed (F1): keeps `table` in step with changes that *other* processes commit
+    /// to this store, hearing only org id and generation (never key material) and reloading
+    /// the org; `None` for a store no other process can write (memory, an SQLite file owned
+    /// by one process). While the feed cannot be trusted the table fails closed.
+    fn follow_changes(&self, table: OrgTable) -> Option<ChangeFollower> {
+        let _ = table;
+        None
+    }
+}
+
+/// The handle of a running change feed ([`Store::follow_changes`]); dropping it stops
+/// following (the table keeps the state it has).
+#[derive(Debug)]
+pub struct ChangeFollower {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ChangeFollower {
+    /// Wraps the task that follows (for implementations of [`Store`] outside orgkey).
+    pub fn new(task: tokio::task::JoinHandle<()>) -> Self {
+        Self { task }
+    }
+}
+
+impl Drop for ChangeFollower {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 /// A shared store is a store: `KeyAdmin::open(table, Arc::clone(&store))` and
@@ -281,6 +313,9 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
     }
     fn delete_session<'a>(&'a self, digest: &'a [u8; 32]) -> StoreFuture<'a, ()> {
         (**self).delete_session(digest)
+    }
+    fn follow_changes(&self, table: OrgTable) -> Option<ChangeFollower> {
+        (**self).follow_changes(table)
     }
 }
 

@@ -8,8 +8,8 @@ use tokio::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use tokio_postgres::{Client, Config, NoTls, Row, Statement};
 
 use super::{
-    from_millis, millis, AdminRecord, AuditRecord, BackendError, OrgRecord, SessionRecord, Store,
-    StoreError, StoreFuture,
+    from_millis, millis, AdminRecord, AuditRecord, BackendError, ChangeFollower, OrgRecord,
+    SessionRecord, Store, StoreError, StoreFuture,
 };
 use crate::admins::{Scopes, Username};
 use crate::audit::{AuditEvent, KeyAction};
@@ -108,19 +108,6 @@ struct Inner {
     schema: String,
     format: KeyFormat,
     conn: RwLock<Conn>,
-}
-
-/// The handle of [`PostgresStore::follow`]; dropping it stops following (the table keeps the
-/// state it has).
-#[derive(Debug)]
-pub struct ChangeFollower {
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for ChangeFollower {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
 }
 
 /// The notification channel of a schema (at most 63 bytes, as PostgreSQL identifiers).
@@ -333,7 +320,7 @@ impl PostgresStore {
                 backoff = (backoff * 2).min(Duration::from_secs(2));
             }
         });
-        ChangeFollower { task }
+        ChangeFollower::new(task)
     }
 
     /// The connection, shared with other statements outside transactions; reconnects first
@@ -811,6 +798,10 @@ impl Store for PostgresStore {
                 .map_err(backend)?;
             Ok(())
         })
+    }
+
+    fn follow_changes(&self, table: OrgTable) -> Option<ChangeFollower> {
+        Some(self.follow(table))
     }
 }
 
