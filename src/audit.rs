@@ -42,6 +42,21 @@ impl KeyAction {
     }
 }
 
+impl KeyAction {
+    /// The action named `name` ([`KeyAction::as_str`]'s inverse), for stores.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Some(match name {
+            "subscribe" => Self::Subscribe,
+            "unsubscribe" => Self::Unsubscribe,
+            "add" => Self::Add,
+            "edit" => Self::Edit,
+            "regenerate" => Self::Regenerate,
+            "delete" => Self::Delete,
+            _ => return None,
+        })
+    }
+}
+
 impl fmt::Display for KeyAction {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())

@@ -319,6 +319,88 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
     }
 }
 
+/// A driver error, kept opaque.
+pub(crate) fn backend(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
+    StoreError::Backend(BackendError::new(e))
+}
+
+/// A stored value that does not make sense (never includes the value: it may be a key).
+pub(crate) fn corrupt(what: &str) -> StoreError {
+    StoreError::Backend(BackendError::msg(what))
+}
+
+fn stored_u64(value: i64, what: &str) -> Result<u64, StoreError> {
+    u64::try_from(value).map_err(|_| corrupt(what))
+}
+
+/// An org from its stored columns, validated as the API validates them (shared by the SQL
+/// backends).
+pub(crate) fn org_record(
+    id: &str,
+    subscribed: bool,
+    key: Option<&str>,
+    generation: i64,
+    modified_by: Option<&str>,
+    modified_ms: Option<i64>,
+    format: crate::key::KeyFormat,
+) -> Result<OrgRecord, StoreError> {
+    Ok(OrgRecord {
+        org: OrgId::new(id).map_err(|_| corrupt("stored org id is invalid"))?,
+        subscribed,
+        key: key
+            .map(|k| ApiKey::parse_with(k, format))
+            .transpose()
+            .map_err(|_| corrupt("stored key does not match the key format"))?,
+        generation: Generation::new(stored_u64(generation, "stored generation is negative")?),
+        last_modified_by: modified_by
+            .map(Actor::new)
+            .transpose()
+            .map_err(|_| corrupt("stored actor is invalid"))?,
+        last_modified_on: modified_ms.map(from_millis),
+    })
+}
+
+/// An admin account from its stored columns (credential versions are stored as the same 64
+/// bits in a signed column).
+pub(crate) fn admin_record(
+    username: &str,
+    org: &str,
+    enabled: bool,
+    scopes: i64,
+    password_hash: String,
+    credential_version: i64,
+) -> Result<AdminRecord, StoreError> {
+    Ok(AdminRecord {
+        username: Username::new(username).map_err(|_| corrupt("stored username is invalid"))?,
+        org: OrgId::new(org).map_err(|_| corrupt("stored org id is invalid"))?,
+        enabled,
+        scopes: Scopes::from_bits(u8::try_from(scopes).map_err(|_| corrupt("stored scopes"))?),
+        password_hash,
+        credential_version: credential_version as u64,
+    })
+}
+
+/// A session from its stored columns.
+pub(crate) fn session_record(
+    digest: Vec<u8>,
+    org: &str,
+    admin: &str,
+    generation: i64,
+    credential_version: i64,
+    created_ms: i64,
+) -> Result<SessionRecord, StoreError> {
+    Ok(SessionRecord {
+        digest: digest
+            .try_into()
+            .map_err(|_| corrupt("stored session digest is not 32 bytes"))?,
+        org: OrgId::new(org).map_err(|_| corrupt("stored org id is invalid"))?,
+        admin: Username::new(admin).map_err(|_| corrupt("stored username is invalid"))?,
+        generation: Generation::new(stored_u64(generation, "stored generation is negative")?),
+        credential_version: credential_version as u64,
+        created: from_millis(created_ms),
+    })
+}
+
 pub(crate) fn millis(t: SystemTime) -> i64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)

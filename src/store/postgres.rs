@@ -8,10 +8,10 @@ use tokio::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use tokio_postgres::{Client, Config, NoTls, Row, Statement};
 
 use super::{
-    from_millis, millis, AdminRecord, AuditRecord, BackendError, ChangeFollower, OrgRecord,
-    SessionRecord, Store, StoreError, StoreFuture,
+    admin_record, backend, corrupt, from_millis, millis, org_record, session_record, AdminRecord,
+    AuditRecord, ChangeFollower, OrgRecord, SessionRecord, Store, StoreError, StoreFuture,
 };
-use crate::admins::{Scopes, Username};
+use crate::admins::Username;
 use crate::audit::{AuditEvent, KeyAction};
 use crate::key::{ApiKey, KeyFormat};
 use crate::org::{Actor, Generation, OrgId};
@@ -228,14 +228,6 @@ impl std::fmt::Debug for PostgresStore {
             .field("schema", &self.inner.schema)
             .finish_non_exhaustive()
     }
-}
-
-fn backend(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
-    StoreError::Backend(BackendError::new(e))
-}
-
-fn corrupt(what: &str) -> StoreError {
-    StoreError::Backend(BackendError::msg(what))
 }
 
 /// Whether `name` may be used as the schema: 1 to 63 ASCII letters, digits and `_`, not
@@ -475,41 +467,16 @@ async fn migrate(client: &mut Client, schema: &str) -> Result<(), StoreError> {
     tx.commit().await.map_err(backend)
 }
 
-fn action_from(name: &str) -> Option<KeyAction> {
-    Some(match name {
-        "subscribe" => KeyAction::Subscribe,
-        "unsubscribe" => KeyAction::Unsubscribe,
-        "add" => KeyAction::Add,
-        "edit" => KeyAction::Edit,
-        "regenerate" => KeyAction::Regenerate,
-        "delete" => KeyAction::Delete,
-        _ => return None,
-    })
-}
-
 fn org_from_row(row: &Row, format: KeyFormat) -> Result<OrgRecord, StoreError> {
-    let id: &str = row.try_get(0).map_err(backend)?;
-    let subscribed: bool = row.try_get(1).map_err(backend)?;
-    let key: Option<&str> = row.try_get(2).map_err(backend)?;
-    let generation: i64 = row.try_get(3).map_err(backend)?;
-    let by: Option<&str> = row.try_get(4).map_err(backend)?;
-    let on: Option<i64> = row.try_get(5).map_err(backend)?;
-    Ok(OrgRecord {
-        org: OrgId::new(id).map_err(|_| corrupt("stored org id is invalid"))?,
-        subscribed,
-        key: key
-            .map(|k| ApiKey::parse_with(k, format))
-            .transpose()
-            .map_err(|_| corrupt("stored key does not match the key format"))?,
-        generation: Generation::new(
-            u64::try_from(generation).map_err(|_| corrupt("stored generation is negative"))?,
-        ),
-        last_modified_by: by
-            .map(Actor::new)
-            .transpose()
-            .map_err(|_| corrupt("stored actor is invalid"))?,
-        last_modified_on: on.map(from_millis),
-    })
+    org_record(
+        row.try_get(0).map_err(backend)?,
+        row.try_get(1).map_err(backend)?,
+        row.try_get(2).map_err(backend)?,
+        row.try_get(3).map_err(backend)?,
+        row.try_get(4).map_err(backend)?,
+        row.try_get(5).map_err(backend)?,
+        format,
+    )
 }
 
 fn audit_from_row(row: &Row, org: &OrgId) -> Result<AuditRecord, StoreError> {
@@ -523,7 +490,7 @@ fn audit_from_row(row: &Row, org: &OrgId) -> Result<AuditRecord, StoreError> {
         event: AuditEvent {
             org: org.clone(),
             actor: Actor::new(actor).map_err(|_| corrupt("stored actor"))?,
-            action: action_from(action).ok_or_else(|| corrupt("stored action"))?,
+            action: KeyAction::from_name(action).ok_or_else(|| corrupt("stored action"))?,
             at: from_millis(at),
             generation: Generation::new(
                 u64::try_from(generation).map_err(|_| corrupt("stored generation is negative"))?,
@@ -665,20 +632,14 @@ impl Store for PostgresStore {
                 .map_err(backend)?;
             rows.iter()
                 .map(|row| {
-                    let username: String = row.try_get(0).map_err(backend)?;
-                    let org: String = row.try_get(1).map_err(backend)?;
-                    let scopes: i16 = row.try_get(3).map_err(backend)?;
-                    let version: i64 = row.try_get(5).map_err(backend)?;
-                    Ok(AdminRecord {
-                        username: Username::new(&username)
-                            .map_err(|_| corrupt("stored username is invalid"))?,
-                        org: OrgId::new(&org).map_err(|_| corrupt("stored org id is invalid"))?,
-                        enabled: row.try_get(2).map_err(backend)?,
-                        scopes: Scopes::from_bits(scopes as u8),
-                        password_hash: row.try_get(4).map_err(backend)?,
-                        // Stored as the same 64 bits.
-                        credential_version: version as u64,
-                    })
+                    admin_record(
+                        row.try_get(0).map_err(backend)?,
+                        row.try_get(1).map_err(backend)?,
+                        row.try_get(2).map_err(backend)?,
+                        i64::from(row.try_get::<_, i16>(3).map_err(backend)?),
+                        row.try_get(4).map_err(backend)?,
+                        row.try_get(5).map_err(backend)?,
+                    )
                 })
                 .collect()
         })
@@ -742,23 +703,14 @@ impl Store for PostgresStore {
                 .map_err(backend)?;
             rows.iter()
                 .map(|row| {
-                    let digest: Vec<u8> = row.try_get(0).map_err(backend)?;
-                    let org: String = row.try_get(1).map_err(backend)?;
-                    let admin: String = row.try_get(2).map_err(backend)?;
-                    let generation: i64 = row.try_get(3).map_err(backend)?;
-                    let version: i64 = row.try_get(4).map_err(backend)?;
-                    let created: i64 = row.try_get(5).map_err(backend)?;
-                    Ok(SessionRecord {
-                        digest: digest
-                            .try_into()
-                            .map_err(|_| corrupt("stored session digest is not 32 bytes"))?,
-                        org: OrgId::new(&org).map_err(|_| corrupt("stored org id is invalid"))?,
-                        admin: Username::new(&admin)
-                            .map_err(|_| corrupt("stored username is invalid"))?,
-                        generation: Generation::new(generation as u64),
-                        credential_version: version as u64,
-                        created: from_millis(created),
-                    })
+                    session_record(
+                        row.try_get(0).map_err(backend)?,
+                        row.try_get(1).map_err(backend)?,
+                        row.try_get(2).map_err(backend)?,
+                        row.try_get(3).map_err(backend)?,
+                        row.try_get(4).map_err(backend)?,
+                        row.try_get(5).map_err(backend)?,
+                    )
                 })
                 .collect()
         })

@@ -10,10 +10,10 @@ use std::sync::{Arc, Mutex};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use super::{
-    from_millis, millis, AdminRecord, AuditRecord, BackendError, OrgRecord, SessionRecord, Store,
-    StoreError, StoreFuture,
+    admin_record, backend, corrupt, from_millis, millis, org_record, session_record, AdminRecord,
+    AuditRecord, OrgRecord, SessionRecord, Store, StoreError, StoreFuture,
 };
-use crate::admins::{Scopes, Username};
+use crate::admins::Username;
 use crate::audit::{AuditEvent, KeyAction};
 use crate::key::{ApiKey, KeyFormat};
 use crate::org::{Actor, Generation, OrgId};
@@ -69,14 +69,6 @@ impl std::fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SqliteStore").finish_non_exhaustive()
     }
-}
-
-fn backend(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
-    StoreError::Backend(BackendError::new(e))
-}
-
-fn corrupt(what: &str) -> StoreError {
-    StoreError::Backend(BackendError::msg(what))
 }
 
 impl SqliteStore {
@@ -173,39 +165,19 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn action_from(name: &str) -> Option<KeyAction> {
-    Some(match name {
-        "subscribe" => KeyAction::Subscribe,
-        "unsubscribe" => KeyAction::Unsubscribe,
-        "add" => KeyAction::Add,
-        "edit" => KeyAction::Edit,
-        "regenerate" => KeyAction::Regenerate,
-        "delete" => KeyAction::Delete,
-        _ => return None,
-    })
-}
-
 fn org_from_row(row: &rusqlite::Row<'_>, format: KeyFormat) -> Result<OrgRecord, StoreError> {
     let id: String = row.get(0).map_err(backend)?;
-    let subscribed: bool = row.get(1).map_err(backend)?;
     let key: Option<String> = row.get(2).map_err(backend)?;
-    let generation: i64 = row.get(3).map_err(backend)?;
     let by: Option<String> = row.get(4).map_err(backend)?;
-    let on: Option<i64> = row.get(5).map_err(backend)?;
-    Ok(OrgRecord {
-        org: OrgId::new(&id).map_err(|_| corrupt("stored org id is invalid"))?,
-        subscribed,
-        key: key
-            .map(|k| ApiKey::parse_with(&k, format))
-            .transpose()
-            .map_err(|_| corrupt("stored key does not match the key format"))?,
-        generation: Generation::new(generation as u64),
-        last_modified_by: by
-            .map(|b| Actor::new(&b))
-            .transpose()
-            .map_err(|_| corrupt("stored actor is invalid"))?,
-        last_modified_on: on.map(from_millis),
-    })
+    org_record(
+        &id,
+        row.get(1).map_err(backend)?,
+        key.as_deref(),
+        row.get(3).map_err(backend)?,
+        by.as_deref(),
+        row.get(5).map_err(backend)?,
+        format,
+    )
 }
 
 impl Store for SqliteStore {
@@ -330,7 +302,8 @@ impl Store for SqliteStore {
                     event: AuditEvent {
                         org: org.clone(),
                         actor: Actor::new(&actor).map_err(|_| corrupt("stored actor"))?,
-                        action: action_from(&action).ok_or_else(|| corrupt("stored action"))?,
+                        action: KeyAction::from_name(&action)
+                            .ok_or_else(|| corrupt("stored action"))?,
                         at: from_millis(at),
                         generation: Generation::new(generation as u64),
                     },
@@ -353,18 +326,14 @@ impl Store for SqliteStore {
             while let Some(row) = rows.next().map_err(backend)? {
                 let username: String = row.get(0).map_err(backend)?;
                 let org: String = row.get(1).map_err(backend)?;
-                let scopes: i64 = row.get(3).map_err(backend)?;
-                let version: i64 = row.get(5).map_err(backend)?;
-                admins.push(AdminRecord {
-                    username: Username::new(&username)
-                        .map_err(|_| corrupt("stored username is invalid"))?,
-                    org: OrgId::new(&org).map_err(|_| corrupt("stored org id is invalid"))?,
-                    enabled: row.get(2).map_err(backend)?,
-                    scopes: Scopes::from_bits(scopes as u8),
-                    password_hash: row.get(4).map_err(backend)?,
-                    // Stored as the same 64 bits.
-                    credential_version: version as u64,
-                });
+                admins.push(admin_record(
+                    &username,
+                    &org,
+                    row.get(2).map_err(backend)?,
+                    row.get(3).map_err(backend)?,
+                    row.get(4).map_err(backend)?,
+                    row.get(5).map_err(backend)?,
+                )?);
             }
             Ok(admins)
         })
@@ -418,23 +387,16 @@ impl Store for SqliteStore {
             let mut rows = statement.query([]).map_err(backend)?;
             let mut sessions = Vec::new();
             while let Some(row) = rows.next().map_err(backend)? {
-                let digest: Vec<u8> = row.get(0).map_err(backend)?;
                 let org: String = row.get(1).map_err(backend)?;
                 let admin: String = row.get(2).map_err(backend)?;
-                let generation: i64 = row.get(3).map_err(backend)?;
-                let version: i64 = row.get(4).map_err(backend)?;
-                let created: i64 = row.get(5).map_err(backend)?;
-                sessions.push(SessionRecord {
-                    digest: digest
-                        .try_into()
-                        .map_err(|_| corrupt("stored session digest is not 32 bytes"))?,
-                    org: OrgId::new(&org).map_err(|_| corrupt("stored org id is invalid"))?,
-                    admin: Username::new(&admin)
-                        .map_err(|_| corrupt("stored username is invalid"))?,
-                    generation: Generation::new(generation as u64),
-                    credential_version: version as u64,
-                    created: from_millis(created),
-                });
+                sessions.push(session_record(
+                    row.get(0).map_err(backend)?,
+                    &org,
+                    &admin,
+                    row.get(3).map_err(backend)?,
+                    row.get(4).map_err(backend)?,
+                    row.get(5).map_err(backend)?,
+                )?);
             }
             Ok(sessions)
         })
