@@ -1,6 +1,10 @@
 //! End to end: the built gateway example on a free port, spoken to over real HTTP.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
+use common::TempDb;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
@@ -26,29 +30,6 @@ struct Gateway {
     lines: Vec<String>,
 }
 
-/// A fresh state file path, removed with its WAL files when dropped.
-struct State(std::path::PathBuf);
-
-impl State {
-    fn new() -> Self {
-        let mut bytes = [0u8; 8];
-        getrandom::fill(&mut bytes).unwrap();
-        Self(std::env::temp_dir().join(format!("orgkey-gateway-{}.db", u64::from_le_bytes(bytes))))
-    }
-
-    fn arg(&self) -> &str {
-        self.0.to_str().unwrap()
-    }
-}
-
-impl Drop for State {
-    fn drop(&mut self) {
-        for suffix in ["", "-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!("{}{suffix}", self.0.display()));
-        }
-    }
-}
-
 impl Drop for Gateway {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -56,15 +37,15 @@ impl Drop for Gateway {
     }
 }
 
-fn start(state: &State, args: &[&str]) -> Gateway {
+fn start(state: &TempDb, args: &[&str]) -> Gateway {
     start_with_env(state, args, &[], true)
 }
 
 /// Starts the gateway on `state`; `first` says whether it is the first start (then it prints
 /// the key, and a generated password unless one is given).
-fn start_with_env(state: &State, args: &[&str], env: &[(&str, &str)], first: bool) -> Gateway {
+fn start_with_env(state: &TempDb, args: &[&str], env: &[(&str, &str)], first: bool) -> Gateway {
     let mut child = Command::new(gateway_binary())
-        .args(["--listen", "127.0.0.1:0", "--state", state.arg()])
+        .args(["--listen", "127.0.0.1:0", "--state", state.path()])
         .args(args)
         .env_remove("ORGKEY_ADMIN_PASSWORD")
         .envs(env.iter().copied())
@@ -164,7 +145,7 @@ fn login(addr: &str, key: &str, password: &str) -> (u16, Option<String>) {
 
 #[test]
 fn gateway_prints_credentials_and_serves_them_with_200_and_everything_else_with_401() {
-    let state = State::new();
+    let state = TempDb::new("gateway");
     let gw = start(&state, &[]);
     assert_eq!(gw.lines[1], "org id: acme");
     let key = gw.lines[2].strip_prefix("api key: ").unwrap().to_owned();
@@ -204,7 +185,7 @@ fn gateway_prints_credentials_and_serves_them_with_200_and_everything_else_with_
 
 #[test]
 fn gateway_uses_the_given_key_and_org_and_refuses_bad_flags() {
-    let state = State::new();
+    let state = TempDb::new("gateway");
     let gw = start_with_env(
         &state,
         &["--org-id", "org-7", "--api-key", "AbCdEf123456"],
@@ -240,7 +221,7 @@ fn gateway_uses_the_given_key_and_org_and_refuses_bad_flags() {
 /// old key is still rejected and the new one works, and no secret is printed again.
 #[test]
 fn regenerate_over_http_then_restart_on_the_same_state_keeps_the_new_key() {
-    let state = State::new();
+    let state = TempDb::new("gateway");
     let password = "CorrectHorse12!";
     let gw = start_with_env(
         &state,
@@ -317,7 +298,7 @@ fn upstream_mode_forwards_identity_and_strips_credentials() {
                 .unwrap();
         }
     });
-    let state = State::new();
+    let state = TempDb::new("gateway");
     let gw = start_with_env(
         &state,
         &[

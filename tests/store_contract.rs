@@ -4,6 +4,10 @@
 //! tests print "skipped" and pass).
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
+use common::{race_regenerates, TempDb};
+
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -11,29 +15,6 @@ use std::time::{Duration, SystemTime};
 use orgkey::store::PostgresStore;
 use orgkey::store::{MemoryStore, OrgRecord, SqliteStore, Store, StoreError};
 use orgkey::{Actor, ApiKey, AuditEvent, Generation, KeyAction, KeyFormat, OrgId};
-
-/// A fresh SQLite file path, removed (with its WAL files) when dropped.
-struct TempDb(std::path::PathBuf);
-
-impl TempDb {
-    fn new(name: &str) -> Self {
-        let mut bytes = [0u8; 8];
-        getrandom::fill(&mut bytes).unwrap();
-        let path = std::env::temp_dir().join(format!(
-            "orgkey-contract-{name}-{}.db",
-            u64::from_le_bytes(bytes)
-        ));
-        Self(path)
-    }
-}
-
-impl Drop for TempDb {
-    fn drop(&mut self) {
-        for suffix in ["", "-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!("{}{suffix}", self.0.display()));
-        }
-    }
-}
 
 /// A fresh PostgreSQL schema name in the test database, dropped (`CASCADE`) when this is
 /// dropped, also when the test panicked.
@@ -930,7 +911,7 @@ async fn postgres_change_feed_propagates_and_recovers_after_losing_its_connectio
 #[cfg(feature = "postgres")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_racing_regenerates_through_key_admin_have_exactly_one_winner() {
-    use orgkey::{AdminError, KeyAdmin, OrgTable};
+    use orgkey::{KeyAdmin, OrgTable};
     let Some(schema) = TempSchema::new() else {
         return;
     };
@@ -950,30 +931,7 @@ async fn postgres_racing_regenerates_through_key_admin_have_exactly_one_winner()
                 .unwrap(),
         );
     }
-    let barrier = Arc::new(tokio::sync::Barrier::new(writers.len()));
-    let tasks: Vec<_> = writers
-        .into_iter()
-        .enumerate()
-        .map(|(i, admin)| {
-            let barrier = Arc::clone(&barrier);
-            tokio::spawn(async move {
-                let actor = Actor::new(&format!("admin{i}@acme.example")).unwrap();
-                barrier.wait().await;
-                admin
-                    .regenerate(&org("acme"), &actor)
-                    .await
-                    .map(|info| info.key().unwrap().expose_secret().to_owned())
-            })
-        })
-        .collect();
-    let (mut winners, mut conflicts) = (Vec::new(), 0);
-    for task in tasks {
-        match task.await.unwrap() {
-            Ok(key) => winners.push(key),
-            Err(AdminError::Conflict) => conflicts += 1,
-            Err(e) => panic!("unexpected {e:?}"),
-        }
-    }
+    let (winners, conflicts) = race_regenerates(writers, org("acme")).await;
     assert_eq!((winners.len(), conflicts), (1, 7));
     let stored = find(&schema.connect().await, "acme").await;
     assert_eq!(stored.key.unwrap().expose_secret(), winners[0]);

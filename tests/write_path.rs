@@ -2,6 +2,10 @@
 //! changes nothing; state survives a restart; racing writers on one database get one winner.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
+use common::{race_regenerates, TempDb};
+
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -13,27 +17,6 @@ use orgkey::{
     Actor, AdminError, AuditEvent, Generation, KeyAction, KeyAdmin, KeyFormat, OrgId, OrgTable,
     Username,
 };
-
-struct TempDb(std::path::PathBuf);
-
-impl TempDb {
-    fn new(name: &str) -> Self {
-        let mut bytes = [0u8; 8];
-        getrandom::fill(&mut bytes).unwrap();
-        Self(std::env::temp_dir().join(format!(
-            "orgkey-write-{name}-{}.db",
-            u64::from_le_bytes(bytes)
-        )))
-    }
-}
-
-impl Drop for TempDb {
-    fn drop(&mut self) {
-        for suffix in ["", "-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!("{}{suffix}", self.0.display()));
-        }
-    }
-}
 
 /// A store whose commits fail while `failing` is set.
 struct Flaky {
@@ -210,31 +193,7 @@ async fn racing_regenerates_on_one_sqlite_file_have_exactly_one_winner() {
         let store = SqliteStore::open(&db.0, KeyFormat::default()).unwrap();
         writers.push(KeyAdmin::open(OrgTable::default(), store).await.unwrap());
     }
-    let barrier = Arc::new(tokio::sync::Barrier::new(writers.len()));
-    let tasks: Vec<_> = writers
-        .into_iter()
-        .enumerate()
-        .map(|(i, admin)| {
-            let barrier = Arc::clone(&barrier);
-            tokio::spawn(async move {
-                let actor = Actor::new(&format!("admin{i}@acme.example")).unwrap();
-                barrier.wait().await;
-                admin
-                    .regenerate(&org(), &actor)
-                    .await
-                    .map(|info| info.key().unwrap().expose_secret().to_owned())
-            })
-        })
-        .collect();
-    let mut winners = Vec::new();
-    let mut conflicts = 0;
-    for task in tasks {
-        match task.await.unwrap() {
-            Ok(key) => winners.push(key),
-            Err(AdminError::Conflict) => conflicts += 1,
-            Err(e) => panic!("unexpected {e:?}"),
-        }
-    }
+    let (winners, conflicts) = race_regenerates(writers, org()).await;
     assert_eq!((winners.len(), conflicts), (1, 7));
     let reopened = KeyAdmin::open(
         OrgTable::default(),

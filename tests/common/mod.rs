@@ -238,3 +238,56 @@ pub async fn get_with_cookie(world: &World, session_id: &str) -> Answer {
 pub async fn send_protected(world: &World, request: Request<Full<Bytes>>) -> Answer {
     answer(protected(world).oneshot(request).await.unwrap()).await
 }
+
+/// A fresh SQLite file path under the temp dir, removed with its WAL files when dropped.
+pub struct TempDb(pub std::path::PathBuf);
+
+impl TempDb {
+    pub fn new(name: &str) -> Self {
+        let mut bytes = [0u8; 8];
+        getrandom::fill(&mut bytes).unwrap();
+        Self(std::env::temp_dir().join(format!("orgkey-{name}-{}.db", u64::from_le_bytes(bytes))))
+    }
+
+    pub fn path(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+}
+
+impl Drop for TempDb {
+    fn drop(&mut self) {
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", self.0.display()));
+        }
+    }
+}
+
+/// Every writer regenerates `org` at once (after a barrier); returns the keys of the winners
+/// and the number of `Conflict`s. Any other error fails the test.
+pub async fn race_regenerates(writers: Vec<KeyAdmin>, org: OrgId) -> (Vec<String>, usize) {
+    let barrier = Arc::new(tokio::sync::Barrier::new(writers.len()));
+    let tasks: Vec<_> = writers
+        .into_iter()
+        .enumerate()
+        .map(|(i, admin)| {
+            let (barrier, org) = (Arc::clone(&barrier), org.clone());
+            tokio::spawn(async move {
+                let actor = Actor::new(&format!("admin{i}@acme.example")).unwrap();
+                barrier.wait().await;
+                admin
+                    .regenerate(&org, &actor)
+                    .await
+                    .map(|info| info.key().unwrap().expose_secret().to_owned())
+            })
+        })
+        .collect();
+    let (mut winners, mut conflicts) = (Vec::new(), 0);
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(key) => winners.push(key),
+            Err(orgkey::AdminError::Conflict) => conflicts += 1,
+            Err(e) => panic!("unexpected {e:?}"),
+        }
+    }
+    (winners, conflicts)
+}
