@@ -191,6 +191,9 @@ pub struct KeyAdmin {
     audit: Arc<dyn AuditSink>,
     clock: SharedClock,
     base_url: Option<Arc<str>>,
+    /// Set only in a [`SessionKeyAdmin`]: the generation its session was authenticated
+    /// under; a change from any other generation is a conflict.
+    expected_generation: Option<Generation>,
 }
 
 impl fmt::Debug for KeyAdmin {
@@ -211,6 +214,7 @@ impl KeyAdmin {
             audit: Arc::new(TracingAuditSink),
             clock: SharedClock::default(),
             base_url: None,
+            expected_generation: None,
         }
     }
 
@@ -250,6 +254,11 @@ impl KeyAdmin {
     pub fn with_clock(mut self, clock: impl Clock) -> Self {
         self.clock = SharedClock::new(clock);
         self
+    }
+
+    /// The base URL shown with the key (K9), if set.
+    pub fn base_url(&self) -> Option<&str> {
+        self.base_url.as_deref()
     }
 
     /// The base URL shown beside the key (K9), for example `https://gw.example/api/v1`.
@@ -423,8 +432,10 @@ impl KeyAdmin {
             return Err(AdminError::Forbidden);
         }
         let actor = Actor::new(admin.as_str()).map_err(|_| AdminError::Forbidden)?;
+        let mut keys = self.clone();
+        keys.expected_generation = Some(auth.generation());
         Ok(SessionKeyAdmin {
-            admin: self.clone(),
+            admin: keys,
             org: auth.org_id(),
             actor,
         })
@@ -496,6 +507,14 @@ impl KeyAdmin {
             matches!(action, KeyAction::Subscribe | KeyAction::Unsubscribe);
         if !is_subscription_action && !current.subscribed {
             return Err(AdminError::NoSubscription);
+        }
+        // A session's change applies to the state the session was checked against: if
+        // another change came first, this session is already dead (K6) and loses.
+        if self
+            .expected_generation
+            .is_some_and(|expected| expected != current.generation)
+        {
+            return Err(AdminError::Conflict);
         }
         let (subscribed, key) = decide(&current)?;
         // Millisecond precision, as stored.

@@ -15,7 +15,7 @@ use std::task::{Context, Poll};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use http::header::{HeaderValue, ALLOW, CACHE_CONTROL, CONTENT_TYPE, WWW_AUTHENTICATE};
+use http::header::{HeaderValue, ALLOW, CACHE_CONTROL, CONTENT_TYPE, SET_COOKIE, WWW_AUTHENTICATE};
 use http::{Method, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::{BodyExt, Full, Limited};
@@ -27,6 +27,7 @@ use zeroize::Zeroizing;
 use crate::admin::{AdminError, KeyAdmin, KeyInfo, SessionKeyAdmin};
 use crate::key::{ApiKey, KeyFormat};
 use crate::session::endpoint::is_json;
+use crate::session::{set_cookie_value, Sessions};
 use crate::Authenticated;
 
 /// Largest `PUT /apiKeys/1` body accepted, in bytes.
@@ -142,14 +143,29 @@ const PAYLOAD_TOO_LARGE: &str =
 /// has `Cache-Control: no-store`, and every response with a body `Content-Type:
 /// application/json`. A refused change changes nothing.
 ///
-/// # Sessions end with the change (K6)
+/// # Sessions end with the change (K6), but the acting one can be carried over (W2)
 ///
 /// Every change (add, edit, regenerate, delete) moves the org to a new generation, which ends
-/// every session of the org, *including the one that made the change*. The request that made
-/// the change still gets its response (the layer accepted it before the change); the next
-/// request with that cookie gets `401 SESSION_NOT_VALID`, and the admin logs in again with the
-/// new key. After a delete, no login for the org succeeds until a key is added out of band
-/// (for example by [`KeyAdmin::add`] or a new subscription): K5 applies to admins too.
+/// every session of the org, *including the one that made the change*. A change made through
+/// a session applies only to the state that session was checked against: if another change
+/// came first, the session is already dead and the request gets `409 EDIT_CONFLICT`
+/// (nothing changes).
+///
+/// By default the request that made the change still gets its response, the next request
+/// with that cookie gets `401 SESSION_NOT_VALID`, and the admin logs in again with the new
+/// key; after a delete no login for the org succeeds until a key is added out of band (for
+/// example by [`KeyAdmin::add`] or a new subscription): K5 applies to admins too.
+///
+/// Built [`with_sessions`](KeyManagementEndpoint::with_sessions) (as the gateway and its
+/// admin page are), the response to a successful change also carries `Set-Cookie` for a
+/// successor session of the acting admin, created under the new generation
+/// ([`Sessions::carry_over`]): the admin who regenerated, edited or deleted the key stays
+/// signed in, and after a delete can still list and add a key. Clients that keep cookies
+/// (the Zscaler SDKs use a cookie jar or re-login on `401`) work either way. The successor
+/// keeps the original login time, so the absolute lifetime is not extended. A session of an
+/// org without a key is refused everywhere except behind a layer built with
+/// [`OrgKeyLayer::allow_keyless_sessions`](crate::OrgKeyLayer::allow_keyless_sessions),
+/// which belongs only in front of this endpoint and the audit log.
 ///
 /// # Secrets
 ///
@@ -159,12 +175,14 @@ const PAYLOAD_TOO_LARGE: &str =
 #[derive(Clone)]
 pub struct KeyManagementEndpoint {
     keys: KeyAdmin,
+    sessions: Option<Sessions>,
 }
 
 impl fmt::Debug for KeyManagementEndpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("KeyManagementEndpoint")
             .field("keys", &self.keys)
+            .field("carries_sessions_over", &self.sessions.is_some())
             .finish()
     }
 }
@@ -173,7 +191,20 @@ impl KeyManagementEndpoint {
     /// The endpoint managing keys through `keys`, which must change the table the layer in
     /// front of it checks against.
     pub fn new(keys: KeyAdmin) -> Self {
-        Self { keys }
+        Self {
+            keys,
+            sessions: None,
+        }
+    }
+
+    /// Carries the acting admin's session over each change it makes (W2): the response to
+    /// a successful add, edit, regenerate or delete also sets a new `JSESSIONID` cookie, for
+    /// a session of the same admin under the new generation
+    /// ([`Sessions::carry_over`]). `sessions` must be the ones the layer in front checks.
+    /// Every other session of the org still ends (K6).
+    pub fn with_sessions(mut self, sessions: Sessions) -> Self {
+        self.sessions = Some(sessions);
+        self
     }
 }
 
@@ -427,45 +458,103 @@ where
                 Ok(info) => one(&info),
                 Err(e) => refused(&e),
             }),
-            Operation::Add => Box::pin(async move {
-                Ok(match admin.add().await {
-                    Ok(info) => one(&info),
-                    Err(e) => refused(&e),
-                })
-            }),
-            Operation::Regenerate => Box::pin(async move {
-                Ok(match admin.regenerate().await {
-                    Ok(info) => one(&info),
-                    Err(e) => refused(&e),
-                })
-            }),
-            Operation::Delete => Box::pin(async move {
-                Ok(match admin.delete().await {
-                    Ok(_) => with_headers(StatusCode::NO_CONTENT, Bytes::new(), false),
-                    Err(e) => refused(&e),
-                })
-            }),
+            Operation::Add => {
+                let carry = self.carry(auth);
+                Box::pin(async move { Ok(carry.finish(admin.add().await, one).await) })
+            }
+            Operation::Regenerate => {
+                let carry = self.carry(auth);
+                Box::pin(async move { Ok(carry.finish(admin.regenerate().await, one).await) })
+            }
+            Operation::Delete => {
+                let carry = self.carry(auth);
+                Box::pin(async move { Ok(carry.finish(admin.delete().await, deleted).await) })
+            }
             Operation::Edit => {
                 let format = self.keys.table().format();
-                Box::pin(async move { Ok(edit(admin, format, request).await) })
+                let carry = self.carry(auth);
+                Box::pin(async move {
+                    Ok(match edit(admin, format, request).await {
+                        Ok(result) => carry.finish(result, one).await,
+                        Err(response) => response,
+                    })
+                })
             }
         }
     }
 }
 
-/// `PUT /apiKeys/1`: read and check the body, then [`SessionKeyAdmin::edit`].
+impl KeyManagementEndpoint {
+    fn carry(&self, auth: &Authenticated) -> CarryOver {
+        CarryOver {
+            sessions: self.sessions.clone(),
+            auth: auth.clone(),
+        }
+    }
+}
+
+/// What a change's response needs to carry the acting session over (W2).
+struct CarryOver {
+    sessions: Option<Sessions>,
+    auth: Authenticated,
+}
+
+impl CarryOver {
+    /// The response for a change's `result`: `respond` on success (plus the successor
+    /// session's cookie, when configured), the refusal otherwise.
+    async fn finish(
+        self,
+        result: Result<KeyInfo, AdminError>,
+        respond: fn(&KeyInfo) -> Response<Full<Bytes>>,
+    ) -> Response<Full<Bytes>> {
+        let info = match result {
+            Ok(info) => info,
+            Err(e) => return refused(&e),
+        };
+        let mut response = respond(&info);
+        let Some(sessions) = self.sessions else {
+            return response;
+        };
+        match sessions.carry_over(&self.auth, info.generation()).await {
+            Ok(Some(token)) => {
+                if let Some(cookie) = set_cookie_value(&token, sessions.config().secure_cookie) {
+                    response.headers_mut().insert(SET_COOKIE, cookie);
+                }
+            }
+            // A later change already came, or the session is gone: the admin logs in again.
+            Ok(None) => {}
+            Err(error) => tracing::warn!(
+                target: "orgkey::keys_api",
+                %error,
+                "the change was made, but the session could not be carried over"
+            ),
+        }
+        response
+    }
+}
+
+/// `204`, empty: the answer to a delete.
+fn deleted(_: &KeyInfo) -> Response<Full<Bytes>> {
+    with_headers(StatusCode::NO_CONTENT, Bytes::new(), false)
+}
+
+/// `PUT /apiKeys/1`: read and check the body, then [`SessionKeyAdmin::edit`]; `Err` is the
+/// response refusing the body.
 async fn edit<B>(
     admin: SessionKeyAdmin,
     format: KeyFormat,
     request: Request<B>,
-) -> Response<Full<Bytes>>
+) -> Result<Result<KeyInfo, AdminError>, Response<Full<Bytes>>>
 where
     B: Body + Send + 'static,
     B::Data: Send,
     B::Error: std::error::Error + Send + Sync + 'static,
 {
     if !is_json(request.headers().get(CONTENT_TYPE)) {
-        return json_static(StatusCode::UNSUPPORTED_MEDIA_TYPE, UNSUPPORTED_MEDIA_TYPE);
+        return Err(json_static(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            UNSUPPORTED_MEDIA_TYPE,
+        ));
     }
     let body = match Limited::new(request.into_body(), MAX_KEY_BODY)
         .collect()
@@ -474,9 +563,12 @@ where
         Ok(collected) => Zeroizing::new(collected.to_bytes().to_vec()),
         Err(error) => {
             return if error.is::<http_body_util::LengthLimitError>() {
-                json_static(StatusCode::PAYLOAD_TOO_LARGE, PAYLOAD_TOO_LARGE)
+                Err(json_static(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    PAYLOAD_TOO_LARGE,
+                ))
             } else {
-                bad_request("could not read the request body")
+                Err(bad_request("could not read the request body"))
             };
         }
     };
@@ -487,24 +579,29 @@ where
     let value = match serde_json::from_slice::<serde_json::Value>(&body) {
         Ok(serde_json::Value::Object(mut fields)) => match fields.remove("keyValue") {
             Some(serde_json::Value::String(value)) => Zeroizing::new(value),
-            _ => return bad_request("the body must be a JSON object with a keyValue string"),
+            _ => {
+                return Err(bad_request(
+                    "the body must be a JSON object with a keyValue string",
+                ))
+            }
         },
-        Ok(_) => return bad_request("the body must be a JSON object with a keyValue string"),
+        Ok(_) => {
+            return Err(bad_request(
+                "the body must be a JSON object with a keyValue string",
+            ))
+        }
         Err(e) => {
-            return bad_request(&format!(
+            return Err(bad_request(&format!(
                 "the body must be a JSON object with a keyValue string ({})",
                 json_error_class(&e)
-            ))
+            )))
         }
     };
     let key = match ApiKey::parse_with(&value, format) {
         Ok(key) => key,
-        Err(format) => return bad_request(&format.to_string()),
+        Err(format) => return Err(bad_request(&format.to_string())),
     };
-    match admin.edit(key).await {
-        Ok(info) => one(&info),
-        Err(e) => refused(&e),
-    }
+    Ok(admin.edit(key).await)
 }
 
 #[cfg(test)]

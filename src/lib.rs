@@ -12,6 +12,8 @@
 //! - [`OrgKeyLayer`]: the tower layer (L1-L4); see [`auth`] for the acceptance rules.
 //! - [`Admins`], [`Sessions`], [`SessionEndpoint`]: admin accounts and the ZIA login protocol
 //!   (A1-A3, S1-S3); see [`session`].
+//! - [`KeyManagementEndpoint`], [`audit_api::AuditLogEndpoint`]: the key and audit
+//!   resources over HTTP; [`csrf::CsrfLayer`] guards them against cross-site requests (W1).
 //!
 //! Rule ids (K1, L3, ...) refer to the design contract reproduced in the README.
 #![forbid(unsafe_code)]
@@ -23,6 +25,7 @@ pub mod audit;
 pub mod audit_api;
 pub mod auth;
 pub mod clock;
+pub mod csrf;
 pub mod key;
 pub mod keys_api;
 #[cfg(feature = "metrics")]

@@ -20,7 +20,7 @@ use orgkey::{
 };
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-use tower::ServiceExt;
+use tower::{Service, ServiceExt};
 
 const BASE: &str = "/api/v1/apiKeys";
 /// A valid key other than KEY.
@@ -450,7 +450,7 @@ async fn edit_bodies_not_json_too_large_or_malformed_are_refused_and_change_noth
 /// so what follows is shown on the endpoint itself, for a request the layer accepted before
 /// the delete: the list is empty, the item and its changes are 404, and add works.
 #[tokio::test]
-async fn delete_answers_204_then_the_list_is_empty_and_add_works() {
+async fn delete_answers_204_and_ends_every_session_including_its_own() {
     let w = world().await;
     let id = alice_session(&w).await;
     let auth = authenticated_for(&w, &id).await;
@@ -459,6 +459,10 @@ async fn delete_answers_204_then_the_list_is_empty_and_add_works() {
     assert_eq!(a.status, StatusCode::NO_CONTENT, "{}", a.body);
     assert!(a.body.is_empty());
     assert_eq!(a.headers["cache-control"], "no-store");
+    assert!(
+        !a.headers.contains_key("set-cookie"),
+        "no carry-over unless configured"
+    );
     assert_eq!(current_key(&w), None);
     assert_error(
         &call(&w, Method::GET, BASE, Cred::Session(&id)).await,
@@ -470,49 +474,281 @@ async fn delete_answers_204_then_the_list_is_empty_and_add_works() {
         StatusCode::UNAUTHORIZED
     );
 
+    // What the session was checked against is gone: a change it asks for, even if it
+    // reached the endpoint, is a conflict and changes nothing.
+    let before = generation(&w);
     let list = send_bare(
         &w,
         request(Method::GET, BASE, Cred::Nothing, None),
         Some(&auth),
     )
     .await;
-    assert_eq!(list.status, StatusCode::OK, "{}", list.body);
-    assert_json_headers(&list);
-    assert_eq!(list.json(), json!([]));
-
-    let before = generation(&w);
-    for (method, path, body) in every_operation() {
-        if path == BASE {
-            continue; // the list (above) and add (below)
-        }
-        let a = send_bare(
-            &w,
-            request(method.clone(), &path, Cred::Nothing, body.as_deref()),
-            Some(&auth),
-        )
-        .await;
-        assert_error(&a, StatusCode::NOT_FOUND, "RESOURCE_NOT_FOUND");
-        assert_eq!(generation(&w), before, "{method} {path}");
-    }
-
-    let added = send_bare(
+    assert_eq!(list.json(), json!([]), "{}", list.body);
+    let stale = send_bare(
         &w,
         request(Method::POST, BASE, Cred::Nothing, None),
         Some(&auth),
     )
     .await;
+    assert_error(&stale, StatusCode::CONFLICT, "EDIT_CONFLICT");
+    assert_eq!(generation(&w), before);
+    assert_eq!(current_key(&w), None);
+}
+
+/// The gateway's composition: carry-over on the endpoint, keyless sessions allowed on the
+/// layer in front of it only.
+fn carrying_stack(
+    w: &World,
+) -> impl Service<
+    Request<Full<Bytes>>,
+    Response = Response<orgkey::auth::ResponseBody<Full<Bytes>>>,
+    Error = Infallible,
+> + Clone {
+    tower::ServiceBuilder::new()
+        .layer(
+            OrgKeyLayer::new(w.keys.table().clone())
+                .with_sessions(w.sessions.clone())
+                .allow_keyless_sessions(),
+        )
+        .service(KeyManagementEndpoint::new(w.keys.clone()).with_sessions(w.sessions.clone()))
+}
+
+async fn carry_call(w: &World, method: Method, path: &str, id: &str) -> Answer {
+    answer(
+        carrying_stack(w)
+            .oneshot(request(method, path, Cred::Session(id), None))
+            .await
+            .unwrap(),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_carried_over_session_survives_its_own_changes_and_no_other_does() {
+    let w = world().await;
+    let alice = alice_session(&w).await;
+    // A second session of the same admin: it is not the acting one, so it ends.
+    let other = alice_session(&w).await;
+
+    let a = carry_call(&w, Method::POST, &format!("{BASE}/1/regenerate"), &alice).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    let cookie = a.headers["set-cookie"].to_str().unwrap().to_owned();
+    assert!(
+        cookie.ends_with("; Path=/; HttpOnly; SameSite=Strict"),
+        "{cookie}"
+    );
+    let successor = a.session_id();
+    assert_ne!(successor, alice);
+    let new_key = a.json()["keyValue"].as_str().unwrap().to_owned();
+
+    for dead in [&alice, &other] {
+        assert_error(
+            &carry_call(&w, Method::GET, BASE, dead).await,
+            StatusCode::UNAUTHORIZED,
+            "SESSION_NOT_VALID",
+        );
+    }
+    let listed = carry_call(&w, Method::GET, BASE, &successor).await;
+    assert_eq!(listed.status, StatusCode::OK, "{}", listed.body);
+    assert_eq!(listed.json()[0]["keyValue"], new_key.as_str());
+    assert!(
+        !listed.headers.contains_key("set-cookie"),
+        "reads carry nothing over"
+    );
+    // The old key no longer works, the new one does (K6).
+    assert_eq!(
+        call(&w, Method::GET, BASE, Cred::Key(KEY)).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        call(&w, Method::GET, BASE, Cred::Key(&new_key))
+            .await
+            .status,
+        StatusCode::FORBIDDEN,
+        "authenticated, but keys are managed by sessions"
+    );
+
+    // Edit, then the carried session carries on again.
+    let edit = answer(
+        carrying_stack(&w)
+            .oneshot(request(
+                Method::PUT,
+                &format!("{BASE}/1"),
+                Cred::Session(&successor),
+                Some(&json!({ "keyValue": OTHER_KEY }).to_string()),
+            ))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(edit.status, StatusCode::OK, "{}", edit.body);
+    let third = edit.session_id();
+    assert_eq!(current_key(&w).as_deref(), Some(OTHER_KEY));
+    assert_eq!(
+        carry_call(&w, Method::GET, BASE, &third).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        carry_call(&w, Method::GET, BASE, &successor).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+}
+
+#[tokio::test]
+async fn after_a_delete_the_carried_session_can_add_a_key_but_nothing_else_is_let_in() {
+    let w = world().await;
+    let alice = alice_session(&w).await;
+    let a = carry_call(&w, Method::DELETE, &format!("{BASE}/1"), &alice).await;
+    assert_eq!(a.status, StatusCode::NO_CONTENT, "{}", a.body);
+    let keyless = a.session_id();
+    assert_eq!(current_key(&w), None);
+
+    // K5 everywhere but key management: the default layer refuses the keyless session.
+    let elsewhere = send_protected(
+        &w,
+        Request::get("/api/v1/status")
+            .header("cookie", format!("JSESSIONID={keyless}"))
+            .body(Full::default())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        elsewhere.status,
+        StatusCode::UNAUTHORIZED,
+        "{}",
+        elsewhere.body
+    );
+    assert_eq!(
+        login(&w, "alice@acme.example").await.status,
+        StatusCode::UNAUTHORIZED,
+        "no login without a key"
+    );
+
+    // Key management: the list is empty, the item operations find nothing, add works.
+    let list = carry_call(&w, Method::GET, BASE, &keyless).await;
+    assert_eq!(list.json(), json!([]), "{}", list.body);
+    let before = generation(&w);
+    for (method, path, body) in every_operation() {
+        if path == BASE {
+            continue;
+        }
+        let a = answer(
+            carrying_stack(&w)
+                .oneshot(request(
+                    method.clone(),
+                    &path,
+                    Cred::Session(&keyless),
+                    body.as_deref(),
+                ))
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_error(&a, StatusCode::NOT_FOUND, "RESOURCE_NOT_FOUND");
+        assert_eq!(generation(&w), before, "{method} {path}");
+    }
+    let added = carry_call(&w, Method::POST, BASE, &keyless).await;
     assert_eq!(added.status, StatusCode::OK, "{}", added.body);
     let key = assert_resource(&added.json(), "alice@acme.example", now_secs(&w));
     assert_eq!(current_key(&w).as_deref(), Some(key.as_str()));
-    assert_error(
-        &call(&w, Method::GET, BASE, Cred::Key(&key)).await,
-        StatusCode::FORBIDDEN,
-        "NOT_AUTHORIZED",
+    let successor = added.session_id();
+    assert_eq!(
+        carry_call(&w, Method::GET, BASE, &keyless).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        carry_call(&w, Method::GET, BASE, &successor).await.status,
+        StatusCode::OK
     );
     assert_eq!(
         login_with_key(&w, "alice@acme.example", &key).await.status,
         StatusCode::OK
     );
+}
+
+#[tokio::test]
+async fn a_carried_over_session_keeps_the_original_absolute_lifetime() {
+    let w = world().await;
+    let alice = alice_session(&w).await;
+    let lifetime = w.sessions.config().absolute_lifetime;
+    let idle = w.sessions.config().idle_timeout;
+    // Keep the session busy until just before its lifetime ends.
+    let mut elapsed = Duration::ZERO;
+    while elapsed + idle < lifetime {
+        w.clock.advance(idle - Duration::from_secs(1));
+        elapsed += idle - Duration::from_secs(1);
+        assert_eq!(
+            carry_call(&w, Method::GET, BASE, &alice).await.status,
+            StatusCode::OK
+        );
+    }
+    let a = carry_call(&w, Method::POST, &format!("{BASE}/1/regenerate"), &alice).await;
+    let successor = a.session_id();
+    w.clock.advance(lifetime - elapsed);
+    let late = carry_call(&w, Method::GET, BASE, &successor).await;
+    assert_error(&late, StatusCode::UNAUTHORIZED, "SESSION_NOT_VALID");
+}
+
+#[tokio::test]
+async fn carry_over_refuses_when_a_later_change_came_or_the_admin_changed() {
+    let w = world().await;
+    let alice = alice_session(&w).await;
+    let auth = authenticated_for(&w, &alice).await;
+    let first = w.keys.regenerate(&org("acme"), &w.ops).await.unwrap();
+    w.keys.regenerate(&org("acme"), &w.ops).await.unwrap();
+    // Not the generation now: nothing is created.
+    let before = w.sessions.len();
+    assert!(w
+        .sessions
+        .carry_over(&auth, first.generation())
+        .await
+        .unwrap()
+        .is_none());
+    assert_eq!(w.sessions.len(), before);
+
+    // The admin's password changed: nothing is created either.
+    let w = world().await;
+    let alice = alice_session(&w).await;
+    let auth = authenticated_for(&w, &alice).await;
+    let changed = w.keys.regenerate(&org("acme"), &w.ops).await.unwrap();
+    w.admins
+        .change_password(
+            &user("alice@acme.example"),
+            &Password::new("another-long-password-1"),
+        )
+        .await
+        .unwrap();
+    assert!(w
+        .sessions
+        .carry_over(&auth, changed.generation())
+        .await
+        .unwrap()
+        .is_none());
+
+    // A direct-key request has no session to carry.
+    let w = world().await;
+    let seen = Arc::new(Mutex::new(None));
+    let sink = seen.clone();
+    let svc = tower::ServiceBuilder::new()
+        .layer(OrgKeyLayer::new(w.keys.table().clone()))
+        .service_fn(move |request: Request<Full<Bytes>>| {
+            let sink = sink.clone();
+            async move {
+                *sink.lock().unwrap() = request.extensions().get::<Authenticated>().cloned();
+                Ok::<_, Infallible>(Response::new(Full::<Bytes>::default()))
+            }
+        });
+    svc.oneshot(request(Method::GET, "/", Cred::Key(KEY), None))
+        .await
+        .unwrap();
+    let direct = seen.lock().unwrap().take().unwrap();
+    let changed = w.keys.regenerate(&org("acme"), &w.ops).await.unwrap();
+    assert!(w
+        .sessions
+        .carry_over(&direct, changed.generation())
+        .await
+        .unwrap()
+        .is_none());
 }
 
 #[tokio::test]

@@ -2,6 +2,7 @@
 
 use crate::admins::{Scope, Scopes, Username};
 use crate::org::{Generation, InlineOrgId, OrgId};
+use crate::session::SessionDigest;
 
 /// Request extension set by the layer on every request it lets through (L2).
 ///
@@ -19,6 +20,8 @@ pub struct Authenticated {
     org: InlineOrgId,
     generation: Generation,
     method: AuthMethod,
+    /// The session that authenticated the request, if any (for `Sessions::carry_over`).
+    session: Option<SessionDigest>,
 }
 
 /// How a request was authenticated.
@@ -42,7 +45,17 @@ impl Authenticated {
             org,
             generation,
             method,
+            session: None,
         }
+    }
+
+    pub(crate) fn with_session(mut self, digest: SessionDigest) -> Self {
+        self.session = Some(digest);
+        self
+    }
+
+    pub(crate) fn session_digest(&self) -> Option<SessionDigest> {
+        self.session
     }
 
     /// The id of the org the request is for.

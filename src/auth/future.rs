@@ -10,8 +10,8 @@ use pin_project_lite::pin_project;
 use super::body::ResponseBody;
 
 pin_project! {
-    /// Response future of [`OrgKeyAuth`](super::OrgKeyAuth): the inner service's future, or a
-    /// ready rejection.
+    /// Response future of [`OrgKeyAuth`](super::OrgKeyAuth) and
+    /// [`Csrf`](crate::csrf::Csrf): the inner service's future, or a ready rejection.
     pub struct ResponseFuture<F, B> {
         #[pin]
         kind: Kind<F, B>,

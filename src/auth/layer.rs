@@ -32,6 +32,7 @@ pub struct OrgKeyLayer {
 pub(crate) struct Config {
     table: OrgTable,
     sessions: Option<Sessions>,
+    keyless_sessions: bool,
     resolver: Arc<dyn OrgResolver>,
     key_header: HeaderName,
     pub(crate) challenge: HeaderValue,
@@ -44,6 +45,7 @@ impl OrgKeyLayer {
             config: Arc::new(Config {
                 table,
                 sessions: None,
+                keyless_sessions: false,
                 resolver: Arc::new(HeaderOrgResolver::default()),
                 key_header: HeaderName::from_static(DEFAULT_KEY_HEADER),
                 challenge: challenge_for("orgkey", DEFAULT_KEY_HEADER),
@@ -82,6 +84,18 @@ impl OrgKeyLayer {
     /// if the request also names an org, it must be the same.
     pub fn with_sessions(mut self, sessions: Sessions) -> Self {
         self.config_mut().sessions = Some(sessions);
+        self
+    }
+
+    /// Also accepts sessions of an org that has no key: the session of an admin who deleted
+    /// the key through [`KeyManagementEndpoint`](crate::KeyManagementEndpoint) and had it
+    /// carried over ([`Sessions::carry_over`], W2), so that the admin can add a new key.
+    ///
+    /// Use it only on the layer in front of the key-management endpoints and the audit log.
+    /// Without it (the default) such a session is refused (`401`, reason `no_key`): K5, no
+    /// request for an org without a key succeeds.
+    pub fn allow_keyless_sessions(mut self) -> Self {
+        self.config_mut().keyless_sessions = true;
         self
     }
 
@@ -218,6 +232,9 @@ impl Config {
     ) -> Result<Authenticated, (RejectionReason, Option<InlineOrgId>)> {
         let identity = checked.map_err(|e| (e.into(), None))?;
         let org = InlineOrgId::copy(identity.org.as_str());
+        if !identity.has_key && !self.keyless_sessions {
+            return Err((RejectionReason::NoKey, org));
+        }
         let view = RequestView::new(
             request.method(),
             request.uri(),
@@ -238,7 +255,8 @@ impl Config {
                 admin: identity.admin,
                 scopes: identity.scopes,
             },
-        ))
+        )
+        .with_session(identity.digest))
     }
 
     pub(crate) fn key_header(&self) -> &HeaderName {

@@ -61,6 +61,11 @@ fn digest(raw: &[u8]) -> [u8; 32] {
 /// The digest under which a presented id is stored, or `None` if it is not 64 hex characters
 /// (such a value cannot be a session id; nothing is looked up).
 pub(crate) fn digest_of_presented(value: &[u8]) -> Option<[u8; 32]> {
+    raw_of_presented(value).map(|raw| digest(raw.as_ref()))
+}
+
+/// The random bytes of a presented id, or `None` if it is not 64 hex characters.
+pub(crate) fn raw_of_presented(value: &[u8]) -> Option<Zeroizing<[u8; SESSION_ID_BYTES]>> {
     if value.len() != SESSION_ID_BYTES * 2 {
         return None;
     }
@@ -68,7 +73,19 @@ pub(crate) fn digest_of_presented(value: &[u8]) -> Option<[u8; 32]> {
     for (i, pair) in value.chunks_exact(2).enumerate() {
         raw[i] = (hex_value(pair[0])? << 4) | hex_value(pair[1])?;
     }
-    Some(digest(raw.as_ref()))
+    Some(raw)
+}
+
+/// The `Set-Cookie` value handing `token` to a client (PROTOCOL.md): `JSESSIONID=<id>;
+/// Path=/; HttpOnly; SameSite=Strict`, plus `; Secure` when `secure`. `None` cannot happen
+/// for ids made by [`SessionToken::generate`] (hex only).
+pub(crate) fn set_cookie_value(token: &SessionToken, secure: bool) -> Option<http::HeaderValue> {
+    let cookie = Zeroizing::new(format!(
+        "{SESSION_COOKIE}={}; Path=/; HttpOnly; SameSite=Strict{}",
+        token.expose_secret(),
+        if secure { "; Secure" } else { "" }
+    ));
+    http::HeaderValue::from_str(&cookie).ok()
 }
 
 fn hex_value(c: u8) -> Option<u8> {

@@ -17,7 +17,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use serde::Deserialize;
 use tower_service::Service;
 
-use super::cookie::{find_session_cookie, CookieLookup, SESSION_COOKIE};
+use super::cookie::{find_session_cookie, set_cookie_value, CookieLookup};
 use super::sessions::{LoginFailure, LoginRequest, Sessions};
 use crate::auth::RequestView;
 use crate::password::Password;
@@ -325,17 +325,12 @@ where
     match sessions.login(attempt).await {
         Ok(session) => {
             let mut response = json(StatusCode::OK, SESSION_INFO);
-            let cookie = format!(
-                "{SESSION_COOKIE}={}; Path=/; HttpOnly; SameSite=Strict{}",
-                session.token.expose_secret(),
-                if secure { "; Secure" } else { "" }
-            );
-            match HeaderValue::from_str(&cookie) {
-                Ok(value) => {
+            match set_cookie_value(&session.token, secure) {
+                Some(value) => {
                     response.headers_mut().insert(SET_COOKIE, value);
                     response
                 }
-                Err(_) => json(StatusCode::INTERNAL_SERVER_ERROR, AUTHENTICATION_FAILED),
+                None => json(StatusCode::INTERNAL_SERVER_ERROR, AUTHENTICATION_FAILED),
             }
         }
         Err(LoginFailure::Throttled { retry_after_secs }) => too_many_requests(retry_after_secs),

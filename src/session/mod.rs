@@ -35,11 +35,16 @@ pub mod obfuscate;
 mod sessions;
 pub mod throttle;
 
-pub(crate) use cookie::{find_session_cookie, strip_session_cookie, CookieLookup};
+#[cfg(test)]
+pub(crate) use cookie::digest_of_presented;
+pub(crate) use cookie::{
+    find_session_cookie, raw_of_presented, set_cookie_value, strip_session_cookie, CookieLookup,
+};
 pub use cookie::{SessionToken, SESSION_COOKIE};
 pub use endpoint::{
     default_client_addr, ClientAddr, ClientAddrFn, SessionEndpoint, MAX_LOGIN_BODY,
 };
+pub(crate) use sessions::SessionDigest;
 pub use sessions::{
     LoginFailure, LoginRequest, NewSession, SessionConfig, SessionIdentity, SessionRejection,
     Sessions,

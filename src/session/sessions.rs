@@ -195,6 +195,22 @@ pub struct SessionIdentity {
     pub admin: Username,
     /// The admin's scopes now.
     pub scopes: Scopes,
+    /// Whether the org has a key now. `false` only for a session carried over a delete
+    /// ([`Sessions::carry_over`]): the layer refuses such a session unless it guards key
+    /// management ([`OrgKeyLayer::allow_keyless_sessions`](crate::OrgKeyLayer::allow_keyless_sessions)).
+    pub has_key: bool,
+    /// Which session this is, for [`Sessions::carry_over`].
+    pub(crate) digest: SessionDigest,
+}
+
+/// The SHA-256 digest of a session id: names a session without being one (S1).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SessionDigest(pub(crate) [u8; 32]);
+
+impl fmt::Debug for SessionDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SessionDigest(..)")
+    }
 }
 
 struct SessionRecord {
@@ -514,7 +530,7 @@ impl Sessions {
             .get(&digest)
             .map(|r| Arc::clone(r.value()))
             .ok_or(SessionRejection::NotFound)?;
-        match self.check(&record) {
+        match self.check(&record, digest) {
             Ok(identity) => Ok(identity),
             Err(rejection) => {
                 self.inner.sessions.remove(&digest);
@@ -524,7 +540,11 @@ impl Sessions {
         }
     }
 
-    fn check(&self, record: &SessionRecord) -> Result<SessionIdentity, SessionRejection> {
+    fn check(
+        &self,
+        record: &SessionRecord,
+        digest: [u8; 32],
+    ) -> Result<SessionIdentity, SessionRejection> {
         let now_ms = self.now_ms();
         let config = &self.inner.config;
         let idle = now_ms.saturating_sub(record.last_seen_ms.load(Ordering::Relaxed));
@@ -536,11 +556,12 @@ impl Sessions {
         }
         // Every key or subscription change bumps the generation (K6), so comparing it
         // covers regenerate, edit, delete, add, unsubscribe.
-        let generation = self
+        // One snapshot gives both the generation and whether there is a key.
+        let (generation, has_key) = self
             .inner
             .orgs
             .state(record.org.as_str())
-            .map(|state| state.generation())
+            .map(|state| (state.generation(), state.key().is_some()))
             .ok_or(SessionRejection::KeyChanged)?;
         if generation != record.generation {
             return Err(SessionRejection::KeyChanged);
@@ -563,7 +584,98 @@ impl Sessions {
             generation,
             admin: record.admin.clone(),
             scopes: admin.scopes,
+            has_key,
+            digest: SessionDigest(digest),
         })
+    }
+
+    /// Carries the session that made a key change over the change (W2): the session that
+    /// authenticated `auth` is ended, and a successor for the same admin, stamped with the
+    /// org's generation `changed_to`, is created and returned (its id is for the client's
+    /// cookie). The successor keeps the predecessor's login time, so the absolute lifetime
+    /// (S2) still counts from the login; every other session of the org stays dead (K6).
+    ///
+    /// Returns `Ok(None)`, and creates nothing, unless all of these hold: `auth` came from a
+    /// session of this table that still exists; that session was created under the
+    /// generation the request was authenticated under; the org's generation is now exactly
+    /// `changed_to` (no later change has happened); and the admin is still enabled, with the
+    /// same password and the `api` scope. [`KeyManagementEndpoint`](crate::KeyManagementEndpoint)
+    /// calls this after each change it makes when built
+    /// [`with_sessions`](crate::KeyManagementEndpoint::with_sessions).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`] if the successor cannot be stored; nothing is created then (the
+    /// predecessor is dead anyway, by its generation).
+    pub async fn carry_over(
+        &self,
+        auth: &crate::Authenticated,
+        changed_to: Generation,
+    ) -> Result<Option<SessionToken>, StoreError> {
+        let Some(SessionDigest(old_digest)) = auth.session_digest() else {
+            return Ok(None);
+        };
+        let Some(old) = self
+            .inner
+            .sessions
+            .get(&old_digest)
+            .map(|r| Arc::clone(r.value()))
+        else {
+            return Ok(None);
+        };
+        let current = self
+            .inner
+            .orgs
+            .state(old.org.as_str())
+            .map(|state| state.generation());
+        let admin_ok = self
+            .inner
+            .directory
+            .status(&old.admin)
+            .is_some_and(|admin| {
+                admin.enabled
+                    && admin.credential_version == old.credential_version
+                    && admin.scopes.contains(Scope::Api)
+                    && admin.org == old.org
+            });
+        if old.generation != auth.generation() || current != Some(changed_to) || !admin_ok {
+            return Ok(None);
+        }
+        let Ok((token, digest)) = SessionToken::generate() else {
+            return Ok(None);
+        };
+        let now_ms = self.now_ms();
+        if let Some(store) = &self.inner.store {
+            let record = crate::store::SessionRecord {
+                digest,
+                org: old.org.clone(),
+                admin: old.admin.clone(),
+                generation: changed_to,
+                credential_version: old.credential_version,
+                created: crate::store::from_millis(old.created_ms as i64),
+            };
+            store.put_session(&record).await?;
+        }
+        self.inner.sessions.insert(
+            digest,
+            Arc::new(SessionRecord {
+                org: old.org.clone(),
+                admin: old.admin.clone(),
+                generation: changed_to,
+                credential_version: old.credential_version,
+                created_ms: old.created_ms,
+                last_seen_ms: AtomicU64::new(now_ms),
+            }),
+        );
+        self.inner.sessions.remove(&old_digest);
+        self.forget(vec![old_digest]);
+        tracing::info!(
+            target: "orgkey::session",
+            org = %old.org,
+            admin = %old.admin,
+            "session carried over a key change"
+        );
+        Ok(Some(token))
     }
 
     /// Ends a session (logout, S3): deleted from the store first (if any), then from memory.

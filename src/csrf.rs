@@ -1,0 +1,402 @@
+//! [`CsrfLayer`]: protection of browser-originated state changes against cross-site request
+//! forgery (W1), for the login and key-management endpoints that the admin page calls.
+//!
+//! The admin page signs in through `POST /api/v1/authenticatedSession` and manages the key
+//! through the `apiKeys` endpoints, exactly like the Zscaler clients do. A browser attaches
+//! the session cookie to those requests by itself, so a page from another site could try to
+//! make them on a signed-in admin's behalf. The session cookie is `SameSite=Strict`, which
+//! already keeps it off cross-site requests in current browsers; this layer adds the two
+//! checks of W1 on top, so that the protection does not rest on one browser feature.
+//!
+//! # Acceptance rules
+//!
+//! A request passes to the inner service when the first rule that applies says so:
+//!
+//! 1. A safe method (`GET`, `HEAD`, `OPTIONS`, `TRACE`) passes. The endpoints change nothing
+//!    on those.
+//! 2. A request carrying neither `Origin` nor `Sec-Fetch-Site` passes: it was not sent by a
+//!    browser's script or form (browsers send `Origin` on every state-changing request and
+//!    `Sec-Fetch-Site` on every request to a secure context), so it is a non-browser API
+//!    client, such as the Zscaler libraries, curl or a SOAR integration, which keeps working
+//!    unchanged (W1).
+//! 3. `Sec-Fetch-Site`, when present, must be `same-origin`; `same-site`, `cross-site` and
+//!    `none` are refused.
+//! 4. `Origin`, when present, must be the request's own origin (its host and port equal the
+//!    `Host` header, or the URI's authority for HTTP/2) or one given to
+//!    [`CsrfLayer::allow_origin`]. `Origin: null` is refused.
+//! 5. If the request carries a `JSESSIONID` cookie of a live session, it must carry that
+//!    session's CSRF token in the `X-CSRF-Token` header ([`token_for_session`]; compared in
+//!    constant time). A cookie of a dead or unknown session needs no token: the session
+//!    authenticates nothing (a login may replace it). Two `JSESSIONID` cookies are refused.
+//! 6. Anything else passes.
+//!
+//! A refused request gets `403` with `{"code":"CSRF_CHECK_FAILED","message":...}`; the inner
+//! service is not called and nothing changes. Which rule refused it is in a [`CsrfRejection`]
+//! in the response's extensions, in the `orgkey::csrf` tracing event, and never in the body
+//! beyond a fixed sentence.
+//!
+//! # The token
+//!
+//! The token is bound to the session: it is the SHA-256 digest of a fixed label and the
+//! session id's random bytes, in hex. It needs no storage (every replica derives the same
+//! token from the cookie), changes with every session (a carried-over session has a new one,
+//! W2), reveals nothing about the id, and differs from the digest the store keeps (S1). The
+//! admin page learns it from `GET /admin/session`
+//! ([`AdminPage`](crate::admin_page::AdminPage)), which only same-origin script can read.
+//!
+//! # Deployment caveat
+//!
+//! Rule 2 trusts that browsers send `Origin` with state-changing requests: every current
+//! browser does; browsers from before 2020 may not, and are then protected by `SameSite`
+//! alone. Behind a reverse proxy that rewrites `Host`, rule 4 needs the public origin
+//! through [`CsrfLayer::allow_origin`]. Put this layer only in front of the login, key and
+//! admin endpoints: in front of an API that other sites call from browsers (CORS), rules 3
+//! and 4 would refuse their writes.
+//!
+//! ```
+//! use bytes::Bytes;
+//! use http::{Request, Response, StatusCode};
+//! use http_body_util::Full;
+//! use orgkey::csrf::CsrfLayer;
+//! use orgkey::{Admins, OrgTable, Sessions};
+//! use tower::{ServiceBuilder, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let table = OrgTable::default();
+//! let sessions = Sessions::new(table.clone(), Admins::new(table));
+//! let service = ServiceBuilder::new()
+//!     .layer(CsrfLayer::new(sessions))
+//!     .service_fn(|_: Request<Full<Bytes>>| async {
+//!         Ok::<_, std::convert::Infallible>(Response::new(Full::<Bytes>::default()))
+//!     });
+//!
+//! // A Zscaler client (no Origin, no Sec-Fetch-Site) passes.
+//! let client = Request::post("/api/v1/authenticatedSession")
+//!     .header("host", "gw.example").body(Full::default()).unwrap();
+//! assert_eq!(service.clone().oneshot(client).await.unwrap().status(), StatusCode::OK);
+//!
+//! // A script on another site does not.
+//! let forged = Request::post("/api/v1/authenticatedSession")
+//!     .header("host", "gw.example").header("origin", "https://evil.example")
+//!     .header("sec-fetch-site", "cross-site").body(Full::default()).unwrap();
+//! assert_eq!(service.oneshot(forged).await.unwrap().status(), StatusCode::FORBIDDEN);
+//! # }
+//! ```
+
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::header::{CACHE_CONTROL, CONTENT_TYPE, HOST, ORIGIN};
+use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use tower_layer::Layer;
+use tower_service::Service;
+use zeroize::Zeroizing;
+
+use crate::auth::{ResponseBody, ResponseFuture};
+use crate::session::{find_session_cookie, raw_of_presented, CookieLookup, Sessions};
+
+/// The request header that carries the token: `X-CSRF-Token`.
+pub const TOKEN_HEADER: &str = "x-csrf-token";
+
+const SEC_FETCH_SITE: &str = "sec-fetch-site";
+/// Domain separation: the token is not the digest the store keeps (S1).
+const TOKEN_LABEL: &[u8] = b"orgkey csrf token v1\0";
+
+/// A session's CSRF token: 64 hex characters.
+///
+/// Secret (it authorizes state changes together with the cookie): redacted `Debug`, no
+/// `Display`, no `PartialEq`, zeroized on drop.
+pub struct CsrfToken(Zeroizing<String>);
+
+impl CsrfToken {
+    /// The token, for the page that must send it back. Grep for this when auditing.
+    pub fn expose_secret(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for CsrfToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CsrfToken").finish_non_exhaustive()
+    }
+}
+
+/// The CSRF token of the session whose id (the `JSESSIONID` value) is `session_id`, or
+/// `None` if that is not a well-formed session id. The token does not say whether the
+/// session is alive: check that with [`Sessions::validate`].
+pub fn token_for_session(session_id: &[u8]) -> Option<CsrfToken> {
+    let raw = raw_of_presented(session_id)?;
+    let mut hasher = Sha256::new();
+    hasher.update(TOKEN_LABEL);
+    hasher.update(raw.as_ref());
+    let digest = Zeroizing::new(<[u8; 32]>::from(hasher.finalize()));
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut text = Zeroizing::new(String::with_capacity(64));
+    for b in digest.iter() {
+        text.push(char::from(HEX[usize::from(b >> 4)]));
+        text.push(char::from(HEX[usize::from(b & 0xf)]));
+    }
+    Some(CsrfToken(text))
+}
+
+/// Which acceptance rule refused a request; placed in the `403` response's extensions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum CsrfRejection {
+    /// `Sec-Fetch-Site` is not `same-origin` (rule 3).
+    CrossSiteFetch,
+    /// `Origin` is `null`, unparsable, or neither the request's own nor an allowed one
+    /// (rule 4).
+    ForeignOrigin,
+    /// The request carries a live session's cookie without its token, or with another
+    /// (rule 5).
+    TokenMismatch,
+    /// More than one `JSESSIONID` cookie (rule 5).
+    AmbiguousSession,
+}
+
+impl CsrfRejection {
+    /// A stable lowercase name, for logs.
+    pub const fn as_str(&self) -> &'static str {
+        match self {
+            Self::CrossSiteFetch => "cross_site_fetch",
+            Self::ForeignOrigin => "foreign_origin",
+            Self::TokenMismatch => "token_mismatch",
+            Self::AmbiguousSession => "ambiguous_session",
+        }
+    }
+
+    fn body(&self) -> &'static str {
+        match self {
+            Self::CrossSiteFetch | Self::ForeignOrigin => {
+                r#"{"code":"CSRF_CHECK_FAILED","message":"cross-site request refused"}"#
+            }
+            Self::TokenMismatch | Self::AmbiguousSession => {
+                r#"{"code":"CSRF_CHECK_FAILED","message":"missing or wrong CSRF token"}"#
+            }
+        }
+    }
+}
+
+impl fmt::Display for CsrfRejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Layer applying the [acceptance rules](self) to every request (W1).
+#[derive(Clone, Debug)]
+pub struct CsrfLayer {
+    config: Arc<Config>,
+}
+
+#[derive(Clone, Debug)]
+struct Config {
+    sessions: Sessions,
+    /// Lowercase ASCII origins (`scheme://host[:port]`), besides the request's own.
+    origins: Vec<String>,
+}
+
+impl CsrfLayer {
+    /// Checks against the sessions of `sessions` (rule 5); origins must be the request's own.
+    pub fn new(sessions: Sessions) -> Self {
+        Self {
+            config: Arc::new(Config {
+                sessions,
+                origins: Vec::new(),
+            }),
+        }
+    }
+
+    /// Also accepts `origin` (`scheme://host[:port]`, as browsers send it; compared without
+    /// regard to ASCII case), for deployments where the `Host` the gateway sees is not the
+    /// one the browser used (a reverse proxy that rewrites it). A trailing `/` and any path
+    /// are ignored.
+    pub fn allow_origin(mut self, origin: &str) -> Self {
+        let origin = origin_of(origin);
+        Arc::make_mut(&mut self.config).origins.push(origin);
+        self
+    }
+}
+
+/// `scheme://authority` of a URL, lowercase (`https://Gw.Example:8443/api/v1` ->
+/// `https://gw.example:8443`).
+fn origin_of(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let authority = rest.split('/').next().unwrap_or_default();
+    format!("{scheme}://{authority}").to_ascii_lowercase()
+}
+
+impl<S> Layer<S> for CsrfLayer {
+    type Service = Csrf<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Csrf {
+            inner,
+            config: Arc::clone(&self.config),
+        }
+    }
+}
+
+/// Middleware applying the [acceptance rules](self). Built by [`CsrfLayer`].
+#[derive(Clone, Debug)]
+pub struct Csrf<S> {
+    inner: S,
+    config: Arc<Config>,
+}
+
+impl Config {
+    fn check<B>(&self, request: &Request<B>) -> Result<(), CsrfRejection> {
+        // Rule 1.
+        if matches!(
+            *request.method(),
+            Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+        ) {
+            return Ok(());
+        }
+        let headers = request.headers();
+        let origin = headers.get(ORIGIN);
+        let fetch_site = headers.get(HeaderName::from_static(SEC_FETCH_SITE));
+        // Rule 2.
+        if origin.is_none() && fetch_site.is_none() {
+            return Ok(());
+        }
+        // Rule 3.
+        if let Some(site) = fetch_site {
+            if site.as_bytes() != b"same-origin" {
+                return Err(CsrfRejection::CrossSiteFetch);
+            }
+        }
+        // Rule 4.
+        if let Some(origin) = origin {
+            if !self.origin_allowed(origin, request) {
+                return Err(CsrfRejection::ForeignOrigin);
+            }
+        }
+        // Rule 5.
+        match find_session_cookie(headers) {
+            CookieLookup::Absent => Ok(()),
+            CookieLookup::Several => Err(CsrfRejection::AmbiguousSession),
+            CookieLookup::One(id) => {
+                if self.sessions.validate(id).is_err() {
+                    return Ok(());
+                }
+                let expected = token_for_session(id).ok_or(CsrfRejection::TokenMismatch)?;
+                let presented = headers
+                    .get(HeaderName::from_static(TOKEN_HEADER))
+                    .map(HeaderValue::as_bytes)
+                    .unwrap_or_default();
+                if bool::from(expected.expose_secret().as_bytes().ct_eq(presented)) {
+                    Ok(())
+                } else {
+                    Err(CsrfRejection::TokenMismatch)
+                }
+            }
+        }
+    }
+
+    fn origin_allowed<B>(&self, origin: &HeaderValue, request: &Request<B>) -> bool {
+        let Ok(origin) = origin.to_str() else {
+            return false;
+        };
+        let origin = origin.to_ascii_lowercase();
+        if self.origins.contains(&origin) {
+            return true;
+        }
+        let Some((scheme, authority)) = origin.split_once("://") else {
+            return false; // "null" and garbage
+        };
+        if !matches!(scheme, "http" | "https") || authority.is_empty() {
+            return false;
+        }
+        let own = request
+            .headers()
+            .get(HOST)
+            .and_then(|host| host.to_str().ok())
+            .or_else(|| request.uri().authority().map(|a| a.as_str()));
+        own.is_some_and(|own| own.eq_ignore_ascii_case(authority))
+    }
+}
+
+fn forbidden(rejection: CsrfRejection) -> Response<Bytes> {
+    let mut response = Response::new(Bytes::from_static(rejection.body().as_bytes()));
+    *response.status_mut() = StatusCode::FORBIDDEN;
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response.extensions_mut().insert(rejection);
+    response
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Csrf<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+{
+    type Response = Response<ResponseBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future, ResBody>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        // The inner service is called synchronously, on the instance `poll_ready` readied.
+        match self.config.check(&request) {
+            Ok(()) => ResponseFuture::inner(self.inner.call(request)),
+            Err(rejection) => {
+                tracing::warn!(
+                    target: "orgkey::csrf",
+                    method = %request.method(),
+                    path = request.uri().path(),
+                    reason = rejection.as_str(),
+                    "state-changing browser request refused"
+                );
+                ResponseFuture::rejected(forbidden(rejection).map(ResponseBody::rejection))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origins_are_normalized_to_scheme_and_authority() {
+        assert_eq!(
+            origin_of("https://Gw.Example:8443/api/v1"),
+            "https://gw.example:8443"
+        );
+        assert_eq!(origin_of("http://127.0.0.1:8080"), "http://127.0.0.1:8080");
+        assert_eq!(origin_of("http://a.example/"), "http://a.example");
+    }
+
+    #[test]
+    fn tokens_are_per_session_hex_and_not_the_stored_digest() {
+        let a = "ab".repeat(32);
+        let b = "ac".repeat(32);
+        let ta = token_for_session(a.as_bytes()).unwrap();
+        let tb = token_for_session(b.as_bytes()).unwrap();
+        assert_eq!(ta.expose_secret().len(), 64);
+        assert!(ta.expose_secret().bytes().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(ta.expose_secret(), tb.expose_secret());
+        // Same id, same token (every replica derives it alike); case of the hex id is not
+        // significant, as for the session lookup.
+        let upper = a.to_ascii_uppercase();
+        assert_eq!(
+            ta.expose_secret(),
+            token_for_session(upper.as_bytes()).unwrap().expose_secret()
+        );
+        let digest = crate::session::digest_of_presented(a.as_bytes()).unwrap();
+        let digest_hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        assert_ne!(ta.expose_secret(), digest_hex);
+        assert!(token_for_session(b"not-a-session-id").is_none());
+        assert_eq!(format!("{ta:?}"), "CsrfToken { .. }");
+    }
+}
