@@ -20,6 +20,8 @@
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
 pub mod admin;
+#[cfg(feature = "admin-page")]
+pub mod admin_page;
 pub mod admins;
 pub mod audit;
 pub mod audit_api;

@@ -54,13 +54,14 @@ fn start_with_env(state: &TempDb, args: &[&str], env: &[(&str, &str)], first: bo
         .spawn()
         .unwrap();
     let stdout = BufReader::new(child.stdout.take().unwrap());
-    // A generated admin password is printed as a fifth line; a given one never is.
+    // A generated admin password is printed as a fifth line; a given one never is. The
+    // admin page's address comes last.
     let given =
         args.contains(&"--password") || env.iter().any(|(k, _)| *k == "ORGKEY_ADMIN_PASSWORD");
     let expected = match (first, given) {
-        (true, false) => 5,
-        (true, true) => 4,
-        (false, _) => 3,
+        (true, false) => 6,
+        (true, true) => 5,
+        (false, _) => 4,
     };
     // Read on a thread, so a gateway that prints less fails the test instead of hanging it.
     let (tx, rx) = std::sync::mpsc::channel();
@@ -85,6 +86,10 @@ fn start_with_env(state: &TempDb, args: &[&str], env: &[(&str, &str)], first: bo
         .strip_prefix("base url: http://")
         .unwrap_or_else(|| panic!("unexpected first line: {lines:?}"));
     let addr = base.strip_suffix("/api/v1").unwrap().to_owned();
+    assert_eq!(
+        lines.last().unwrap(),
+        &format!("admin page: http://{addr}/admin")
+    );
     Gateway { child, addr, lines }
 }
 
@@ -195,7 +200,11 @@ fn gateway_uses_the_given_key_and_org_and_refuses_bad_flags() {
     assert_eq!(gw.lines[1], "org id: org-7");
     assert_eq!(gw.lines[2], "api key: AbCdEf123456");
     assert_eq!(gw.lines[3], "admin: admin@org-7.example");
-    assert_eq!(gw.lines.len(), 4, "a given password is never printed");
+    assert_eq!(gw.lines.len(), 5, "a given password is never printed");
+    assert!(gw
+        .lines
+        .iter()
+        .all(|line| !line.contains("FromTheEnvironment1")));
     let (status, _) = get(
         &gw.addr,
         "/api/v1/whoami",

@@ -10,7 +10,9 @@ use std::sync::Arc;
 use axum::extract::ConnectInfo;
 use axum::routing::get;
 use axum::{Extension, Json, Router};
+use orgkey::admin_page::AdminPage;
 use orgkey::audit_api::AuditLogEndpoint;
+use orgkey::csrf::CsrfLayer;
 use orgkey::session::SessionEndpoint;
 use orgkey::store::{ChangeFollower, Store};
 use orgkey::{
@@ -124,17 +126,37 @@ pub(crate) async fn build(bootstrap: Bootstrap, store: impl Store) -> Result<Boo
             .route("/api/v1/status", get(status))
             .route("/api/v1/whoami", get(whoami)),
     };
-    let api = api
-        .nest_service("/api/v1/apiKeys", KeyManagementEndpoint::new(keys.clone()))
+    let api = api.layer(OrgKeyLayer::new(table.clone()).with_sessions(sessions.clone()));
+    // Key management and the audit log: sessions carried over a key change (W2) stay
+    // usable here, also after a delete, so the admin can add a key; nowhere else (K5).
+    let management = Router::new()
+        .nest_service(
+            "/api/v1/apiKeys",
+            KeyManagementEndpoint::new(keys.clone()).with_sessions(sessions.clone()),
+        )
         .route_service("/api/v1/auditLog", AuditLogEndpoint::new(keys.clone()))
-        .layer(OrgKeyLayer::new(table).with_sessions(sessions.clone()));
-    let router = Router::new()
+        .layer(
+            OrgKeyLayer::new(table)
+                .with_sessions(sessions.clone())
+                .allow_keyless_sessions(),
+        );
+    let page = AdminPage::new(keys.clone(), sessions.clone());
+    // What the admin page calls, guarded against cross-site requests (W1); non-browser
+    // clients (no Origin, no Sec-Fetch-Site) pass unchanged. Not in front of the protected
+    // API, which other sites may call from browsers.
+    let guarded = Router::new()
         .route_service("/api/v1/authenticatedSession", endpoint.clone())
         // The Go SDK sends its logout to /authenticatedSession, without /api/v1.
         .route_service("/authenticatedSession", endpoint)
+        .merge(management)
+        .route_service("/admin", page.clone())
+        .route_service("/admin/{*asset}", page)
+        .layer(CsrfLayer::new(sessions.clone()).allow_origin(&bootstrap.base_url));
+    let router = Router::new()
         // Counters only (O2): no org, user or key in any label. Protect it at the network
         // level like any operations endpoint.
         .route("/metrics", get(metrics))
+        .merge(guarded)
         .merge(api);
 
     // F1: follow what other replicas commit (PostgreSQL); nothing to follow on SQLite.

@@ -225,6 +225,10 @@ async fn run(options: Options) -> Result<(), String> {
     if let Some(password) = &built.generated_password {
         println!("admin password: {}", password.expose_secret());
     }
+    let site = base_url
+        .strip_suffix("/api/v1")
+        .map_or_else(|| format!("http://{local}"), str::to_owned);
+    println!("admin page: {site}/admin");
 
     tracing::info!(%local, "gateway listening");
     // Keep the change feed (PostgreSQL) running while serving.
