@@ -319,20 +319,24 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
     }
 }
 
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
 /// A driver error, kept opaque.
 pub(crate) fn backend(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
     StoreError::Backend(BackendError::new(e))
 }
 
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
 /// A stored value that does not make sense (never includes the value: it may be a key).
 pub(crate) fn corrupt(what: &str) -> StoreError {
     StoreError::Backend(BackendError::msg(what))
 }
 
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
 fn stored_u64(value: i64, what: &str) -> Result<u64, StoreError> {
     u64::try_from(value).map_err(|_| corrupt(what))
 }
 
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
 /// An org from its stored columns, validated as the API validates them (shared by the SQL
 /// backends).
 pub(crate) fn org_record(
@@ -360,6 +364,7 @@ pub(crate) fn org_record(
     })
 }
 
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
 /// An admin account from its stored columns (credential versions are stored as the same 64
 /// bits in a signed column).
 pub(crate) fn admin_record(
@@ -380,6 +385,7 @@ pub(crate) fn admin_record(
     })
 }
 
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
 /// A session from its stored columns.
 pub(crate) fn session_record(
     digest: Vec<u8>,
