@@ -423,6 +423,12 @@ impl KeyAdmin {
     /// The key operations of the org of an admin session, recorded as made by that admin,
     /// if the session holds the `key-admin` scope.
     ///
+    /// The handle is pinned to the generation the session was checked under
+    /// ([`Authenticated::generation`](crate::Authenticated::generation)): a change succeeds
+    /// only from that generation, so one handle makes at most one change, and a change
+    /// racing another (or made after the session died, K6) is [`AdminError::Conflict`] and
+    /// changes nothing. Take a new handle for each request.
+    ///
     /// # Errors
     ///
     /// [`AdminError::Forbidden`] for a direct-key request or a session without `key-admin`.
@@ -571,7 +577,9 @@ impl KeyAdmin {
 }
 
 /// The key operations of one org, on behalf of one admin session with the `key-admin` scope
-/// (from [`KeyAdmin::for_session`]). Each change records that admin as "last modified by".
+/// (from [`KeyAdmin::for_session`]). Each change records that admin as "last modified by",
+/// and succeeds only from the generation the session was checked under (otherwise
+/// [`AdminError::Conflict`]): one handle, one change.
 #[derive(Debug, Clone)]
 pub struct SessionKeyAdmin {
     admin: KeyAdmin,

@@ -21,9 +21,14 @@
 //!    unchanged (W1).
 //! 3. `Sec-Fetch-Site`, when present, must be `same-origin`; `same-site`, `cross-site` and
 //!    `none` are refused.
-//! 4. `Origin`, when present, must be the request's own origin (its host and port equal the
-//!    `Host` header, or the URI's authority for HTTP/2) or one given to
-//!    [`CsrfLayer::allow_origin`]. `Origin: null` is refused.
+//! 4. `Origin`, when present, must be the request's own origin (its host and port, the
+//!    scheme's default port if none is written, equal those of the `Host` header, or of the
+//!    URI's authority for HTTP/2) or one given to [`CsrfLayer::allow_origin`] (scheme, host
+//!    and port). `Origin: null` is refused. A request does not say whether it came over TLS,
+//!    so for the request's own origin the scheme is not compared: an `http://` page of the
+//!    same host and port passes this rule (its requests are `same-site`, not
+//!    `same-origin`, so rule 3 refuses them in browsers that send `Sec-Fetch-Site`, and
+//!    `Secure` cookies never reach a plain-http page).
 //! 5. If the request carries a `JSESSIONID` cookie of a live session, it must carry that
 //!    session's CSRF token in the `X-CSRF-Token` header ([`token_for_session`]; compared in
 //!    constant time). A cookie of a dead or unknown session needs no token: the session
@@ -305,21 +310,39 @@ impl Config {
             return false;
         };
         let origin = origin.to_ascii_lowercase();
-        if self.origins.contains(&origin) {
-            return true;
-        }
         let Some((scheme, authority)) = origin.split_once("://") else {
             return false; // "null" and garbage
         };
         if !matches!(scheme, "http" | "https") || authority.is_empty() {
             return false;
         }
+        let presented = with_port(scheme, authority);
+        if self.origins.iter().any(|allowed| {
+            allowed
+                .split_once("://")
+                .is_some_and(|(s, a)| s == scheme && with_port(s, a) == presented)
+        }) {
+            return true;
+        }
         let own = request
             .headers()
             .get(HOST)
             .and_then(|host| host.to_str().ok())
             .or_else(|| request.uri().authority().map(|a| a.as_str()));
-        own.is_some_and(|own| own.eq_ignore_ascii_case(authority))
+        own.is_some_and(|own| with_port(scheme, &own.to_ascii_lowercase()) == presented)
+    }
+}
+
+/// `authority` with the scheme's default port made explicit (`gw.example` ->
+/// `gw.example:443` for https), so that `Origin: https://gw.example` matches
+/// `Host: gw.example:443` and the reverse.
+fn with_port(scheme: &str, authority: &str) -> String {
+    let host_end = authority.rfind(']').map_or(0, |i| i + 1);
+    if authority[host_end..].contains(':') {
+        authority.to_owned()
+    } else {
+        let port = if scheme == "https" { 443 } else { 80 };
+        format!("{authority}:{port}")
     }
 }
 
@@ -366,6 +389,15 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn default_ports_are_made_explicit() {
+        assert_eq!(with_port("https", "gw.example"), "gw.example:443");
+        assert_eq!(with_port("http", "gw.example"), "gw.example:80");
+        assert_eq!(with_port("https", "gw.example:8443"), "gw.example:8443");
+        assert_eq!(with_port("http", "[::1]"), "[::1]:80");
+        assert_eq!(with_port("http", "[::1]:8080"), "[::1]:8080");
+    }
 
     #[test]
     fn origins_are_normalized_to_scheme_and_authority() {

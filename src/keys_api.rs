@@ -159,7 +159,7 @@ const PAYLOAD_TOO_LARGE: &str =
 /// Built [`with_sessions`](KeyManagementEndpoint::with_sessions) (as the gateway and its
 /// admin page are), the response to a successful change also carries `Set-Cookie` for a
 /// successor session of the acting admin, created under the new generation
-/// ([`Sessions::carry_over`]): the admin who regenerated, edited or deleted the key stays
+/// (W2): the admin who regenerated, edited or deleted the key stays
 /// signed in, and after a delete can still list and add a key. Clients that keep cookies
 /// (the Zscaler SDKs use a cookie jar or re-login on `401`) work either way. The successor
 /// keeps the original login time, so the absolute lifetime is not extended. A session of an
@@ -200,7 +200,8 @@ impl KeyManagementEndpoint {
     /// Carries the acting admin's session over each change it makes (W2): the response to
     /// a successful add, edit, regenerate or delete also sets a new `JSESSIONID` cookie, for
     /// a session of the same admin under the new generation
-    /// ([`Sessions::carry_over`]). `sessions` must be the ones the layer in front checks.
+    /// (created only right after this session's own change, with the original login time).
+    /// `sessions` must be the ones the layer in front checks.
     /// Every other session of the org still ends (K6).
     pub fn with_sessions(mut self, sessions: Sessions) -> Self {
         self.sessions = Some(sessions);
@@ -515,7 +516,7 @@ impl CarryOver {
         let Some(sessions) = self.sessions else {
             return response;
         };
-        match sessions.carry_over(&self.auth, info.generation()).await {
+        match sessions.carry_over(&self.auth, &info).await {
             Ok(Some(token)) => {
                 if let Some(cookie) = set_cookie_value(&token, sessions.config().secure_cookie) {
                     response.headers_mut().insert(SET_COOKIE, cookie);

@@ -746,7 +746,7 @@ async fn an_admin_manages_the_key_from_the_page() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_foreign_page_cannot_change_the_key_and_readers_see_the_page_read_only() {
+async fn a_foreign_page_is_refused_a_stale_tab_recovers_and_readers_see_the_page_read_only() {
     let Some((chromium, driver)) = browser_paths() else {
         return;
     };
@@ -810,11 +810,52 @@ Promise.allSettled([
     b.wait_for("document.getElementById('key-row')", "still signed in")
         .await;
 
-    // An admin without key-admin sees the page read-only.
+    // Two tabs: a change in one carries the session over (new cookie, new CSRF token); the
+    // other tab's stale token is refused once, and the page retries with a fresh one.
+    let first = b.client.window().await.unwrap();
+    let second = b.client.new_window(true).await.unwrap().handle;
+    b.client.switch_to_window(second.clone()).await.unwrap();
+    b.open(&gw.url("/admin")).await;
+    b.wait_for("document.getElementById('key-row')", "second tab signed in")
+        .await;
+    b.client.switch_to_window(first).await.unwrap();
+    b.click("#regenerate-key").await;
+    b.wait_for("document.getElementById('confirm').open", "confirmation")
+        .await;
+    b.click("#confirm-ok").await;
+    b.wait_for(
+        "document.getElementById('notice').textContent.includes('regenerated')",
+        "regenerated in the first tab",
+    )
+    .await;
+    let cookie = |cookies: Vec<fantoccini::cookies::Cookie<'static>>| {
+        cookies
+            .into_iter()
+            .find(|c| c.name() == "JSESSIONID")
+            .map(|c| c.value().to_owned())
+            .unwrap()
+    };
+    let carried = cookie(b.client.get_all_cookies().await.unwrap());
+    assert!(gw.gateway.sessions.validate(carried.as_bytes()).is_ok());
+    let refused_before = refusals.load(Ordering::SeqCst);
+    b.client.switch_to_window(second).await.unwrap();
+
+    // An admin without key-admin sees the page read-only: sign out in the second tab
+    // (its CSRF token is stale), then sign in as the reader.
     b.click("#sign-out").await;
     b.wait_for("!document.getElementById('sign-in').hidden", "signed out")
         .await;
-    b.sign_in(READER, PASSWORD, KEY).await;
+    assert_eq!(b.text("#sign-in-error").await, "You are signed out.");
+    assert!(
+        refusals.load(Ordering::SeqCst) > refused_before,
+        "the stale token was refused first"
+    );
+    assert!(
+        gw.gateway.sessions.validate(carried.as_bytes()).is_err(),
+        "the carried-over session is signed out on the server"
+    );
+    let key = gw.key().unwrap();
+    b.sign_in(READER, PASSWORD, &key).await;
     b.wait_for(
         "!document.getElementById('key-page').hidden",
         "reader's page",
@@ -839,7 +880,7 @@ Promise.allSettled([
         .await
         .as_str()
         .unwrap()
-        .contains(KEY));
+        .contains(&key));
     b.shot("17-read-only-admin").await;
     b.close().await;
 }

@@ -361,3 +361,52 @@ async fn http2_requests_compare_the_origin_with_the_authority() {
     let response = stack(&w).oneshot(request).await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
 }
+
+/// A regenerate by a fresh session of alice, from a page at `origin`, to a gateway that
+/// sees `host`, through `layer`.
+async fn regenerate_from(w: &World, layer: CsrfLayer, origin: &str, host: &str) -> StatusCode {
+    let current = key(w).unwrap();
+    let body = login_body("alice@acme.example", PASSWORD, &current, w.clock.now_ms());
+    let id = call_endpoint(&w.sessions, post_json(body))
+        .await
+        .session_id();
+    let mut request = regenerate().header("origin", origin).cookie(&id).token(&id);
+    request.headers[0].1 = host.to_owned();
+    guarded(w, layer)
+        .oneshot(request.build())
+        .await
+        .unwrap()
+        .status()
+}
+
+#[tokio::test]
+async fn default_ports_match_and_allowed_origins_pin_the_scheme() {
+    let w = world().await;
+    let plain = || CsrfLayer::new(w.sessions.clone());
+    // https://gw.example is gw.example:443, whichever side writes the port.
+    for (origin, host) in [
+        ("https://gw.example", "gw.example:443"),
+        ("https://gw.example:443", "gw.example"),
+        ("http://gw.example", "gw.example:80"),
+    ] {
+        assert_eq!(
+            regenerate_from(&w, plain(), origin, host).await,
+            StatusCode::OK,
+            "{origin} vs {host}"
+        );
+    }
+    assert_eq!(
+        regenerate_from(&w, plain(), "https://gw.example", "gw.example:80").await,
+        StatusCode::FORBIDDEN
+    );
+    // An allowed origin is matched with its scheme.
+    let allowing = || CsrfLayer::new(w.sessions.clone()).allow_origin("https://admin.example");
+    assert_eq!(
+        regenerate_from(&w, allowing(), "http://admin.example", "10.0.0.7").await,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        regenerate_from(&w, allowing(), "https://admin.example:443", "10.0.0.7").await,
+        StatusCode::OK
+    );
+}

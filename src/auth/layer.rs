@@ -89,11 +89,11 @@ impl OrgKeyLayer {
 
     /// Also accepts sessions of an org that has no key: the session of an admin who deleted
     /// the key through [`KeyManagementEndpoint`](crate::KeyManagementEndpoint) and had it
-    /// carried over ([`Sessions::carry_over`], W2), so that the admin can add a new key.
+    /// carried over (W2), so that the admin can add a new key.
     ///
     /// Use it only on the layer in front of the key-management endpoints and the audit log.
-    /// Without it (the default) such a session is refused (`401`, reason `no_key`): K5, no
-    /// request for an org without a key succeeds.
+    /// Without it (the default) such a session is refused (`401 SESSION_NOT_VALID`, reason
+    /// `session_key_changed`): K5, no request for an org without a key succeeds.
     pub fn allow_keyless_sessions(mut self) -> Self {
         self.config_mut().keyless_sessions = true;
         self
@@ -233,7 +233,9 @@ impl Config {
         let identity = checked.map_err(|e| (e.into(), None))?;
         let org = InlineOrgId::copy(identity.org.as_str());
         if !identity.has_key && !self.keyless_sessions {
-            return Err((RejectionReason::NoKey, org));
+            // K5: the key this session could stand for was deleted. `SESSION_NOT_VALID`
+            // tells a ZIA client to log in again (which fails until a key is added).
+            return Err((RejectionReason::SessionKeyChanged, org));
         }
         let view = RequestView::new(
             request.method(),

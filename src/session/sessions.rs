@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -196,7 +196,8 @@ pub struct SessionIdentity {
     /// The admin's scopes now.
     pub scopes: Scopes,
     /// Whether the org has a key now. `false` only for a session carried over a delete
-    /// ([`Sessions::carry_over`]): the layer refuses such a session unless it guards key
+    /// (W2, by [`KeyManagementEndpoint`](crate::KeyManagementEndpoint)): the layer refuses
+    /// such a session unless it guards key
     /// management ([`OrgKeyLayer::allow_keyless_sessions`](crate::OrgKeyLayer::allow_keyless_sessions)).
     pub has_key: bool,
     /// Which session this is, for [`Sessions::carry_over`].
@@ -220,6 +221,9 @@ struct SessionRecord {
     credential_version: u64,
     created_ms: u64,
     last_seen_ms: AtomicU64,
+    /// Set by a logout before the record leaves the table, so that a carry-over racing the
+    /// logout can tell a logout from a removal of a dead session.
+    logged_out: AtomicBool,
 }
 
 /// Logins, the session table and throttling. Cheap to clone (shared).
@@ -311,6 +315,7 @@ impl Sessions {
                     credential_version: record.credential_version,
                     created_ms: created,
                     last_seen_ms: AtomicU64::new(created),
+                    logged_out: AtomicBool::new(false),
                 }),
             );
         }
@@ -503,6 +508,7 @@ impl Sessions {
                 credential_version: admin.credential_version,
                 created_ms: now_ms,
                 last_seen_ms: AtomicU64::new(now_ms),
+                logged_out: AtomicBool::new(false),
             }),
         );
         if self.inner.created.fetch_add(1, Ordering::Relaxed) % 1024 == 1023 {
@@ -595,23 +601,26 @@ impl Sessions {
     /// cookie). The successor keeps the predecessor's login time, so the absolute lifetime
     /// (S2) still counts from the login; every other session of the org stays dead (K6).
     ///
-    /// Returns `Ok(None)`, and creates nothing, unless all of these hold: `auth` came from a
-    /// session of this table that still exists; that session was created under the
-    /// generation the request was authenticated under; the org's generation is now exactly
-    /// `changed_to` (no later change has happened); and the admin is still enabled, with the
-    /// same password and the `api` scope. [`KeyManagementEndpoint`](crate::KeyManagementEndpoint)
-    /// calls this after each change it makes when built
-    /// [`with_sessions`](crate::KeyManagementEndpoint::with_sessions).
+    /// Only [`KeyManagementEndpoint`](crate::KeyManagementEndpoint) calls this, right after
+    /// a change that [`SessionKeyAdmin`](crate::SessionKeyAdmin) made from exactly the
+    /// generation `auth` was checked under: that is what proves the change was this
+    /// session's. Returns `Ok(None)`, and leaves no successor, unless all of these hold:
+    /// `auth` came from a session of this table that still exists and was not logged out
+    /// meanwhile; `change` was made by that session's admin and moved the org to the
+    /// generation right after the one the request was authenticated under; the org is still
+    /// at that generation (no later change); and the admin is still enabled, with the same
+    /// password and the `api` scope.
     ///
     /// # Errors
     ///
     /// [`StoreError`] if the successor cannot be stored; nothing is created then (the
     /// predecessor is dead anyway, by its generation).
-    pub async fn carry_over(
+    pub(crate) async fn carry_over(
         &self,
         auth: &crate::Authenticated,
-        changed_to: Generation,
+        change: &crate::KeyInfo,
     ) -> Result<Option<SessionToken>, StoreError> {
+        let changed_to = change.generation();
         let Some(SessionDigest(old_digest)) = auth.session_digest() else {
             return Ok(None);
         };
@@ -638,11 +647,24 @@ impl Sessions {
                     && admin.scopes.contains(Scope::Api)
                     && admin.org == old.org
             });
-        if old.generation != auth.generation() || current != Some(changed_to) || !admin_ok {
+        let made_by_this_admin = change
+            .last_modified_by()
+            .is_some_and(|actor| actor.as_str() == old.admin.as_str());
+        if old.generation != auth.generation()
+            || changed_to != auth.generation().next()
+            || !made_by_this_admin
+            || current != Some(changed_to)
+            || !admin_ok
+            || old.logged_out.load(Ordering::SeqCst)
+        {
             return Ok(None);
         }
-        let Ok((token, digest)) = SessionToken::generate() else {
-            return Ok(None);
+        let (token, digest) = match SessionToken::generate() {
+            Ok(generated) => generated,
+            Err(error) => {
+                tracing::warn!(target: "orgkey::session", %error, "no session id for a carry-over");
+                return Ok(None);
+            }
         };
         let now_ms = self.now_ms();
         if let Some(store) = &self.inner.store {
@@ -665,10 +687,20 @@ impl Sessions {
                 credential_version: old.credential_version,
                 created_ms: old.created_ms,
                 last_seen_ms: AtomicU64::new(now_ms),
+                logged_out: AtomicBool::new(false),
             }),
         );
+        // Remove the predecessor, then look for a logout: a logout flags the record before
+        // removing it, so one that got in first is seen here and wins (the admin asked to be
+        // signed out: the successor goes too). A logout that comes later finds the
+        // predecessor gone and reports that it ended nothing.
         self.inner.sessions.remove(&old_digest);
         self.forget(vec![old_digest]);
+        if old.logged_out.load(Ordering::SeqCst) {
+            self.inner.sessions.remove(&digest);
+            self.forget(vec![digest]);
+            return Ok(None);
+        }
         tracing::info!(
             target: "orgkey::session",
             org = %old.org,
@@ -692,11 +724,20 @@ impl Sessions {
         if let Some(store) = &self.inner.store {
             store.delete_session(&digest).await?;
         }
-        let removed = self.inner.sessions.remove(&digest);
-        if let Some((_, record)) = &removed {
-            tracing::info!(target: "orgkey::session", org = %record.org, admin = %record.admin, "logout");
-        }
-        Ok(removed.is_some())
+        // Flag first, then remove: a carry-over that still holds the record sees the flag
+        // (and then discards its successor), even if it removed the record first.
+        let Some(record) = self
+            .inner
+            .sessions
+            .get(&digest)
+            .map(|r| Arc::clone(r.value()))
+        else {
+            return Ok(false);
+        };
+        record.logged_out.store(true, Ordering::SeqCst);
+        self.inner.sessions.remove(&digest);
+        tracing::info!(target: "orgkey::session", org = %record.org, admin = %record.admin, "logout");
+        Ok(true)
     }
 
     /// Removes sessions past their idle timeout or lifetime; returns how many. Runs by
@@ -722,5 +763,269 @@ impl Sessions {
     /// The org table these sessions check against.
     pub fn orgs(&self) -> &OrgTable {
         &self.inner.orgs
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::AuthMethod;
+    use crate::org::InlineOrgId;
+    use crate::{Actor, Admins, ApiKey, Authenticated, KeyAdmin};
+
+    const KEY: &str = "AbCdEf123456";
+    const PASSWORD: &str = "CorrectHorse12!";
+
+    struct Fixture {
+        keys: KeyAdmin,
+        admins: Admins,
+        sessions: Sessions,
+        alice: Username,
+    }
+
+    async fn fixture(store: Option<Arc<dyn Store>>) -> Fixture {
+        let table = OrgTable::default();
+        let (keys, admins) = match &store {
+            Some(store) => (
+                KeyAdmin::open(table.clone(), Arc::clone(store))
+                    .await
+                    .unwrap(),
+                Admins::open(table.clone(), Arc::clone(store))
+                    .await
+                    .unwrap(),
+            ),
+            None => (KeyAdmin::new(table.clone()), Admins::new(table.clone())),
+        };
+        let acme = OrgId::new("acme").unwrap();
+        let ops = Actor::new("ops@example.com").unwrap();
+        keys.create_org(&acme).await.unwrap();
+        keys.subscribe(&acme, &ops).await.unwrap();
+        keys.edit(&acme, ApiKey::parse(KEY).unwrap(), &ops)
+            .await
+            .unwrap();
+        let alice = Username::new("alice@acme.example").unwrap();
+        admins
+            .create(&alice, &acme, &Password::new(PASSWORD), Scopes::ALL)
+            .await
+            .unwrap();
+        let sessions = match store {
+            Some(store) => Sessions::open(
+                table,
+                admins.clone(),
+                SessionConfig::default(),
+                crate::clock::SystemClock,
+                store,
+            )
+            .await
+            .unwrap(),
+            None => Sessions::new(table, admins.clone()),
+        };
+        Fixture {
+            keys,
+            admins,
+            sessions,
+            alice,
+        }
+    }
+
+    impl Fixture {
+        /// Logs alice in; returns the session id and the `Authenticated` the layer would set.
+        async fn login(&self) -> (SessionToken, Authenticated) {
+            let now = millis_u64(SystemTime::now());
+            let key = self.keys.view(&OrgId::new("acme").unwrap()).unwrap();
+            let key = key.key().unwrap().expose_secret().to_owned();
+            let obfuscated = obfuscate::obfuscate(key.as_bytes(), now).unwrap();
+            let session = self
+                .sessions
+                .login(LoginRequest {
+                    api_key: Password::new(String::from_utf8(obfuscated.to_vec()).unwrap()),
+                    username: self.alice.as_str().to_owned(),
+                    password: Password::new(PASSWORD),
+                    timestamp_ms: now,
+                    source: None,
+                })
+                .await
+                .unwrap();
+            let identity = self
+                .sessions
+                .validate(session.token.expose_secret().as_bytes())
+                .unwrap();
+            let auth = Authenticated::new(
+                InlineOrgId::copy(identity.org.as_str()).unwrap(),
+                identity.generation,
+                AuthMethod::Session {
+                    admin: identity.admin,
+                    scopes: identity.scopes,
+                },
+            )
+            .with_session(identity.digest);
+            (session.token, auth)
+        }
+
+        fn alive(&self, token: &SessionToken) -> bool {
+            self.sessions
+                .validate(token.expose_secret().as_bytes())
+                .is_ok()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_session_is_carried_over_its_own_change_only() {
+        let f = fixture(None).await;
+        let (old, auth) = f.login().await;
+        let change = f
+            .keys
+            .for_session(&auth)
+            .unwrap()
+            .regenerate()
+            .await
+            .unwrap();
+        let successor = f
+            .sessions
+            .carry_over(&auth, &change)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(f.alive(&successor));
+        assert!(!f.alive(&old));
+        // Once: the predecessor is gone, so a second carry-over makes nothing.
+        assert!(f
+            .sessions
+            .carry_over(&auth, &change)
+            .await
+            .unwrap()
+            .is_none());
+    }
+
+    #[tokio::test]
+    async fn carry_over_refuses_a_change_made_by_someone_else() {
+        let f = fixture(None).await;
+        let (_, auth) = f.login().await;
+        // Another admin moves the org exactly one generation on: this session is dead and
+        // must stay so, though the generation numbers would fit.
+        let ops = Actor::new("ops@example.com").unwrap();
+        let theirs = f
+            .keys
+            .regenerate(&OrgId::new("acme").unwrap(), &ops)
+            .await
+            .unwrap();
+        assert_eq!(theirs.generation(), auth.generation().next());
+        let before = f.sessions.len();
+        assert!(f
+            .sessions
+            .carry_over(&auth, &theirs)
+            .await
+            .unwrap()
+            .is_none());
+        assert_eq!(f.sessions.len(), before);
+    }
+
+    #[tokio::test]
+    async fn carry_over_refuses_when_a_later_change_came() {
+        let f = fixture(None).await;
+        let (_, auth) = f.login().await;
+        let mine = f
+            .keys
+            .for_session(&auth)
+            .unwrap()
+            .regenerate()
+            .await
+            .unwrap();
+        let ops = Actor::new("ops@example.com").unwrap();
+        f.keys
+            .regenerate(&OrgId::new("acme").unwrap(), &ops)
+            .await
+            .unwrap();
+        assert!(f.sessions.carry_over(&auth, &mine).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn carry_over_refuses_when_the_admin_changed_password() {
+        let f = fixture(None).await;
+        let (_, auth) = f.login().await;
+        let mine = f
+            .keys
+            .for_session(&auth)
+            .unwrap()
+            .regenerate()
+            .await
+            .unwrap();
+        f.admins
+            .change_password(&f.alice, &Password::new("another-long-password-1"))
+            .await
+            .unwrap();
+        assert!(f.sessions.carry_over(&auth, &mine).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn carry_over_refuses_after_a_logout() {
+        let f = fixture(None).await;
+        let (old, auth) = f.login().await;
+        let mine = f
+            .keys
+            .for_session(&auth)
+            .unwrap()
+            .regenerate()
+            .await
+            .unwrap();
+        assert!(f
+            .sessions
+            .logout(old.expose_secret().as_bytes())
+            .await
+            .unwrap());
+        assert!(f.sessions.carry_over(&auth, &mine).await.unwrap().is_none());
+    }
+
+    #[cfg(feature = "sqlite")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_logout_racing_a_carry_over_never_leaves_a_live_successor() {
+        // On SQLite, whose writes run off the async threads, so the carry-over really waits
+        // between its checks and its insert; the two run as separate tasks.
+        let path = std::env::temp_dir().join(format!(
+            "orgkey-carry-race-{}-{}.db",
+            std::process::id(),
+            millis_u64(SystemTime::now())
+        ));
+        let store: Arc<dyn Store> =
+            Arc::new(crate::store::SqliteStore::open(&path, crate::KeyFormat::default()).unwrap());
+        let f = Arc::new(fixture(Some(store)).await);
+        let (mut carried, mut ended) = (0, 0);
+        for _ in 0..40 {
+            let (old, auth) = f.login().await;
+            let mine = f
+                .keys
+                .for_session(&auth)
+                .unwrap()
+                .regenerate()
+                .await
+                .unwrap();
+            let carry = tokio::spawn({
+                let f = Arc::clone(&f);
+                async move { f.sessions.carry_over(&auth, &mine).await }
+            });
+            let id = old.expose_secret().as_bytes().to_vec();
+            let logout = tokio::spawn({
+                let f = Arc::clone(&f);
+                async move { f.sessions.logout(&id).await }
+            });
+            let successor = carry.await.unwrap().unwrap();
+            let logged_out = logout.await.unwrap().unwrap();
+            if let Some(successor) = &successor {
+                carried += 1;
+                assert!(
+                    !(logged_out && f.alive(successor)),
+                    "a logout that ended the session left its successor alive"
+                );
+            }
+            ended += usize::from(logged_out);
+            assert!(!f.alive(&old));
+        }
+        for suffix in ["", "-wal", "-shm"] {
+            let mut file = path.clone().into_os_string();
+            file.push(suffix);
+            let _ = std::fs::remove_file(file);
+        }
+        // Every round, exactly one of the two took the predecessor.
+        assert_eq!(carried + ended, 40, "carried {carried}, logged out {ended}");
     }
 }

@@ -39,7 +39,18 @@
     return fallback;
   }
 
+  // One request; a write refused for its CSRF token (the session was carried over in
+  // another tab, so this tab's token is stale) is retried once with a fresh token.
   async function api(method, path, payload) {
+    const response = await send(method, path, payload);
+    if (method !== 'GET' && response.status === 403 && response.data &&
+        response.data.code === 'CSRF_CHECK_FAILED' && await loadSession()) {
+      return send(method, path, payload);
+    }
+    return response;
+  }
+
+  async function send(method, path, payload) {
     const headers = { Accept: 'application/json' };
     if (payload !== undefined) headers['Content-Type'] = 'application/json';
     if (method !== 'GET' && session && session.csrfToken) {
@@ -140,8 +151,12 @@
   }
 
   async function signOut() {
-    await api('DELETE', '/authenticatedSession');
-    showSignIn('You are signed out.');
+    const response = await api('DELETE', '/authenticatedSession');
+    if (response.status === 200 || response.status === 401) {
+      showSignIn('You are signed out.');
+    } else {
+      show('page-error', serverMessage(response, `Sign-out failed (HTTP ${response.status}); try again.`));
+    }
   }
 
   async function showKeyPage(notice) {
