@@ -21,7 +21,8 @@ pub struct Authenticated {
     generation: Generation,
     method: AuthMethod,
     /// The session that authenticated the request, if any (for `Sessions::carry_over`).
-    session: Option<SessionDigest>,
+    /// Boxed: direct-key requests, the hot path, carry only a null pointer.
+    session: Option<Box<SessionDigest>>,
 }
 
 /// How a request was authenticated.
@@ -50,12 +51,12 @@ impl Authenticated {
     }
 
     pub(crate) fn with_session(mut self, digest: SessionDigest) -> Self {
-        self.session = Some(digest);
+        self.session = Some(Box::new(digest));
         self
     }
 
     pub(crate) fn session_digest(&self) -> Option<SessionDigest> {
-        self.session
+        self.session.as_deref().copied()
     }
 
     /// The id of the org the request is for.

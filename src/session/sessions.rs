@@ -862,6 +862,25 @@ mod tests {
             (session.token, auth)
         }
 
+        /// A regenerate made through the session of `auth`, as the endpoint makes it.
+        async fn regenerate_as(&self, auth: &Authenticated) -> crate::KeyInfo {
+            self.keys
+                .for_session(auth)
+                .unwrap()
+                .regenerate()
+                .await
+                .unwrap()
+        }
+
+        /// A regenerate by another admin, out of band.
+        async fn regenerate_by_ops(&self) -> crate::KeyInfo {
+            let ops = Actor::new("ops@example.com").unwrap();
+            self.keys
+                .regenerate(&OrgId::new("acme").unwrap(), &ops)
+                .await
+                .unwrap()
+        }
+
         fn alive(&self, token: &SessionToken) -> bool {
             self.sessions
                 .validate(token.expose_secret().as_bytes())
@@ -873,13 +892,7 @@ mod tests {
     async fn a_session_is_carried_over_its_own_change_only() {
         let f = fixture(None).await;
         let (old, auth) = f.login().await;
-        let change = f
-            .keys
-            .for_session(&auth)
-            .unwrap()
-            .regenerate()
-            .await
-            .unwrap();
+        let change = f.regenerate_as(&auth).await;
         let successor = f
             .sessions
             .carry_over(&auth, &change)
@@ -903,12 +916,7 @@ mod tests {
         let (_, auth) = f.login().await;
         // Another admin moves the org exactly one generation on: this session is dead and
         // must stay so, though the generation numbers would fit.
-        let ops = Actor::new("ops@example.com").unwrap();
-        let theirs = f
-            .keys
-            .regenerate(&OrgId::new("acme").unwrap(), &ops)
-            .await
-            .unwrap();
+        let theirs = f.regenerate_by_ops().await;
         assert_eq!(theirs.generation(), auth.generation().next());
         let before = f.sessions.len();
         assert!(f
@@ -924,18 +932,8 @@ mod tests {
     async fn carry_over_refuses_when_a_later_change_came() {
         let f = fixture(None).await;
         let (_, auth) = f.login().await;
-        let mine = f
-            .keys
-            .for_session(&auth)
-            .unwrap()
-            .regenerate()
-            .await
-            .unwrap();
-        let ops = Actor::new("ops@example.com").unwrap();
-        f.keys
-            .regenerate(&OrgId::new("acme").unwrap(), &ops)
-            .await
-            .unwrap();
+        let mine = f.regenerate_as(&auth).await;
+        f.regenerate_by_ops().await;
         assert!(f.sessions.carry_over(&auth, &mine).await.unwrap().is_none());
     }
 
@@ -943,13 +941,7 @@ mod tests {
     async fn carry_over_refuses_when_the_admin_changed_password() {
         let f = fixture(None).await;
         let (_, auth) = f.login().await;
-        let mine = f
-            .keys
-            .for_session(&auth)
-            .unwrap()
-            .regenerate()
-            .await
-            .unwrap();
+        let mine = f.regenerate_as(&auth).await;
         f.admins
             .change_password(&f.alice, &Password::new("another-long-password-1"))
             .await
@@ -961,13 +953,7 @@ mod tests {
     async fn carry_over_refuses_after_a_logout() {
         let f = fixture(None).await;
         let (old, auth) = f.login().await;
-        let mine = f
-            .keys
-            .for_session(&auth)
-            .unwrap()
-            .regenerate()
-            .await
-            .unwrap();
+        let mine = f.regenerate_as(&auth).await;
         assert!(f
             .sessions
             .logout(old.expose_secret().as_bytes())
@@ -992,13 +978,7 @@ mod tests {
         let (mut carried, mut ended) = (0, 0);
         for _ in 0..40 {
             let (old, auth) = f.login().await;
-            let mine = f
-                .keys
-                .for_session(&auth)
-                .unwrap()
-                .regenerate()
-                .await
-                .unwrap();
+            let mine = f.regenerate_as(&auth).await;
             let carry = tokio::spawn({
                 let f = Arc::clone(&f);
                 async move { f.sessions.carry_over(&auth, &mine).await }
