@@ -44,63 +44,29 @@
 //! - nothing panics.
 #![no_main]
 
+mod common;
+
 use std::cell::RefCell;
 use std::convert::Infallible;
-use std::future::Future;
-use std::pin::pin;
 use std::rc::Rc;
 use std::sync::OnceLock;
 use std::task::{Context, Poll, Waker};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use common::{cookie_headers, one_session, ready, session_cookie, substitute, Lookup, ADMIN};
 use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE, COOKIE, WWW_AUTHENTICATE};
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty, Full};
 use libfuzzer_sys::fuzz_target;
-use orgkey::admins::{AdminDirectory, AdminStatus, Scopes, Username};
+use orgkey::admins::{Scopes, Username};
 use orgkey::auth::AuthMethod;
-use orgkey::clock::Clock;
-use orgkey::session::obfuscate::obfuscate;
-use orgkey::session::{LoginRequest, SessionEndpoint};
-use orgkey::{
-    Actor, ApiKey, Authenticated, Generation, KeyAdmin, OrgId, OrgKeyLayer, OrgTable, Password,
-    Rejection, RejectionReason, SessionConfig, Sessions,
-};
+use orgkey::session::SessionEndpoint;
+use orgkey::{Authenticated, Generation, OrgKeyLayer, Rejection, RejectionReason, Sessions};
 use tower::{Service, ServiceBuilder};
-
-const ADMIN: &str = "admin@acme.example";
-const PASSWORD: &str = "CorrectHorse12";
-const KEY: &[u8; 12] = b"AbCdEf123456";
-const NOW_MS: u64 = 1_795_671_792_867;
 
 const SESSION_INFO: &str = r#"{"authType":"ADMIN_LOGIN","obfuscateApiKey":false,"passwordExpiryTime":0,"passwordExpiryDays":0}"#;
 const SESSION_NOT_VALID: &str = r#"{"code":"SESSION_NOT_VALID","message":"Session is not valid"}"#;
 const CHALLENGE: &[u8] = br#"ApiKey realm="orgkey", header="x-api-key""#;
-
-struct FixedClock;
-
-impl Clock for FixedClock {
-    fn now(&self) -> SystemTime {
-        UNIX_EPOCH + Duration::from_millis(NOW_MS)
-    }
-}
-
-/// One admin, checked by plain comparison (no argon2).
-struct Directory {
-    status: AdminStatus,
-}
-
-impl AdminDirectory for Directory {
-    fn status(&self, username: &Username) -> Option<AdminStatus> {
-        (username.as_str() == ADMIN).then(|| self.status.clone())
-    }
-
-    fn authenticate(&self, username: &Username, password: &Password) -> Option<AdminStatus> {
-        (username.as_str() == ADMIN && password.expose_secret() == PASSWORD)
-            .then(|| self.status.clone())
-    }
-}
 
 struct Fixture {
     sessions: Sessions,
@@ -114,136 +80,37 @@ struct Fixture {
 fn fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
     FIXTURE.get_or_init(|| {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .expect("tokio runtime");
-        let admin = KeyAdmin::new(OrgTable::default());
-        let ops = Actor::new("fuzz@orgkey.example").expect("actor");
-        let acme = OrgId::new("acme").expect("org id");
-        runtime
-            .block_on(admin.create_org(&acme))
-            .expect("create");
-        runtime
-            .block_on(admin.subscribe(&acme, &ops))
-            .expect("subscribe");
-        let key = ApiKey::parse(std::str::from_utf8(KEY).expect("ascii")).expect("key");
-        runtime
-            .block_on(admin.edit(&acme, key, &ops))
-            .expect("edit");
-        let table = admin.table().clone();
-        let generation = table.state("acme").expect("acme").generation();
-
-        let directory = Directory {
-            status: AdminStatus {
-                org: acme,
-                enabled: true,
-                scopes: Scopes::ALL,
-                credential_version: 1,
-            },
-        };
-        let sessions = Sessions::with_config(
-            table.clone(),
-            directory,
-            SessionConfig::default(),
-            FixedClock,
-        );
-        let api_key = obfuscate(KEY, NOW_MS).expect("12-byte key");
-        let session = runtime
-            .block_on(sessions.login(LoginRequest {
-                api_key: Password::new(std::str::from_utf8(&api_key).expect("ascii")),
-                username: ADMIN.to_owned(),
-                password: Password::new(PASSWORD),
-                timestamp_ms: NOW_MS,
-                source: None,
-            }))
-            .expect("fixture login");
-        let token = session.token.expose_secret().to_owned();
-        assert_eq!(token.len(), 64);
-        assert!(token
-            .bytes()
-            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')));
-        assert_eq!(sessions.len(), 1);
-        let layer = OrgKeyLayer::new(table).with_sessions(sessions.clone());
-        let endpoint = SessionEndpoint::new(sessions.clone());
+        let live = one_session();
+        let layer = OrgKeyLayer::new(live.table).with_sessions(live.sessions.clone());
+        let endpoint = SessionEndpoint::new(live.sessions.clone());
         Fixture {
-            sessions,
+            sessions: live.sessions,
             layer,
             endpoint,
-            token,
-            generation,
+            token: live.token,
+            generation: live.generation,
         }
     })
 }
 
-/// Replaces the markers, left to right.
-fn substitute(data: &[u8], token: &str) -> Vec<u8> {
-    let upper = token.to_ascii_uppercase();
+/// The markers and their values.
+fn markers(token: &str) -> Vec<(Vec<u8>, Vec<u8>)> {
     let mut near = token.as_bytes().to_vec();
     let last = near.len() - 1;
     near[last] = if near[last] == b'0' { b'1' } else { b'0' };
-    let markers: [(&[u8], &[u8]); 3] = [
-        (b"@TOKEN@", token.as_bytes()),
-        (b"@TOKENUC@", upper.as_bytes()),
-        (b"@NEAR@", &near),
-    ];
-    let mut out = Vec::with_capacity(data.len() + 64);
-    let mut i = 0;
-    'scan: while i < data.len() {
-        for (marker, replacement) in markers {
-            if data[i..].starts_with(marker) {
-                out.extend_from_slice(replacement);
-                i += marker.len();
-                continue 'scan;
-            }
-        }
-        out.push(data[i]);
-        i += 1;
-    }
-    out
-}
-
-/// The model's reading of the `Cookie` headers.
-#[derive(Debug)]
-enum Lookup {
-    Absent,
-    One(Vec<u8>),
-    Several,
-}
-
-fn trim_ows(s: &[u8]) -> &[u8] {
-    let is_ows = |b: &u8| *b == b' ' || *b == b'\t';
-    let start = s.iter().position(|b| !is_ows(b)).unwrap_or(s.len());
-    let end = s.iter().rposition(|b| !is_ows(b)).map_or(start, |e| e + 1);
-    &s[start..end.max(start)]
-}
-
-fn model_lookup(values: &[HeaderValue]) -> Lookup {
-    let mut found: Vec<Vec<u8>> = Vec::new();
-    for value in values {
-        for piece in value.as_bytes().split(|&b| b == b';') {
-            let Some(eq) = piece.iter().position(|&b| b == b'=') else {
-                continue;
-            };
-            if trim_ows(&piece[..eq]) != b"JSESSIONID" {
-                continue;
-            }
-            let mut v = trim_ows(&piece[eq + 1..]);
-            if v.len() >= 2 && v.first() == Some(&b'"') && v.last() == Some(&b'"') {
-                v = &v[1..v.len() - 1];
-            }
-            found.push(v.to_vec());
-        }
-    }
-    match found.len() {
-        0 => Lookup::Absent,
-        1 => Lookup::One(found.pop().expect("one")),
-        _ => Lookup::Several,
-    }
+    vec![
+        (
+            b"@TOKENUC@".to_vec(),
+            token.to_ascii_uppercase().into_bytes(),
+        ),
+        (b"@TOKEN@".to_vec(), token.as_bytes().to_vec()),
+        (b"@NEAR@".to_vec(), near),
+    ]
 }
 
 /// `Ok(())` to accept, else the reason and the exact body.
-fn model(values: &[HeaderValue], token: &str) -> Result<(), (RejectionReason, &'static str)> {
-    match model_lookup(values) {
+fn model(headers: &HeaderMap, token: &str) -> Result<(), (RejectionReason, &'static str)> {
+    match session_cookie(headers) {
         Lookup::One(v) if v.eq_ignore_ascii_case(token.as_bytes()) => Ok(()),
         Lookup::One(_) => Err((RejectionReason::SessionNotFound, SESSION_NOT_VALID)),
         Lookup::Several => Err((RejectionReason::SessionAmbiguous, SESSION_NOT_VALID)),
@@ -284,16 +151,6 @@ fn model_stripped(headers: &HeaderMap) -> HeaderMap {
     out
 }
 
-/// Polls a future that must complete without waiting.
-fn ready<F: Future>(future: F) -> F::Output {
-    let mut future = pin!(future);
-    let mut cx = Context::from_waker(Waker::noop());
-    match future.as_mut().poll(&mut cx) {
-        Poll::Ready(output) => output,
-        Poll::Pending => panic!("future pending: nothing here should wait"),
-    }
-}
-
 #[derive(Debug, Default)]
 struct Seen {
     calls: usize,
@@ -303,17 +160,18 @@ struct Seen {
 
 fuzz_target!(|data: &[u8]| {
     let fixture = fixture();
-    let input = substitute(data, &fixture.token);
+    let markers = markers(&fixture.token);
+    let markers: Vec<(&[u8], &[u8])> = markers
+        .iter()
+        .map(|(m, v)| (m.as_slice(), v.as_slice()))
+        .collect();
+    let input = substitute(data, &markers);
     let values: Vec<HeaderValue> = input
         .split(|&b| b == b'\n')
         .filter_map(|piece| HeaderValue::from_bytes(piece).ok())
         .collect();
-    let expected = model(&values, &fixture.token);
-
-    let mut headers = HeaderMap::new();
-    for value in &values {
-        headers.append(COOKIE, value.clone());
-    }
+    let headers = cookie_headers(&values);
+    let expected = model(&headers, &fixture.token);
 
     // The layer.
     let mut request = Request::builder()

@@ -14,8 +14,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use orgkey::{ApiKey, KeyFormat, KeyFormatError};
 use orgkey::key::{DEFAULT_KEY_LEN, MAX_KEY_LEN};
+use orgkey::{ApiKey, KeyFormat, KeyFormatError};
 use subtle::ConstantTimeEq;
 
 /// The language of K1: exactly `n` ASCII alphanumerics.
@@ -77,10 +77,17 @@ fn check(candidate: &str, format: KeyFormat) {
     match result {
         Ok(key) => {
             assert!(valid, "accepted a candidate outside K1 (len {n})");
-            assert_eq!(key.expose_secret(), candidate, "expose_secret does not round-trip");
+            assert_eq!(
+                key.expose_secret(),
+                candidate,
+                "expose_secret does not round-trip"
+            );
             assert_eq!(key.len(), n);
             assert_eq!(key.format(), format);
-            assert!(key.ct_eq_bytes(bytes), "ct_eq_bytes rejects the key's own bytes");
+            assert!(
+                key.ct_eq_bytes(bytes),
+                "ct_eq_bytes rejects the key's own bytes"
+            );
             // A one-byte change, a prefix and an extension are all rejected.
             let mut flipped = bytes.to_vec();
             flipped[0] ^= 0x20; // letter case flip, or digit -> other byte: differs either way
@@ -98,7 +105,10 @@ fn check(candidate: &str, format: KeyFormat) {
             );
             // The key re-parses to an equal key.
             let again = ApiKey::parse_with(key.expose_secret(), format).expect("re-parse");
-            assert!(bool::from(key.ct_eq(&again)), "ct_eq rejects the re-parsed key");
+            assert!(
+                bool::from(key.ct_eq(&again)),
+                "ct_eq rejects the re-parsed key"
+            );
         }
         Err(err) => {
             assert!(!valid, "rejected a valid K1 candidate (len {n}): {err}");

@@ -121,7 +121,15 @@ fn fixture() -> &'static Fixture {
 
         let table = admin.table().clone();
         let mut orgs = HashMap::new();
-        for id in ["acme", "beta-corp", "shared.co", "gamma", "delta_ops", "epsilon", "zeta"] {
+        for id in [
+            "acme",
+            "beta-corp",
+            "shared.co",
+            "gamma",
+            "delta_ops",
+            "epsilon",
+            "zeta",
+        ] {
             let state = table.state(id).expect("org in table");
             orgs.insert(
                 id.to_owned(),
@@ -204,9 +212,16 @@ fn model(
     let orgs = values(ORG_HEADER);
     let keys = values(KEY_HEADER);
     let org = match orgs.as_slice() {
-        [one] if one.as_bytes().iter().all(|&b| (0x20..0x7f).contains(&b) || b == b'\t') => {
+        [one]
+            if one
+                .as_bytes()
+                .iter()
+                .all(|&b| (0x20..0x7f).contains(&b) || b == b'\t') =>
+        {
             // `HeaderValue::to_str` accepts visible ASCII, space and tab.
-            std::str::from_utf8(one.as_bytes()).expect("ascii").to_owned()
+            std::str::from_utf8(one.as_bytes())
+                .expect("ascii")
+                .to_owned()
         }
         _ => return Err(RejectionReason::MissingOrg),
     };
@@ -285,7 +300,9 @@ fuzz_target!(|data: &[u8]| {
     };
     let status = response.status();
     let (parts, body) = response.into_parts();
-    let body = ready(body.collect()).expect("body is infallible").to_bytes();
+    let body = ready(body.collect())
+        .expect("body is infallible")
+        .to_bytes();
     let seen = seen.borrow();
 
     match expected {
@@ -307,7 +324,10 @@ fuzz_target!(|data: &[u8]| {
                 inner_headers, &without_key,
                 "inner service saw other headers changed"
             );
-            let auth = seen.auth.as_ref().expect("inner service saw no Authenticated");
+            let auth = seen
+                .auth
+                .as_ref()
+                .expect("inner service saw no Authenticated");
             assert_eq!(auth.org(), org, "Authenticated names the wrong org");
             assert_eq!(auth.method(), &AuthMethod::ApiKey);
             assert_eq!(auth.generation(), fixture.orgs[&org].generation);
@@ -328,7 +348,10 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(rejection.reason(), reason, "wrong rejection reason");
             assert_eq!(rejection.status(), StatusCode::UNAUTHORIZED);
             assert_eq!(
-                parts.headers.get(WWW_AUTHENTICATE).map(HeaderValue::as_bytes),
+                parts
+                    .headers
+                    .get(WWW_AUTHENTICATE)
+                    .map(HeaderValue::as_bytes),
                 Some(&br#"ApiKey realm="orgkey", header="x-api-key""#[..]),
                 "WWW-Authenticate missing or wrong"
             );
@@ -347,7 +370,10 @@ fuzz_target!(|data: &[u8]| {
             // Exact equality with a fixed body also proves that nothing attacker-controlled
             // (the presented key or org) is reflected to the client.
             assert_eq!(&body[..], expected_body.as_bytes(), "rejection body");
-            assert!(body.starts_with(br#"{"code":""#), "body is not JSON with a code");
+            assert!(
+                body.starts_with(br#"{"code":""#),
+                "body is not JSON with a code"
+            );
         }
     }
 });

@@ -47,27 +47,24 @@
 //! Their outcome is a plain 401, covered by the unit and integration tests.
 #![no_main]
 
+mod common;
+
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::OnceLock;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use common::{Directory, FixedClock, ADMIN, KEY, NOW_MS, PASSWORD};
 use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER, SET_COOKIE};
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use libfuzzer_sys::{fuzz_target, Corpus};
-use orgkey::admins::{AdminDirectory, AdminStatus, Scopes, Username};
-use orgkey::clock::Clock;
+use orgkey::admins::{Scopes, Username};
 use orgkey::session::obfuscate::obfuscate;
 use orgkey::session::{ClientAddr, SessionEndpoint, ThrottlePolicy, MAX_LOGIN_BODY};
-use orgkey::{Actor, ApiKey, KeyAdmin, OrgId, OrgTable, Password, SessionConfig, Sessions};
+use orgkey::{Actor, ApiKey, KeyAdmin, OrgId, OrgTable, SessionConfig, Sessions};
 use serde::Deserialize;
 use tower::Service;
 
-const ADMIN: &str = "admin@acme.example";
-const PASSWORD: &str = "CorrectHorse12";
-const KEY: &[u8; 12] = b"AbCdEf123456";
-const NOW_MS: u64 = 1_795_671_792_867;
 const WINDOW_MS: u64 = 5 * 60 * 1000;
 
 const SESSION_INFO: &str = r#"{"authType":"ADMIN_LOGIN","obfuscateApiKey":false,"passwordExpiryTime":0,"passwordExpiryDays":0}"#;
@@ -78,31 +75,6 @@ const PAYLOAD_TOO_LARGE: &str =
 const UNSUPPORTED_MEDIA_TYPE: &str =
     r#"{"code":"UNSUPPORTED_MEDIA_TYPE","message":"send Content-Type: application/json"}"#;
 const TIMESTAMP_MESSAGE: &str = "timestamp must be milliseconds since the Unix epoch";
-
-/// A clock stopped at `NOW_MS`.
-struct FixedClock;
-
-impl Clock for FixedClock {
-    fn now(&self) -> SystemTime {
-        UNIX_EPOCH + Duration::from_millis(NOW_MS)
-    }
-}
-
-/// One admin, checked by plain comparison (no argon2: the fuzzer would crawl).
-struct Directory {
-    status: AdminStatus,
-}
-
-impl AdminDirectory for Directory {
-    fn status(&self, username: &Username) -> Option<AdminStatus> {
-        (username.as_str() == ADMIN).then(|| self.status.clone())
-    }
-
-    fn authenticate(&self, username: &Username, password: &Password) -> Option<AdminStatus> {
-        (username.as_str() == ADMIN && password.expose_secret() == PASSWORD)
-            .then(|| self.status.clone())
-    }
-}
 
 struct Fixture {
     runtime: tokio::runtime::Runtime,
@@ -119,9 +91,7 @@ fn fixture() -> &'static Fixture {
         let admin = KeyAdmin::new(OrgTable::default());
         let ops = Actor::new("fuzz@orgkey.example").expect("actor");
         let acme = OrgId::new("acme").expect("org id");
-        runtime
-            .block_on(admin.create_org(&acme))
-            .expect("create");
+        runtime.block_on(admin.create_org(&acme)).expect("create");
         runtime
             .block_on(admin.subscribe(&acme, &ops))
             .expect("subscribe");
@@ -137,14 +107,7 @@ fn fixture() -> &'static Fixture {
             Some("AbCdEf123456".to_owned())
         );
 
-        let directory = Directory {
-            status: AdminStatus {
-                org: acme,
-                enabled: true,
-                scopes: Scopes::ALL,
-                credential_version: 1,
-            },
-        };
+        let directory = Directory::one_admin(acme);
         let config = SessionConfig {
             secure_cookie: true,
             throttle: ThrottlePolicy {
