@@ -2,7 +2,9 @@
 """Drive the published Zscaler ZIA Python clients, unmodified, through a legacy-login round trip.
 
 Each client logs in (POST /api/v1/authenticatedSession), calls GET /api/v1/status twice (once
-through a typed API method, once through the library's generic request method), logs out
+through a typed API method, once through the library's generic request method), pyzscaler
+also regenerates the key and edits it back through the apiKeys endpoints (its cookie jar
+follows the carried-over session), logs out
 (DELETE /api/v1/authenticatedSession), and we then check independently, with urllib and the
 old JSESSIONID, that the server really ended the session (GET authenticatedSession -> 401).
 Only configuration is used; nothing in the libraries is patched. tests/clients/run.sh runs this
@@ -197,6 +199,30 @@ def run_pyzscaler() -> None:
         raise Fail("config.status() returned nothing")
     raw = zia.get("status")  # generic restfly GET
     say(lib, f"get('status') -> {raw}")
+
+    # Key management through the generic methods (W1, W2): no Origin, no Sec-Fetch-Site, so the
+    # CSRF guard lets the client through; the regenerate's response carries the successor
+    # session's cookie, which the client's cookie jar keeps, so it goes on without a new login
+    # while its old session id is dead (K6). An edit back to the original key restores the
+    # gateway's state for the runs that follow.
+    original = env("ZIA_API_KEY")
+    regenerated = zia.post("apiKeys/1/regenerate")
+    new_key = regenerated["keyValue"]
+    if new_key == original or len(new_key) != 12:
+        raise Fail(f"regenerate answered {regenerated!r}")
+    carried = zia._session.cookies.get("JSESSIONID")
+    if not carried or carried == sid:
+        raise Fail("no successor session cookie after the regenerate")
+    if not session_is_dead(base, sid):
+        raise Fail("the session that regenerated is still accepted under its old id")
+    say(lib, "post('apiKeys/1/regenerate') -> new key; cookie jar holds the successor session")
+    if not zia.get("status"):
+        raise Fail("GET status failed after the regenerate")
+    restored = zia.put("apiKeys/1", json={"keyValue": original})
+    if restored["keyValue"] != original:
+        raise Fail(f"edit answered {restored!r}")
+    sid = zia._session.cookies.get("JSESSIONID")
+    say(lib, "put('apiKeys/1', keyValue=original) -> restored; still signed in")
 
     code = zia.session.delete()  # DELETE authenticatedSession, returns the status code
     say(lib, f"session.delete() -> HTTP {code}")
