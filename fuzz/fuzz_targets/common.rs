@@ -73,10 +73,8 @@ pub struct OneSession {
     pub token: String,
 }
 
-pub fn one_session() -> OneSession {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .expect("tokio runtime");
+/// A table with org `acme` subscribed and its key set to `KEY`, made on `runtime`.
+pub fn acme_table(runtime: &tokio::runtime::Runtime) -> OrgTable {
     let admin = KeyAdmin::new(OrgTable::default());
     let ops = Actor::new("fuzz@orgkey.example").expect("actor");
     let acme = OrgId::new("acme").expect("org id");
@@ -88,7 +86,15 @@ pub fn one_session() -> OneSession {
     runtime
         .block_on(admin.edit(&acme, key, &ops))
         .expect("edit");
-    let table = admin.table().clone();
+    admin.table().clone()
+}
+
+pub fn one_session() -> OneSession {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("tokio runtime");
+    let acme = OrgId::new("acme").expect("org id");
+    let table = acme_table(&runtime);
     let generation = table.state("acme").expect("acme").generation();
     let sessions = Sessions::with_config(
         table.clone(),

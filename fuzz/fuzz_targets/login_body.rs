@@ -53,7 +53,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::OnceLock;
 
 use bytes::Bytes;
-use common::{Directory, FixedClock, ADMIN, KEY, NOW_MS, PASSWORD};
+use common::{acme_table, Directory, FixedClock, ADMIN, KEY, NOW_MS, PASSWORD};
 use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER, SET_COOKIE};
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -61,7 +61,7 @@ use libfuzzer_sys::{fuzz_target, Corpus};
 use orgkey::admins::{Scopes, Username};
 use orgkey::session::obfuscate::obfuscate;
 use orgkey::session::{ClientAddr, SessionEndpoint, ThrottlePolicy, MAX_LOGIN_BODY};
-use orgkey::{Actor, ApiKey, KeyAdmin, OrgId, OrgTable, SessionConfig, Sessions};
+use orgkey::{OrgId, SessionConfig, Sessions};
 use serde::Deserialize;
 use tower::Service;
 
@@ -88,18 +88,8 @@ fn fixture() -> &'static Fixture {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .build()
             .expect("tokio runtime");
-        let admin = KeyAdmin::new(OrgTable::default());
-        let ops = Actor::new("fuzz@orgkey.example").expect("actor");
         let acme = OrgId::new("acme").expect("org id");
-        runtime.block_on(admin.create_org(&acme)).expect("create");
-        runtime
-            .block_on(admin.subscribe(&acme, &ops))
-            .expect("subscribe");
-        let key = ApiKey::parse(std::str::from_utf8(KEY).expect("ascii")).expect("key");
-        runtime
-            .block_on(admin.edit(&acme, key, &ops))
-            .expect("edit");
-        let table = admin.table().clone();
+        let table = acme_table(&runtime);
         assert_eq!(
             table
                 .state("acme")
