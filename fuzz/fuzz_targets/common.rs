@@ -9,8 +9,10 @@ use std::pin::pin;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use http::header::{HeaderValue, COOKIE};
-use http::HeaderMap;
+use http::{HeaderMap, Request, Response};
+use http_body_util::{BodyExt, Empty};
 use orgkey::admins::{AdminDirectory, AdminStatus, Scopes, Username};
 use orgkey::clock::Clock;
 use orgkey::session::obfuscate::obfuscate;
@@ -18,6 +20,8 @@ use orgkey::session::LoginRequest;
 use orgkey::{
     Actor, ApiKey, Generation, KeyAdmin, OrgId, OrgTable, Password, SessionConfig, Sessions,
 };
+use std::convert::Infallible;
+use tower::Service;
 
 pub const ADMIN: &str = "admin@acme.example";
 pub const PASSWORD: &str = "CorrectHorse12";
@@ -206,4 +210,26 @@ pub fn ready<F: Future>(future: F) -> F::Output {
         Poll::Ready(output) => output,
         Poll::Pending => panic!("future pending: nothing here should wait"),
     }
+}
+
+/// Readies `service`, calls it with `request`, and collects the response; every step must
+/// complete without waiting.
+pub fn call_now<S, B>(
+    service: &mut S,
+    request: Request<Empty<Bytes>>,
+) -> (http::response::Parts, Bytes)
+where
+    S: Service<Request<Empty<Bytes>>, Response = Response<B>, Error = Infallible>,
+    B: http_body::Body,
+    B::Error: std::fmt::Debug,
+{
+    let mut cx = Context::from_waker(Waker::noop());
+    assert!(matches!(service.poll_ready(&mut cx), Poll::Ready(Ok(()))));
+    let response = match ready(service.call(request)) {
+        Ok(response) => response,
+        Err(never) => match never {},
+    };
+    let (parts, body) = response.into_parts();
+    let body = ready(body.collect()).expect("infallible body").to_bytes();
+    (parts, body)
 }

@@ -50,10 +50,11 @@ use std::cell::RefCell;
 use std::convert::Infallible;
 use std::rc::Rc;
 use std::sync::OnceLock;
-use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
-use common::{cookie_headers, one_session, ready, session_cookie, substitute, Lookup, ADMIN};
+use common::{
+    call_now, cookie_headers, one_session, ready, session_cookie, substitute, Lookup, ADMIN,
+};
 use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE, COOKIE, WWW_AUTHENTICATE};
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty, Full};
@@ -190,17 +191,7 @@ fuzz_target!(|data: &[u8]| {
             seen.auth = request.extensions().get::<Authenticated>().cloned();
             std::future::ready(Ok::<_, Infallible>(Response::new(Empty::<Bytes>::new())))
         });
-    let mut cx = Context::from_waker(Waker::noop());
-    assert!(matches!(
-        Service::<Request<Empty<Bytes>>>::poll_ready(&mut service, &mut cx),
-        Poll::Ready(Ok(()))
-    ));
-    let response = match ready(service.call(request)) {
-        Ok(response) => response,
-        Err(never) => match never {},
-    };
-    let (parts, body) = response.into_parts();
-    let body = ready(body.collect()).expect("infallible body").to_bytes();
+    let (parts, body) = call_now(&mut service, request);
     let status = parts.status;
     let seen = seen.borrow();
 
