@@ -24,6 +24,11 @@
 //! and its admin still exists, is enabled, has the `api` scope and the same password.
 //! Expiry is exclusive: a session idle for exactly the timeout is dead.
 //!
+//! One exception to "any change ends it" (W2): the session that made a key change through
+//! [`KeyManagementEndpoint::with_sessions`](crate::KeyManagementEndpoint::with_sessions) is
+//! carried over, that is ended and replaced in the same response by a new session of the
+//! same admin under the new generation, with the original login time.
+//!
 //! # Throttling (A3)
 //!
 //! See [`throttle`]: per address 10 failures then one per 6 s; per username 5 failures then
