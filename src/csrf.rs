@@ -12,6 +12,8 @@
 //!
 //! A request passes to the inner service when the first rule that applies says so:
 //!
+//! 0. Only with [`CsrfLayer::cookie_requests_only`]: a request without a `JSESSIONID`
+//!    cookie passes (it carries no ambient credential to forge with).
 //! 1. A safe method (`GET`, `HEAD`, `OPTIONS`, `TRACE`) passes. The endpoints change nothing
 //!    on those.
 //! 2. A request carrying neither `Origin` nor `Sec-Fetch-Site` passes: it was not sent by a
@@ -54,9 +56,12 @@
 //! Rule 2 trusts that browsers send `Origin` with state-changing requests: every current
 //! browser does; browsers from before 2020 may not, and are then protected by `SameSite`
 //! alone. Behind a reverse proxy that rewrites `Host`, rule 4 needs the public origin
-//! through [`CsrfLayer::allow_origin`]. Put this layer only in front of the login, key and
-//! admin endpoints: in front of an API that other sites call from browsers (CORS), rules 3
-//! and 4 would refuse their writes.
+//! through [`CsrfLayer::allow_origin`]. In front of an API that other sites call from
+//! browsers with keys (CORS), use [`CsrfLayer::cookie_requests_only`], or rules 3 and 4 would
+//! refuse their writes. `SameSite=Strict` does not separate pages of the same site (another
+//! port on the host, a sibling subdomain); the origin and token rules do, but anything served
+//! from the page's own origin (for example an upstream proxied under it) is the page's equal:
+//! serve the admin page on an origin of its own where that matters.
 //!
 //! ```
 //! use bytes::Bytes;
@@ -205,6 +210,8 @@ struct Config {
     sessions: Sessions,
     /// Lowercase ASCII origins (`scheme://host[:port]`), besides the request's own.
     origins: Vec<String>,
+    /// Rule 0: requests without a session cookie pass.
+    cookie_requests_only: bool,
 }
 
 impl CsrfLayer {
@@ -214,6 +221,7 @@ impl CsrfLayer {
             config: Arc::new(Config {
                 sessions,
                 origins: Vec::new(),
+                cookie_requests_only: false,
             }),
         }
     }
@@ -225,6 +233,18 @@ impl CsrfLayer {
     pub fn allow_origin(mut self, origin: &str) -> Self {
         let origin = origin_of(origin);
         Arc::make_mut(&mut self.config).origins.push(origin);
+        self
+    }
+}
+
+impl CsrfLayer {
+    /// Applies the rules only to requests that carry a `JSESSIONID` cookie (rule 0): for an
+    /// API that browsers on other origins may call with a key (CORS) but that also accepts
+    /// admin session cookies. A key-only request, which carries no ambient credential, then
+    /// passes whatever its origin; a request that a browser sent with the admin's cookie gets
+    /// the full rules, so a page elsewhere on the same site cannot ride on that cookie.
+    pub fn cookie_requests_only(mut self) -> Self {
+        Arc::make_mut(&mut self.config).cookie_requests_only = true;
         self
     }
 }
@@ -257,6 +277,12 @@ pub struct Csrf<S> {
 
 impl Config {
     fn check<B>(&self, request: &Request<B>) -> Result<(), CsrfRejection> {
+        // Rule 0, when configured.
+        if self.cookie_requests_only
+            && find_session_cookie(request.headers()) == CookieLookup::Absent
+        {
+            return Ok(());
+        }
         // Rule 1.
         if matches!(
             *request.method(),

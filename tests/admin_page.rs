@@ -30,6 +30,8 @@ const KEY: &str = "AbCdEf123456";
 const EDITED: &str = "Zx9Qw8Er7Ty6";
 const ADMIN: &str = "admin@acme.example";
 const READER: &str = "reader@acme.example";
+const BOB: &str = "bob@globex.example";
+const GLOBEX_KEY: &str = "GlobexKey123";
 const PASSWORD: &str = "CorrectHorse12!";
 /// The browser's time zone: not UTC, so "local time" is visible in what the page shows.
 const TIME_ZONE: &str = "Asia/Kolkata";
@@ -516,7 +518,10 @@ async fn an_admin_manages_the_key_from_the_page() {
     assert!(warning.contains("stops working immediately"), "{warning}");
     assert!(warning.contains("Update every reference"), "{warning}");
     b.shot("05-regenerate-confirmation").await;
-    b.click("#confirm-ok").await;
+    // A double click: the second lands while the first is in flight and must do nothing
+    // (the button is disabled at once), so the key moves on by exactly one generation.
+    b.eval("(() => { const ok = document.getElementById('confirm-ok'); ok.click(); ok.click(); return ok.disabled; })()")
+        .await;
     b.wait_for(
         "document.getElementById('notice').textContent.includes('regenerated')",
         "regenerated",
@@ -524,7 +529,13 @@ async fn an_admin_manages_the_key_from_the_page() {
     .await;
     let regenerated = gw.key().unwrap();
     assert_ne!(regenerated, KEY);
-    assert_ne!(gw.info().generation(), before);
+    assert_eq!(gw.info().generation().get(), before.get() + 1, "one change");
+    assert_eq!(
+        b.eval("performance.getEntriesByType('resource').filter(e => e.name.endsWith('/apiKeys/1/regenerate')).length")
+            .await,
+        1,
+        "one request"
+    );
     b.wait_for(
         &format!("document.getElementById('key-value').textContent === '{regenerated}'"),
         "the new key shown",
@@ -734,6 +745,12 @@ async fn an_admin_manages_the_key_from_the_page() {
     b.wait_for("!document.getElementById('sign-in').hidden", "signed out")
         .await;
     assert_eq!(b.text("#sign-in-error").await, "You are signed out.");
+    // Nothing of the signed-out session stays in the page (the key was revealed before).
+    let html = b.eval("document.documentElement.outerHTML").await;
+    assert!(
+        !html.as_str().unwrap().contains(&added),
+        "the key stayed in the DOM"
+    );
     assert_eq!(
         gw.gateway
             .sessions
@@ -746,20 +763,50 @@ async fn an_admin_manages_the_key_from_the_page() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_foreign_page_is_refused_a_stale_tab_recovers_and_readers_see_the_page_read_only() {
+async fn a_foreign_page_is_refused_tabs_stay_consistent_and_readers_see_the_page_read_only() {
     let Some((chromium, driver)) = browser_paths() else {
         return;
     };
     let gw = Gateway::start("admin-page-csrf").await;
+    // A second org with its own key-admin, for the identity check below.
+    let globex = OrgId::new("globex").unwrap();
+    let ops = orgkey::Actor::new("ops@example.com").unwrap();
+    gw.gateway.keys.create_org(&globex).await.unwrap();
+    gw.gateway.keys.subscribe(&globex, &ops).await.unwrap();
+    gw.gateway
+        .keys
+        .edit(&globex, ApiKey::parse(GLOBEX_KEY).unwrap(), &ops)
+        .await
+        .unwrap();
+    gw.gateway
+        .admins
+        .create(
+            &Username::new(BOB).unwrap(),
+            &globex,
+            &Password::new(PASSWORD),
+            Scopes::ALL,
+        )
+        .await
+        .unwrap();
+    let globex_key = || {
+        gw.gateway
+            .keys
+            .view(&globex)
+            .unwrap()
+            .key()
+            .map(|k| k.expose_secret().to_owned())
+    };
+
     let b = Browser::start(&chromium, &driver).await;
     b.open(&gw.url("/admin")).await;
     b.sign_in(ADMIN, PASSWORD, KEY).await;
     b.wait_for("document.getElementById('key-row')", "signed in")
         .await;
 
-    // Another site (localhost is not 127.0.0.1) tries a regenerate, an add and a login
-    // with the signed-in admin's browser: the requests a foreign page can send without
-    // CORS (POST, text/plain).
+    // A page on the same site (127.0.0.1, another port): SameSite=Strict does not keep the
+    // admin's cookie off its requests, so the CSRF guard is what refuses them. It tries a
+    // regenerate, an add, a login and a write to the protected API: the requests a page can
+    // send without CORS (POST, text/plain).
     let refusals = csrf_refusals();
     let evil = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let evil_port = evil.local_addr().unwrap().port();
@@ -773,6 +820,7 @@ Promise.allSettled([
   fetch(t + "/apiKeys/1/regenerate", opts("POST", "{{}}")),
   fetch(t + "/apiKeys", opts("POST", "{{}}")),
   fetch(t + "/authenticatedSession", opts("POST", '{{"username":"x"}}')),
+  fetch(t + "/whoami", opts("POST", "{{}}")),
 ]).then(() => {{ document.title = "done"; }});
 </script>"#
     );
@@ -789,16 +837,16 @@ Promise.allSettled([
     let generation = gw.info().generation();
     let refused_before = refusals.load(Ordering::SeqCst);
     b.client
-        .goto(&format!("http://localhost:{evil_port}/"))
+        .goto(&format!("http://127.0.0.1:{evil_port}/"))
         .await
         .unwrap();
     b.wait_for("document.title === 'done'", "the foreign page's requests")
         .await;
-    // All three reached the gateway and were refused by the CSRF guard (another test in
+    // All four reached the gateway and were refused by the CSRF guard (another test in
     // this binary may add refusals of its own, never fewer).
     assert!(
-        refusals.load(Ordering::SeqCst) >= refused_before + 3,
-        "the foreign requests were not refused by the guard"
+        refusals.load(Ordering::SeqCst) >= refused_before + 4,
+        "the foreign requests were not all refused by the guard"
     );
     assert_eq!(gw.key().as_deref(), Some(KEY), "nothing changed");
     assert_eq!(gw.info().generation(), generation);
@@ -810,15 +858,16 @@ Promise.allSettled([
     b.wait_for("document.getElementById('key-row')", "still signed in")
         .await;
 
-    // Two tabs: a change in one carries the session over (new cookie, new CSRF token); the
-    // other tab's stale token is refused once, and the page retries with a fresh one.
+    // Two tabs. A change in the first carries the session over (new cookie, new CSRF
+    // token); the second tab's token is then stale: its write is refused once, and the page
+    // retries with a fresh token because the browser is still signed in as the same admin.
     let first = b.client.window().await.unwrap();
     let second = b.client.new_window(true).await.unwrap().handle;
     b.client.switch_to_window(second.clone()).await.unwrap();
     b.open(&gw.url("/admin")).await;
     b.wait_for("document.getElementById('key-row')", "second tab signed in")
         .await;
-    b.client.switch_to_window(first).await.unwrap();
+    b.client.switch_to_window(first.clone()).await.unwrap();
     b.click("#regenerate-key").await;
     b.wait_for("document.getElementById('confirm').open", "confirmation")
         .await;
@@ -828,33 +877,106 @@ Promise.allSettled([
         "regenerated in the first tab",
     )
     .await;
-    let cookie = |cookies: Vec<fantoccini::cookies::Cookie<'static>>| {
-        cookies
-            .into_iter()
-            .find(|c| c.name() == "JSESSIONID")
-            .map(|c| c.value().to_owned())
-            .unwrap()
-    };
-    let carried = cookie(b.client.get_all_cookies().await.unwrap());
-    assert!(gw.gateway.sessions.validate(carried.as_bytes()).is_ok());
+    b.client.switch_to_window(second.clone()).await.unwrap();
     let refused_before = refusals.load(Ordering::SeqCst);
-    b.client.switch_to_window(second).await.unwrap();
-
-    // An admin without key-admin sees the page read-only: sign out in the second tab
-    // (its CSRF token is stale), then sign in as the reader.
-    b.click("#sign-out").await;
-    b.wait_for("!document.getElementById('sign-in').hidden", "signed out")
+    b.click("#delete-key").await;
+    b.wait_for("document.getElementById('confirm').open", "delete dialog")
         .await;
-    assert_eq!(b.text("#sign-in-error").await, "You are signed out.");
+    b.click("#confirm-ok").await;
+    b.wait_for(
+        "document.getElementById('no-key')",
+        "deleted from the stale tab",
+    )
+    .await;
     assert!(
         refusals.load(Ordering::SeqCst) > refused_before,
         "the stale token was refused first"
     );
-    assert!(
-        gw.gateway.sessions.validate(carried.as_bytes()).is_err(),
-        "the carried-over session is signed out on the server"
-    );
+    assert_eq!(gw.key(), None);
+    b.click("#add-key").await;
+    b.wait_for("document.getElementById('key-row')", "added again")
+        .await;
     let key = gw.key().unwrap();
+
+    // The browser's cookie becomes another admin's (a sign-in by a script of the page's
+    // origin, which must send the live session's token; no sign-out here): a change
+    // confirmed in the other tab for acme must not land on globex.
+    let ts = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let obfuscated = orgkey::session::obfuscate::obfuscate(GLOBEX_KEY.as_bytes(), ts).unwrap();
+    let body = json!({
+        "apiKey": String::from_utf8(obfuscated.to_vec()).unwrap(),
+        "username": BOB,
+        "password": PASSWORD,
+        "timestamp": ts,
+    })
+    .to_string();
+    b.client.switch_to_window(first.clone()).await.unwrap();
+    let status = b
+        .client
+        .execute(
+            "return fetch(arguments[2]).then(r => r.json()).then(s => fetch(arguments[0], {method: 'POST', headers: {'Content-Type': 'application/json', 'X-CSRF-Token': s.csrfToken}, body: arguments[1]})).then(r => r.status);",
+            vec![
+                json!(gw.url("/api/v1/authenticatedSession")),
+                json!(body),
+                json!(gw.url("/admin/session")),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "bob signed in from a script");
+    b.client.switch_to_window(second.clone()).await.unwrap();
+    b.click("#delete-key").await;
+    b.wait_for("document.getElementById('confirm').open", "delete dialog")
+        .await;
+    b.click("#confirm-ok").await;
+    b.wait_for(
+        "!document.getElementById('sign-in').hidden",
+        "the page noticed the other admin",
+    )
+    .await;
+    let message = b.text("#sign-in-error").await;
+    assert!(message.contains("signed in as another admin"), "{message}");
+    assert_eq!(
+        globex_key().as_deref(),
+        Some(GLOBEX_KEY),
+        "globex untouched"
+    );
+    assert_eq!(gw.key().as_deref(), Some(key.as_str()), "acme untouched");
+    b.shot("17-other-admin-in-another-tab-nothing-changed")
+        .await;
+
+    // Signing out in one tab clears the other.
+    b.client.switch_to_window(first.clone()).await.unwrap();
+    b.open(&gw.url("/admin")).await;
+    b.wait_for("document.getElementById('key-row')", "bob's page")
+        .await;
+    b.client.switch_to_window(second.clone()).await.unwrap();
+    b.open(&gw.url("/admin")).await;
+    b.wait_for(
+        "document.getElementById('key-row')",
+        "bob's page, second tab",
+    )
+    .await;
+    b.click("#sign-out").await;
+    b.wait_for("!document.getElementById('sign-in').hidden", "signed out")
+        .await;
+    b.client.switch_to_window(first.clone()).await.unwrap();
+    b.wait_for(
+        "!document.getElementById('sign-in').hidden",
+        "the other tab signed out too",
+    )
+    .await;
+    assert_eq!(
+        b.text("#sign-in-error").await,
+        "You signed out in another tab."
+    );
+    let html = b.eval("document.documentElement.outerHTML").await;
+    assert!(!html.as_str().unwrap().contains(GLOBEX_KEY));
+
+    // An admin without key-admin sees the page read-only.
     b.sign_in(READER, PASSWORD, &key).await;
     b.wait_for(
         "!document.getElementById('key-page').hidden",
@@ -873,14 +995,25 @@ Promise.allSettled([
     assert_eq!(
         b.eval("document.getElementById('key-value')").await,
         Value::Null,
-        "no key shown"
+        "no key in the page"
     );
-    assert!(!b
-        .eval("document.body.innerText")
-        .await
-        .as_str()
-        .unwrap()
-        .contains(&key));
-    b.shot("17-read-only-admin").await;
+    let html = b.eval("document.documentElement.outerHTML").await;
+    assert!(!html.as_str().unwrap().contains(&key));
+    b.shot("18-read-only-admin").await;
+
+    // Left alone past the idle timeout (the page's clock moved on by an hour), the page
+    // signs itself out as the server would.
+    b.eval(
+        "(() => { const now = Date.now; Date.now = () => now() + 3600 * 1000; return true; })()",
+    )
+    .await;
+    b.wait_for(
+        "!document.getElementById('sign-in').hidden",
+        "idle sign-out",
+    )
+    .await;
+    let message = b.text("#sign-in-error").await;
+    assert!(message.contains("without activity"), "{message}");
+    b.shot("19-idle-signed-out").await;
     b.close().await;
 }

@@ -410,3 +410,34 @@ async fn default_ports_match_and_allowed_origins_pin_the_scheme() {
         StatusCode::OK
     );
 }
+
+#[tokio::test]
+async fn cookie_requests_only_lets_key_requests_from_anywhere_through() {
+    let w = world().await;
+    let id = login(&w, "alice@acme.example").await.session_id();
+    let layer = || CsrfLayer::new(w.sessions.clone()).cookie_requests_only();
+    let cross_site = || {
+        regenerate()
+            .header("origin", "https://partner.example")
+            .header("sec-fetch-site", "cross-site")
+    };
+    // A direct-key request from another origin's script (a CORS caller): no cookie, passes
+    // (the key endpoints then refuse it for lack of a session: 403, not the guard's 403).
+    let keyed = cross_site()
+        .header("x-org-id", "acme")
+        .header("x-api-key", KEY)
+        .build();
+    let response = guarded(&w, layer()).oneshot(keyed).await.unwrap();
+    assert!(response.extensions().get::<CsrfRejection>().is_none());
+    // The same request riding on the admin's cookie gets the full rules.
+    let response = guarded(&w, layer())
+        .oneshot(cross_site().cookie(&id).token(&id).build())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    assert_eq!(
+        response.extensions().get::<CsrfRejection>(),
+        Some(&CsrfRejection::CrossSiteFetch)
+    );
+    assert_eq!(key(&w).as_deref(), Some(KEY));
+}

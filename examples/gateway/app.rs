@@ -126,7 +126,15 @@ pub(crate) async fn build(bootstrap: Bootstrap, store: impl Store) -> Result<Boo
             .route("/api/v1/status", get(status))
             .route("/api/v1/whoami", get(whoami)),
     };
-    let api = api.layer(OrgKeyLayer::new(table.clone()).with_sessions(sessions.clone()));
+    // The protected API: key requests from any origin (CORS callers) pass the CSRF guard
+    // untouched; a browser's request riding on an admin's session cookie gets its full rules.
+    let api = api
+        .layer(OrgKeyLayer::new(table.clone()).with_sessions(sessions.clone()))
+        .layer(
+            CsrfLayer::new(sessions.clone())
+                .allow_origin(&bootstrap.base_url)
+                .cookie_requests_only(),
+        );
     // Key management and the audit log: sessions carried over a key change (W2) stay
     // usable here, also after a delete, so the admin can add a key; nowhere else (K5).
     let management = Router::new()
@@ -142,8 +150,7 @@ pub(crate) async fn build(bootstrap: Bootstrap, store: impl Store) -> Result<Boo
         );
     let page = AdminPage::new(keys.clone(), sessions.clone());
     // What the admin page calls, guarded against cross-site requests (W1); non-browser
-    // clients (no Origin, no Sec-Fetch-Site) pass unchanged. Not in front of the protected
-    // API, which other sites may call from browsers.
+    // clients (no Origin, no Sec-Fetch-Site) pass unchanged.
     let guarded = Router::new()
         .route_service("/api/v1/authenticatedSession", endpoint.clone())
         // The Go SDK sends its logout to /authenticatedSession, without /api/v1.

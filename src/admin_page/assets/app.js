@@ -16,6 +16,10 @@
   let revealed = false;
   let auditBefore = null;
   let dialogAction = null;
+  let busy = false; // a change is in flight: no second one, no closing its dialog
+  let epoch = 0; // bumped at every sign-in and sign-out: answers from an older one are dropped
+  let lastActivity = Date.now();
+  const channel = 'BroadcastChannel' in window ? new BroadcastChannel('orgkey-admin') : null;
 
   // PROTOCOL.md: the obfuscated key sent at login, for a millisecond timestamp.
   function obfuscate(apiKey, timestamp) {
@@ -41,10 +45,17 @@
 
   // One request; a write refused for its CSRF token (the session was carried over in
   // another tab, so this tab's token is stale) is retried once with a fresh token.
+  // The retry happens only if the browser is still signed in as the same admin of the same
+  // org: a change confirmed for one org must never land on another.
   async function api(method, path, payload) {
     const response = await send(method, path, payload);
     if (method !== 'GET' && response.status === 403 && response.data &&
-        response.data.code === 'CSRF_CHECK_FAILED' && await loadSession()) {
+        response.data.code === 'CSRF_CHECK_FAILED' && session) {
+      const before = { username: session.username, orgId: session.orgId };
+      if (!await loadSession()) return { status: 401, data: null, headers: new Headers() };
+      if (session.username !== before.username || session.orgId !== before.orgId) {
+        return { status: 0, identityChanged: true, data: { message: '' }, headers: new Headers() };
+      }
       return send(method, path, payload);
     }
     return response;
@@ -56,6 +67,7 @@
     if (method !== 'GET' && session && session.csrfToken) {
       headers['X-CSRF-Token'] = session.csrfToken;
     }
+    lastActivity = Date.now();
     let response;
     try {
       response = await fetch(API + path, {
@@ -78,6 +90,7 @@
   }
 
   async function loadSession() {
+    lastActivity = Date.now();
     try {
       const response = await fetch(PREFIX + '/session', { credentials: 'same-origin', cache: 'no-store' });
       session = response.status === 200 ? await response.json() : null;
@@ -99,19 +112,38 @@
     show('audit-error', '');
   }
 
-  function showSignIn(message) {
+  function showSignIn(message, apiKey) {
     session = null;
+    epoch += 1;
+    busy = false;
+    if ($('confirm').open) $('confirm').close();
     clearKeyPage();
     $('loading').hidden = true;
     $('key-page').hidden = true;
     $('whoami').hidden = true;
     $('sign-in').hidden = false;
     show('sign-in-error', message || '');
+    // After a change that ended this browser's session, the new key is put in the form (masked)
+    // so that the admin can sign in again: the server sent it to this admin a moment ago.
+    $('api-key').value = apiKey || '';
     $('username').focus();
+  }
+
+  // Another tab signed out, or this page saw the session end: every tab forgets the key.
+  function signedOutElsewhere(message) {
+    if (session) showSignIn(message);
+  }
+
+  function announceSignOut() {
+    if (channel) channel.postMessage('signed-out');
   }
 
   function sessionEnded() {
     showSignIn('Your session has ended. Sign in again.');
+  }
+
+  function identityChanged() {
+    showSignIn('This browser is now signed in as another admin (in another tab). Nothing was changed here; sign in again to continue.');
   }
 
   async function signIn(event) {
@@ -136,14 +168,20 @@
     $('sign-in-submit').disabled = false;
     if (response.status === 200 && await loadSession()) {
       show('sign-in-error', '');
+      epoch += 1;
+      lastActivity = Date.now();
       await showKeyPage();
       return;
     }
     if (response.status === 429) {
       const wait = response.headers.get('Retry-After') || 'a few';
       show('sign-in-error', `Too many failed sign-ins. Try again in ${wait} seconds.`);
+    } else if (response.status === 403 && response.data && response.data.code === 'CSRF_CHECK_FAILED') {
+      show('sign-in-error', 'The browser sent conflicting session cookies for this site. Clear its cookies and sign in again.');
     } else if (response.status === 403) {
       show('sign-in-error', serverMessage(response, 'This admin may not use the API.'));
+    } else if (response.status === 0 || response.status >= 500) {
+      show('sign-in-error', `The gateway could not complete the sign-in (${response.status ? 'HTTP ' + response.status : 'no answer'}). Try again.`);
     } else {
       // As generic as the endpoint: no hint which of the three was wrong.
       show('sign-in-error', 'Sign-in failed. Check the username, password and API key.');
@@ -152,8 +190,10 @@
 
   async function signOut() {
     const response = await api('DELETE', '/authenticatedSession');
+    if (response.identityChanged) return identityChanged();
     if (response.status === 200 || response.status === 401) {
       showSignIn('You are signed out.');
+      announceSignOut();
     } else {
       show('page-error', serverMessage(response, `Sign-out failed (HTTP ${response.status}); try again.`));
     }
@@ -183,7 +223,9 @@
   }
 
   async function loadKey() {
+    const asked = epoch;
     const response = await api('GET', '/apiKeys');
+    if (asked !== epoch) return; // signed out or in again meanwhile
     if (response.status === 401) return sessionEnded();
     if (response.status !== 200 || !Array.isArray(response.data)) {
       show('page-error', serverMessage(response, 'The API key could not be loaded.'));
@@ -316,15 +358,22 @@
   }
 
   function closeDialog() {
+    if (busy) return;
     dialogAction = null;
     $('new-key').value = '';
     $('confirm').close();
   }
 
+  function setBusy(value) {
+    busy = value;
+    for (const id of ['confirm-ok', 'confirm-cancel']) $(id).disabled = value;
+    $('add-key').disabled = value || key !== null;
+  }
+
   async function confirmDialog(event) {
     event.preventDefault();
     const action = dialogAction;
-    if (!action) return;
+    if (!action || busy) return;
     let response;
     if (action === 'edit') {
       const value = $('new-key').value;
@@ -332,12 +381,17 @@
         show('confirm-error', `The key must be exactly ${session.keyLength} letters (A-Z, a-z) or digits (0-9).`);
         return;
       }
+      setBusy(true);
       response = await api('PUT', '/apiKeys/1', { keyValue: value });
     } else if (action === 'regenerate') {
+      setBusy(true);
       response = await api('POST', '/apiKeys/1/regenerate');
     } else {
+      setBusy(true);
       response = await api('DELETE', '/apiKeys/1');
     }
+    setBusy(false);
+    if (response.identityChanged) return identityChanged();
     if (response.status === 401) {
       closeDialog();
       return sessionEnded();
@@ -348,23 +402,36 @@
       return;
     }
     closeDialog();
-    await changed(DIALOGS[action].notice);
+    await changed(DIALOGS[action].notice, response.status === 200 ? response.data : null, action);
   }
 
   async function addKey() {
+    if (busy) return;
+    setBusy(true);
     const response = await api('POST', '/apiKeys');
+    setBusy(false);
+    if (response.identityChanged) return identityChanged();
     if (response.status === 401) return sessionEnded();
     if (response.status !== 200) {
       show('page-error', serverMessage(response, `The key could not be added (HTTP ${response.status}).`));
       return;
     }
-    await changed('A new API key was added. Use it in code developed for your organization.');
+    await changed('A new API key was added. Use it in code developed for your organization.', response.data, 'add');
   }
 
   // After a change the server carried this browser's session over to the new generation
   // (a new cookie, so a new CSRF token); every other session of the org ended.
-  async function changed(notice) {
-    if (!await loadSession()) return sessionEnded();
+  // If the session could not be carried over (another change came first, a sign-out raced
+  // it), the change still happened: say so, and hand the new key to the sign-in form.
+  async function changed(notice, resource, action) {
+    if (!await loadSession()) {
+      const newKey = resource && typeof resource.keyValue === 'string' ? resource.keyValue : '';
+      const what = action === 'delete'
+        ? 'The API key was deleted, and this browser\'s session ended with it: no sign-in succeeds until a key is added.'
+        : 'The change was made, but this browser\'s session ended with it. The new key is filled in below: sign in again with your password.';
+      showSignIn(what, newKey);
+      return;
+    }
     await showKeyPage(notice);
   }
 
@@ -374,7 +441,9 @@
       $('audit-rows').replaceChildren();
     }
     const query = auditBefore === null ? '?limit=20' : `?limit=20&before=${auditBefore}`;
+    const asked = epoch;
     const response = await api('GET', '/auditLog' + query);
+    if (asked !== epoch) return;
     if (response.status === 401) return sessionEnded();
     if (response.status !== 200 || !Array.isArray(response.data)) {
       show('audit-error', serverMessage(response, 'The audit log could not be loaded.'));
@@ -443,6 +512,16 @@
     for (const box of document.querySelectorAll('#columns-menu input')) {
       box.addEventListener('change', columnToggled);
     }
+    // Escape must not close the dialog while its change is on its way.
+    $('confirm').addEventListener('cancel', (event) => { if (busy) event.preventDefault(); });
+    if (channel) channel.onmessage = () => signedOutElsewhere('You signed out in another tab.');
+    // The server ends a session unused for its idle timeout; so does the page, so that a key
+    // left on screen in an unattended tab goes away.
+    window.setInterval(() => {
+      if (session && Date.now() - lastActivity >= session.idleTimeoutSecs * 1000) {
+        showSignIn('Your session ended after a period without activity. Sign in again.');
+      }
+    }, 5000);
     applyColumns(storedColumns());
     if (await loadSession()) await showKeyPage();
     else showSignIn();
