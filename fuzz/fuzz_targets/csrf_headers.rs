@@ -12,7 +12,8 @@
 //!
 //! Fixture (built once): org `acme` with a key, one admin (custom `AdminDirectory`, no
 //! argon2), `Sessions` on a fixed clock, one live session; the layer allows the extra origin
-//! `https://admin.example`.
+//! `https://admin.example`. Every input goes through it twice: as built, and with
+//! `cookie_requests_only` (rule 0: no session cookie, no check).
 //!
 //! Oracle: the model's decision; accepted -> the inner service called once and its 200
 //! returned untouched; refused -> 403, inner not called, the `CsrfRejection` the model names,
@@ -44,6 +45,8 @@ const DEAD: &str = "000000000000000000000000000000000000000000000000000000000000
 struct Fixture {
     sessions: Sessions,
     layer: CsrfLayer,
+    /// The same with `cookie_requests_only` (rule 0).
+    cookie_layer: CsrfLayer,
     token: String,
     csrf: String,
     dead_csrf: String,
@@ -63,9 +66,11 @@ fn fixture() -> &'static Fixture {
             .to_owned();
         assert_ne!(csrf, dead_csrf);
         let layer = CsrfLayer::new(live.sessions.clone()).allow_origin(ALLOWED);
+        let cookie_layer = layer.clone().cookie_requests_only();
         Fixture {
             sessions: live.sessions,
             layer,
+            cookie_layer,
             token: live.token,
             csrf,
             dead_csrf,
@@ -184,19 +189,37 @@ fuzz_target!(|data: &[u8]| {
         };
         headers.append(name, value);
     }
-    let expected = model(&method, &headers, f);
+    for cookie_only in [false, true] {
+        check(f, cookie_only, &method, &headers);
+    }
+    assert_eq!(f.sessions.len(), 1, "session table changed");
+    assert!(f.sessions.validate(f.token.as_bytes()).is_ok());
+});
+
+/// Runs one request through the layer (with or without rule 0) and checks the model.
+fn check(f: &Fixture, cookie_only: bool, method: &Method, headers: &HeaderMap) {
+    let expected = if cookie_only && matches!(session_cookie(headers), Lookup::Absent) {
+        Ok(()) // rule 0
+    } else {
+        model(method, headers, f)
+    };
+    let layer = if cookie_only {
+        &f.cookie_layer
+    } else {
+        &f.layer
+    };
 
     let mut request = Request::builder()
         .method(method.clone())
         .uri("/api/v1/apiKeys/1/regenerate")
         .body(Empty::<Bytes>::new())
         .expect("request");
-    *request.headers_mut() = headers;
+    *request.headers_mut() = headers.clone();
     let calls = Rc::new(Cell::new(0usize));
     let counter = Rc::clone(&calls);
     let mut service =
         ServiceBuilder::new()
-            .layer(f.layer.clone())
+            .layer(layer.clone())
             .service_fn(move |_: Request<Empty<Bytes>>| {
                 counter.set(counter.get() + 1);
                 std::future::ready(Ok::<_, Infallible>(Response::new(Empty::<Bytes>::new())))
@@ -204,7 +227,11 @@ fuzz_target!(|data: &[u8]| {
     let (parts, body) = call_now(&mut service, request);
     match expected {
         Ok(()) => {
-            assert_eq!(parts.status, StatusCode::OK, "model accepts {method}");
+            assert_eq!(
+                parts.status,
+                StatusCode::OK,
+                "model accepts {method} (cookie_only {cookie_only})"
+            );
             assert_eq!(calls.get(), 1, "inner not called exactly once");
             assert!(parts.extensions.get::<CsrfRejection>().is_none());
             assert!(body.is_empty());
@@ -213,7 +240,7 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(
                 parts.status,
                 StatusCode::FORBIDDEN,
-                "model refuses ({reason})"
+                "model refuses ({reason}, cookie_only {cookie_only})"
             );
             assert_eq!(calls.get(), 0, "inner called on a refused request");
             assert_eq!(parts.extensions.get::<CsrfRejection>(), Some(&reason));
@@ -235,6 +262,4 @@ fuzz_target!(|data: &[u8]| {
             );
         }
     }
-    assert_eq!(f.sessions.len(), 1, "session table changed");
-    assert!(f.sessions.validate(f.token.as_bytes()).is_ok());
-});
+}
