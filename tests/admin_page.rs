@@ -411,6 +411,22 @@ async fn loaded_urls(b: &Browser) -> Vec<String> {
     .unwrap()
 }
 
+/// Neither the page's markup nor any form field holds `key`.
+async fn assert_no_key_in_page(b: &Browser, key: &str) {
+    let html = b.eval("document.documentElement.outerHTML").await;
+    assert!(
+        !html.as_str().unwrap().contains(key),
+        "the key is in the DOM"
+    );
+    let values = b
+        .eval("[...document.querySelectorAll('input, textarea')].map(i => i.value).join(' ')")
+        .await;
+    assert!(
+        !values.as_str().unwrap().contains(key),
+        "the key is in a form field"
+    );
+}
+
 fn epoch_secs(at: SystemTime) -> i64 {
     at.duration_since(UNIX_EPOCH).unwrap().as_secs() as i64
 }
@@ -520,8 +536,13 @@ async fn an_admin_manages_the_key_from_the_page() {
     b.shot("05-regenerate-confirmation").await;
     // A double click: the second lands while the first is in flight and must do nothing
     // (the button is disabled at once), so the key moves on by exactly one generation.
-    b.eval("(() => { const ok = document.getElementById('confirm-ok'); ok.click(); ok.click(); return ok.disabled; })()")
+    let disabled = b
+        .eval("(() => { const ok = document.getElementById('confirm-ok'); ok.click(); ok.click(); return ok.disabled; })()")
         .await;
+    assert_eq!(
+        disabled, true,
+        "the button is disabled while the change is in flight"
+    );
     b.wait_for(
         "document.getElementById('notice').textContent.includes('regenerated')",
         "regenerated",
@@ -740,17 +761,15 @@ async fn an_admin_manages_the_key_from_the_page() {
         );
     }
 
-    // Sign out: the session is over on the server too.
+    // Sign out (with the key revealed): the session is over on the server too.
+    b.click("#reveal-key").await;
+    assert_eq!(b.text("#key-value").await, added);
     b.click("#sign-out").await;
     b.wait_for("!document.getElementById('sign-in').hidden", "signed out")
         .await;
     assert_eq!(b.text("#sign-in-error").await, "You are signed out.");
     // Nothing of the signed-out session stays in the page (the key was revealed before).
-    let html = b.eval("document.documentElement.outerHTML").await;
-    assert!(
-        !html.as_str().unwrap().contains(&added),
-        "the key stayed in the DOM"
-    );
+    assert_no_key_in_page(&b, &added).await;
     assert_eq!(
         gw.gateway
             .sessions
@@ -947,19 +966,21 @@ Promise.allSettled([
     assert_eq!(gw.key().as_deref(), Some(key.as_str()), "acme untouched");
     b.shot("17-other-admin-in-another-tab-nothing-changed")
         .await;
+    // Signing in again works although the browser still holds bob's live session: the
+    // page signs in with that session's token, and the new cookie replaces bob's.
+    b.sign_in(ADMIN, PASSWORD, &key).await;
+    b.wait_for("document.getElementById('key-row')", "alice again")
+        .await;
+    assert!(b.text("#whoami-name").await.starts_with(ADMIN));
 
-    // Signing out in one tab clears the other.
+    // Signing out in one tab clears the other, with its key revealed.
     b.client.switch_to_window(first.clone()).await.unwrap();
     b.open(&gw.url("/admin")).await;
-    b.wait_for("document.getElementById('key-row')", "bob's page")
+    b.wait_for("document.getElementById('key-row')", "first tab")
         .await;
+    b.click("#reveal-key").await;
+    assert_eq!(b.text("#key-value").await, key);
     b.client.switch_to_window(second.clone()).await.unwrap();
-    b.open(&gw.url("/admin")).await;
-    b.wait_for(
-        "document.getElementById('key-row')",
-        "bob's page, second tab",
-    )
-    .await;
     b.click("#sign-out").await;
     b.wait_for("!document.getElementById('sign-in').hidden", "signed out")
         .await;
@@ -973,8 +994,7 @@ Promise.allSettled([
         b.text("#sign-in-error").await,
         "You signed out in another tab."
     );
-    let html = b.eval("document.documentElement.outerHTML").await;
-    assert!(!html.as_str().unwrap().contains(GLOBEX_KEY));
+    assert_no_key_in_page(&b, &key).await;
 
     // An admin without key-admin sees the page read-only.
     b.sign_in(READER, PASSWORD, &key).await;
@@ -997,14 +1017,13 @@ Promise.allSettled([
         Value::Null,
         "no key in the page"
     );
-    let html = b.eval("document.documentElement.outerHTML").await;
-    assert!(!html.as_str().unwrap().contains(&key));
+    assert_no_key_in_page(&b, &key).await;
     b.shot("18-read-only-admin").await;
 
     // Left alone past the idle timeout (the page's clock moved on by an hour), the page
     // signs itself out as the server would.
     b.eval(
-        "(() => { const now = Date.now; Date.now = () => now() + 3600 * 1000; return true; })()",
+        "(() => { window.realNow = Date.now; Date.now = () => window.realNow() + 3600 * 1000; return true; })()",
     )
     .await;
     b.wait_for(
@@ -1015,5 +1034,22 @@ Promise.allSettled([
     let message = b.text("#sign-in-error").await;
     assert!(message.contains("without activity"), "{message}");
     b.shot("19-idle-signed-out").await;
+    // The page ended the session on the server too, and a new sign-in works.
+    let cookies = b.client.get_all_cookies().await.unwrap();
+    let idle_id = cookies
+        .iter()
+        .find(|c| c.name() == "JSESSIONID")
+        .map(|c| c.value().to_owned())
+        .unwrap();
+    assert!(gw.gateway.sessions.validate(idle_id.as_bytes()).is_err());
+    // The clock back to the real one: the login's timestamp must be fresh.
+    b.eval("(() => { Date.now = window.realNow; return true; })()")
+        .await;
+    b.sign_in(READER, PASSWORD, &key).await;
+    b.wait_for(
+        "!document.getElementById('key-page').hidden",
+        "signed in after idling",
+    )
+    .await;
     b.close().await;
 }

@@ -26,7 +26,7 @@
 //! | --- | --- |
 //! | `GET /admin`, `GET /admin/` | the page (HTML) |
 //! | `GET /admin/app.js`, `/admin/app.css`, `/admin/icon.svg` | the assets |
-//! | `GET /admin/session` | `200` `{"username","orgId","scopes","canManageKeys","hasKey","baseUrl","keyLength","idleTimeoutSecs","csrfToken"}` for a live session, else `401 SESSION_NOT_VALID` |
+//! | `GET /admin/session` | `200` `{"username","orgId","scopes","canManageKeys","hasKey","baseUrl","keyLength","idleTimeoutMs","csrfToken"}` for a live session, else `401 SESSION_NOT_VALID` |
 //! | another method on those paths | `405` with `Allow: GET, HEAD` |
 //! | any other path | `404` |
 //!
@@ -176,7 +176,7 @@ struct SessionView<'a> {
     has_key: bool,
     base_url: Option<&'a str>,
     key_length: usize,
-    idle_timeout_secs: u64,
+    idle_timeout_ms: u64,
     csrf_token: &'a str,
 }
 
@@ -229,7 +229,8 @@ impl Inner {
             has_key: identity.has_key,
             base_url: self.keys.base_url(),
             key_length: self.keys.table().format().len(),
-            idle_timeout_secs: self.sessions.config().idle_timeout.as_secs(),
+            idle_timeout_ms: u64::try_from(self.sessions.config().idle_timeout.as_millis())
+                .unwrap_or(u64::MAX),
             csrf_token: token.expose_secret(),
         };
         match serde_json::to_vec(&view) {

@@ -19,6 +19,8 @@
   let busy = false; // a change is in flight: no second one, no closing its dialog
   let epoch = 0; // bumped at every sign-in and sign-out: answers from an older one are dropped
   let lastActivity = Date.now();
+  let gatewayUnreachable = false;
+  const REQUEST_TIMEOUT_MS = 30000;
   const channel = 'BroadcastChannel' in window ? new BroadcastChannel('orgkey-admin') : null;
 
   // PROTOCOL.md: the obfuscated key sent at login, for a millisecond timestamp.
@@ -67,35 +69,49 @@
     if (method !== 'GET' && session && session.csrfToken) {
       headers['X-CSRF-Token'] = session.csrfToken;
     }
-    lastActivity = Date.now();
-    let response;
+    noteActivity();
+    const abort = new AbortController();
+    const timer = window.setTimeout(() => abort.abort(), REQUEST_TIMEOUT_MS);
     try {
-      response = await fetch(API + path, {
+      const response = await fetch(API + path, {
         method,
         headers,
         body: payload === undefined ? undefined : JSON.stringify(payload),
         credentials: 'same-origin',
         cache: 'no-store',
         redirect: 'error',
+        signal: abort.signal,
       });
+      const text = await response.text();
+      let data = null;
+      if (text) {
+        try { data = JSON.parse(text); } catch (_) { data = null; }
+      }
+      return { status: response.status, data, headers: response.headers };
     } catch (_) {
       return { status: 0, data: { message: 'The gateway cannot be reached.' }, headers: new Headers() };
+    } finally {
+      window.clearTimeout(timer);
     }
-    const text = await response.text();
-    let data = null;
-    if (text) {
-      try { data = JSON.parse(text); } catch (_) { data = null; }
-    }
-    return { status: response.status, data, headers: response.headers };
   }
 
-  async function loadSession() {
+  // Activity in any tab keeps every tab's idle timer fresh, as it keeps the shared session.
+  function noteActivity() {
     lastActivity = Date.now();
+    if (channel) channel.postMessage('active');
+  }
+
+  // Whether the browser holds a live session (then `session` describes it). Sets
+  // `gatewayUnreachable` when the question could not be asked at all.
+  async function loadSession() {
+    noteActivity();
+    gatewayUnreachable = false;
     try {
       const response = await fetch(PREFIX + '/session', { credentials: 'same-origin', cache: 'no-store' });
       session = response.status === 200 ? await response.json() : null;
     } catch (_) {
       session = null;
+      gatewayUnreachable = true;
     }
     return session !== null;
   }
@@ -112,10 +128,10 @@
     show('audit-error', '');
   }
 
-  function showSignIn(message, apiKey) {
+  function showSignIn(message) {
     session = null;
     epoch += 1;
-    busy = false;
+    setBusy(false);
     if ($('confirm').open) $('confirm').close();
     clearKeyPage();
     $('loading').hidden = true;
@@ -123,15 +139,19 @@
     $('whoami').hidden = true;
     $('sign-in').hidden = false;
     show('sign-in-error', message || '');
-    // After a change that ended this browser's session, the new key is put in the form (masked)
-    // so that the admin can sign in again: the server sent it to this admin a moment ago.
-    $('api-key').value = apiKey || '';
+    $('password').value = '';
+    $('api-key').value = '';
     $('username').focus();
   }
 
-  // Another tab signed out, or this page saw the session end: every tab forgets the key.
+  // Another tab signed out: every tab forgets the key (and anything typed into the form).
   function signedOutElsewhere(message) {
     if (session) showSignIn(message);
+    else {
+      $('password').value = '';
+      $('api-key').value = '';
+      show('sign-in-error', message);
+    }
   }
 
   function announceSignOut() {
@@ -156,27 +176,38 @@
       return;
     }
     $('sign-in-submit').disabled = true;
-    const timestamp = Date.now();
-    const response = await api('POST', '/authenticatedSession', {
-      apiKey: obfuscate(apiKey, timestamp),
-      username,
-      password,
-      timestamp,
-    });
+    const login = () => {
+      const timestamp = Date.now();
+      return send('POST', '/authenticatedSession', {
+        apiKey: obfuscate(apiKey, timestamp),
+        username,
+        password,
+        timestamp,
+      });
+    };
+    let response = await login();
+    let conflicting = false;
+    if (response.status === 403 && response.data && response.data.code === 'CSRF_CHECK_FAILED') {
+      // The browser still holds a live session (another tab's, or one this tab stopped
+      // showing after idling): a state change with its cookie needs its token. Sign in
+      // with it; the new session's cookie replaces the old one.
+      if (await loadSession()) response = await login();
+      conflicting = response.status === 403 && response.data && response.data.code === 'CSRF_CHECK_FAILED';
+      session = null;
+    }
     $('password').value = '';
     $('api-key').value = '';
     $('sign-in-submit').disabled = false;
     if (response.status === 200 && await loadSession()) {
       show('sign-in-error', '');
       epoch += 1;
-      lastActivity = Date.now();
       await showKeyPage();
       return;
     }
     if (response.status === 429) {
       const wait = response.headers.get('Retry-After') || 'a few';
       show('sign-in-error', `Too many failed sign-ins. Try again in ${wait} seconds.`);
-    } else if (response.status === 403 && response.data && response.data.code === 'CSRF_CHECK_FAILED') {
+    } else if (conflicting) {
       show('sign-in-error', 'The browser sent conflicting session cookies for this site. Clear its cookies and sign in again.');
     } else if (response.status === 403) {
       show('sign-in-error', serverMessage(response, 'This admin may not use the API.'));
@@ -374,23 +405,25 @@
     event.preventDefault();
     const action = dialogAction;
     if (!action || busy) return;
-    let response;
-    if (action === 'edit') {
-      const value = $('new-key').value;
-      if (!keyPattern().test(value)) {
-        show('confirm-error', `The key must be exactly ${session.keyLength} letters (A-Z, a-z) or digits (0-9).`);
-        return;
-      }
-      setBusy(true);
-      response = await api('PUT', '/apiKeys/1', { keyValue: value });
-    } else if (action === 'regenerate') {
-      setBusy(true);
-      response = await api('POST', '/apiKeys/1/regenerate');
-    } else {
-      setBusy(true);
-      response = await api('DELETE', '/apiKeys/1');
+    if (action === 'edit' && !keyPattern().test($('new-key').value)) {
+      show('confirm-error', `The key must be exactly ${session.keyLength} letters (A-Z, a-z) or digits (0-9).`);
+      return;
     }
-    setBusy(false);
+    const asked = epoch;
+    let response;
+    setBusy(true);
+    try {
+      if (action === 'edit') {
+        response = await api('PUT', '/apiKeys/1', { keyValue: $('new-key').value });
+      } else if (action === 'regenerate') {
+        response = await api('POST', '/apiKeys/1/regenerate');
+      } else {
+        response = await api('DELETE', '/apiKeys/1');
+      }
+    } finally {
+      if (asked === epoch) setBusy(false);
+    }
+    if (asked !== epoch) return; // signed out or in again meanwhile: not this page's answer
     if (response.identityChanged) return identityChanged();
     if (response.status === 401) {
       closeDialog();
@@ -407,9 +440,15 @@
 
   async function addKey() {
     if (busy) return;
+    const asked = epoch;
+    let response;
     setBusy(true);
-    const response = await api('POST', '/apiKeys');
-    setBusy(false);
+    try {
+      response = await api('POST', '/apiKeys');
+    } finally {
+      if (asked === epoch) setBusy(false);
+    }
+    if (asked !== epoch) return;
     if (response.identityChanged) return identityChanged();
     if (response.status === 401) return sessionEnded();
     if (response.status !== 200) {
@@ -420,19 +459,23 @@
   }
 
   // After a change the server carried this browser's session over to the new generation
-  // (a new cookie, so a new CSRF token); every other session of the org ended.
-  // If the session could not be carried over (another change came first, a sign-out raced
-  // it), the change still happened: say so, and hand the new key to the sign-in form.
+  // (a new cookie, so a new CSRF token); every other session of the org ended. If this
+  // browser's session did not continue (a later change, a sign-out racing the change), the
+  // change still happened: say so, and show the key it set, once, because signing in needs
+  // the org's current key.
   async function changed(notice, resource, action) {
-    if (!await loadSession()) {
-      const newKey = resource && typeof resource.keyValue === 'string' ? resource.keyValue : '';
-      const what = action === 'delete'
-        ? 'The API key was deleted, and this browser\'s session ended with it: no sign-in succeeds until a key is added.'
-        : 'The change was made, but this browser\'s session ended with it. The new key is filled in below: sign in again with your password.';
-      showSignIn(what, newKey);
+    if (await loadSession()) {
+      await showKeyPage(notice);
       return;
     }
-    await showKeyPage(notice);
+    if (gatewayUnreachable) {
+      show('page-error', 'The change was made, but the gateway could not be reached afterwards. Reload the page.');
+      return;
+    }
+    const newKey = resource && typeof resource.keyValue === 'string' ? resource.keyValue : '';
+    showSignIn(action === 'delete'
+      ? 'The API key was deleted, and this browser\'s session ended with it: no sign-in succeeds until a key is added.'
+      : `The change was made, but this browser's session did not continue with it. The key it set is ${newKey}; if signing in with it fails, another change came after it.`);
   }
 
   async function loadAudit(first) {
@@ -514,12 +557,20 @@
     }
     // Escape must not close the dialog while its change is on its way.
     $('confirm').addEventListener('cancel', (event) => { if (busy) event.preventDefault(); });
-    if (channel) channel.onmessage = () => signedOutElsewhere('You signed out in another tab.');
+    if (channel) {
+      channel.onmessage = (message) => {
+        if (message.data === 'active') lastActivity = Date.now();
+        else if (message.data === 'signed-out') signedOutElsewhere('You signed out in another tab.');
+      };
+    }
     // The server ends a session unused for its idle timeout; so does the page, so that a key
     // left on screen in an unattended tab goes away.
-    window.setInterval(() => {
-      if (session && Date.now() - lastActivity >= session.idleTimeoutSecs * 1000) {
+    window.setInterval(async () => {
+      if (session && !busy && Date.now() - lastActivity >= session.idleTimeoutMs) {
+        // The server has ended it too, or does now; every tab learns of it.
+        await send('DELETE', '/authenticatedSession');
         showSignIn('Your session ended after a period without activity. Sign in again.');
+        announceSignOut();
       }
     }, 5000);
     applyColumns(storedColumns());
