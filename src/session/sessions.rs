@@ -226,6 +226,40 @@ struct SessionRecord {
     logged_out: AtomicBool,
 }
 
+impl SessionRecord {
+    /// A live record, last used at `last_seen_ms`.
+    fn new(
+        org: OrgId,
+        admin: Username,
+        generation: Generation,
+        credential_version: u64,
+        created_ms: u64,
+        last_seen_ms: u64,
+    ) -> Self {
+        Self {
+            org,
+            admin,
+            generation,
+            credential_version,
+            created_ms,
+            last_seen_ms: AtomicU64::new(last_seen_ms),
+            logged_out: AtomicBool::new(false),
+        }
+    }
+
+    /// What the store keeps of it, under `digest`.
+    fn stored(&self, digest: [u8; 32]) -> crate::store::SessionRecord {
+        crate::store::SessionRecord {
+            digest,
+            org: self.org.clone(),
+            admin: self.admin.clone(),
+            generation: self.generation,
+            credential_version: self.credential_version,
+            created: crate::store::from_millis(self.created_ms as i64),
+        }
+    }
+}
+
 /// Logins, the session table and throttling. Cheap to clone (shared).
 ///
 /// Sessions are server-side: the table holds only SHA-256 digests of session ids (S1), and
@@ -308,15 +342,14 @@ impl Sessions {
             let created = millis_u64(record.created);
             inner.sessions.insert(
                 record.digest,
-                Arc::new(SessionRecord {
-                    org: record.org,
-                    admin: record.admin,
-                    generation: record.generation,
-                    credential_version: record.credential_version,
-                    created_ms: created,
-                    last_seen_ms: AtomicU64::new(created),
-                    logged_out: AtomicBool::new(false),
-                }),
+                Arc::new(SessionRecord::new(
+                    record.org,
+                    record.admin,
+                    record.generation,
+                    record.credential_version,
+                    created,
+                    created,
+                )),
             );
         }
         inner.store = Some(store);
@@ -485,32 +518,21 @@ impl Sessions {
             return Err(LoginFailure::MissingApiScope);
         }
         let (token, digest) = SessionToken::generate().map_err(|_| LoginFailure::Internal)?;
+        let record = SessionRecord::new(
+            admin.org.clone(),
+            username.clone(),
+            state.generation(),
+            admin.credential_version,
+            now_ms,
+            now_ms,
+        );
         if let Some(store) = &self.inner.store {
-            let record = crate::store::SessionRecord {
-                digest,
-                org: admin.org.clone(),
-                admin: username.clone(),
-                generation: state.generation(),
-                credential_version: admin.credential_version,
-                created: crate::store::from_millis(now_ms as i64),
-            };
-            if let Err(error) = store.put_session(&record).await {
+            if let Err(error) = store.put_session(&record.stored(digest)).await {
                 tracing::warn!(target: "orgkey::session", %error, "could not store a session");
                 return Err(LoginFailure::Internal);
             }
         }
-        self.inner.sessions.insert(
-            digest,
-            Arc::new(SessionRecord {
-                org: admin.org.clone(),
-                admin: username.clone(),
-                generation: state.generation(),
-                credential_version: admin.credential_version,
-                created_ms: now_ms,
-                last_seen_ms: AtomicU64::new(now_ms),
-                logged_out: AtomicBool::new(false),
-            }),
-        );
+        self.inner.sessions.insert(digest, Arc::new(record));
         if self.inner.created.fetch_add(1, Ordering::Relaxed) % 1024 == 1023 {
             self.purge_expired();
         }
@@ -572,27 +594,29 @@ impl Sessions {
         if generation != record.generation {
             return Err(SessionRejection::KeyChanged);
         }
-        let admin = self
-            .inner
-            .directory
-            .status(&record.admin)
+        let scopes = self
+            .admin_scopes(record)
             .ok_or(SessionRejection::AdminChanged)?;
-        if !admin.enabled
-            || admin.credential_version != record.credential_version
-            || !admin.scopes.contains(Scope::Api)
-            || admin.org != record.org
-        {
-            return Err(SessionRejection::AdminChanged);
-        }
         record.last_seen_ms.fetch_max(now_ms, Ordering::Relaxed);
         Ok(SessionIdentity {
             org: record.org.clone(),
             generation,
             admin: record.admin.clone(),
-            scopes: admin.scopes,
+            scopes,
             has_key,
             digest: SessionDigest(digest),
         })
+    }
+
+    /// The admin's scopes now, if the admin of `record` may still hold it (S2): still
+    /// there, enabled, in the same org, with the same password and the `api` scope.
+    fn admin_scopes(&self, record: &SessionRecord) -> Option<Scopes> {
+        let admin = self.inner.directory.status(&record.admin)?;
+        (admin.enabled
+            && admin.credential_version == record.credential_version
+            && admin.scopes.contains(Scope::Api)
+            && admin.org == record.org)
+            .then_some(admin.scopes)
     }
 
     /// Carries the session that made a key change over the change (W2): the session that
@@ -637,16 +661,7 @@ impl Sessions {
             .orgs
             .state(old.org.as_str())
             .map(|state| state.generation());
-        let admin_ok = self
-            .inner
-            .directory
-            .status(&old.admin)
-            .is_some_and(|admin| {
-                admin.enabled
-                    && admin.credential_version == old.credential_version
-                    && admin.scopes.contains(Scope::Api)
-                    && admin.org == old.org
-            });
+        let admin_ok = self.admin_scopes(&old).is_some();
         let made_by_this_admin = change
             .last_modified_by()
             .is_some_and(|actor| actor.as_str() == old.admin.as_str());
@@ -666,30 +681,18 @@ impl Sessions {
                 return Ok(None);
             }
         };
-        let now_ms = self.now_ms();
-        if let Some(store) = &self.inner.store {
-            let record = crate::store::SessionRecord {
-                digest,
-                org: old.org.clone(),
-                admin: old.admin.clone(),
-                generation: changed_to,
-                credential_version: old.credential_version,
-                created: crate::store::from_millis(old.created_ms as i64),
-            };
-            store.put_session(&record).await?;
-        }
-        self.inner.sessions.insert(
-            digest,
-            Arc::new(SessionRecord {
-                org: old.org.clone(),
-                admin: old.admin.clone(),
-                generation: changed_to,
-                credential_version: old.credential_version,
-                created_ms: old.created_ms,
-                last_seen_ms: AtomicU64::new(now_ms),
-                logged_out: AtomicBool::new(false),
-            }),
+        let successor = SessionRecord::new(
+            old.org.clone(),
+            old.admin.clone(),
+            changed_to,
+            old.credential_version,
+            old.created_ms,
+            self.now_ms(),
         );
+        if let Some(store) = &self.inner.store {
+            store.put_session(&successor.stored(digest)).await?;
+        }
+        self.inner.sessions.insert(digest, Arc::new(successor));
         // Remove the predecessor, then look for a logout: a logout flags the record before
         // removing it, so one that got in first is seen here and wins (the admin asked to be
         // signed out: the successor goes too). A logout that comes later finds the
