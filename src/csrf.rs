@@ -108,7 +108,7 @@ use tower_service::Service;
 use zeroize::Zeroizing;
 
 use crate::auth::{ResponseBody, ResponseFuture};
-use crate::session::{find_session_cookie, raw_of_presented, CookieLookup, Sessions};
+use crate::session::{find_session_cookie, raw_of_presented, secret_hex, CookieLookup, Sessions};
 
 /// The request header that carries the token: `X-CSRF-Token`.
 pub const TOKEN_HEADER: &str = "x-csrf-token";
@@ -145,13 +145,7 @@ pub fn token_for_session(session_id: &[u8]) -> Option<CsrfToken> {
     hasher.update(TOKEN_LABEL);
     hasher.update(raw.as_ref());
     let digest = Zeroizing::new(<[u8; 32]>::from(hasher.finalize()));
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut text = Zeroizing::new(String::with_capacity(64));
-    for b in digest.iter() {
-        text.push(char::from(HEX[usize::from(b >> 4)]));
-        text.push(char::from(HEX[usize::from(b & 0xf)]));
-    }
-    Some(CsrfToken(text))
+    Some(CsrfToken(secret_hex(digest.as_ref())))
 }
 
 /// Which acceptance rule refused a request; placed in the `403` response's extensions.

@@ -25,13 +25,8 @@ impl SessionToken {
     pub(crate) fn generate() -> Result<(Self, [u8; 32]), crate::key::RandomnessError> {
         let mut raw = Zeroizing::new([0u8; SESSION_ID_BYTES]);
         crate::key::fill_random(raw.as_mut())?;
-        let mut text = Zeroizing::new(String::with_capacity(SESSION_ID_BYTES * 2));
-        for b in raw.iter() {
-            text.push(char::from(HEX[usize::from(b >> 4)]));
-            text.push(char::from(HEX[usize::from(b & 0xf)]));
-        }
         let digest = digest(raw.as_ref());
-        Ok((Self(text), digest))
+        Ok((Self(secret_hex(raw.as_ref())), digest))
     }
 
     /// The id, for the `Set-Cookie` header. Grep for this when auditing where ids go.
@@ -53,6 +48,16 @@ impl ConstantTimeEq for SessionToken {
 }
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// `bytes` in lowercase hex, in a string wiped on drop (session ids, CSRF tokens).
+pub(crate) fn secret_hex(bytes: &[u8]) -> Zeroizing<String> {
+    let mut text = Zeroizing::new(String::with_capacity(bytes.len() * 2));
+    for b in bytes {
+        text.push(char::from(HEX[usize::from(b >> 4)]));
+        text.push(char::from(HEX[usize::from(b & 0xf)]));
+    }
+    text
+}
 
 fn digest(raw: &[u8]) -> [u8; 32] {
     Sha256::digest(raw).into()
