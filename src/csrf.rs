@@ -271,10 +271,12 @@ pub struct Csrf<S> {
 
 impl Config {
     fn check<B>(&self, request: &Request<B>) -> Result<(), CsrfRejection> {
-        // Rule 0, when configured.
-        if self.cookie_requests_only
-            && find_session_cookie(request.headers()) == CookieLookup::Absent
-        {
+        let headers = request.headers();
+        // Rule 0, when configured; the cookie lookup is kept for rule 5.
+        let cookie = self
+            .cookie_requests_only
+            .then(|| find_session_cookie(headers));
+        if cookie == Some(CookieLookup::Absent) {
             return Ok(());
         }
         // Rule 1.
@@ -284,7 +286,6 @@ impl Config {
         ) {
             return Ok(());
         }
-        let headers = request.headers();
         let origin = headers.get(ORIGIN);
         let fetch_site = headers.get(HeaderName::from_static(SEC_FETCH_SITE));
         // Rule 2.
@@ -304,7 +305,7 @@ impl Config {
             }
         }
         // Rule 5.
-        match find_session_cookie(headers) {
+        match cookie.unwrap_or_else(|| find_session_cookie(headers)) {
             CookieLookup::Absent => Ok(()),
             CookieLookup::Several => Err(CsrfRejection::AmbiguousSession),
             CookieLookup::One(id) => {
