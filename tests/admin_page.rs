@@ -10,6 +10,8 @@
 //! `.ci/run` settings: `~/.cache/orgkey-target/tmp/admin-page/`).
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 #[path = "../examples/gateway/app.rs"]
 #[allow(unreachable_pub)]
 mod app;
@@ -99,40 +101,14 @@ struct Gateway {
     addr: SocketAddr,
     gateway: app::Gateway,
     server: tokio::task::JoinHandle<()>,
-    _state: tempfile_path::TempPath,
-}
-
-/// A unique SQLite path, removed (with its WAL files) on drop.
-mod tempfile_path {
-    pub(crate) struct TempPath(pub(crate) std::path::PathBuf);
-    impl TempPath {
-        pub(crate) fn new(name: &str) -> Self {
-            let nanos = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos();
-            Self(
-                std::env::temp_dir()
-                    .join(format!("orgkey-{name}-{}-{nanos}.db", std::process::id())),
-            )
-        }
-    }
-    impl Drop for TempPath {
-        fn drop(&mut self) {
-            for suffix in ["", "-wal", "-shm"] {
-                let mut path = self.0.clone().into_os_string();
-                path.push(suffix);
-                let _ = std::fs::remove_file(path);
-            }
-        }
-    }
+    _state: common::TempDb,
 }
 
 impl Gateway {
     async fn start(name: &str) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let state = tempfile_path::TempPath::new(name);
+        let state = common::TempDb::new(name);
         let store = SqliteStore::open(&state.0, KeyFormat::default()).unwrap();
         let built = app::build(
             app::Bootstrap {
