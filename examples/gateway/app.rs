@@ -126,15 +126,13 @@ pub(crate) async fn build(bootstrap: Bootstrap, store: impl Store) -> Result<Boo
             .route("/api/v1/status", get(status))
             .route("/api/v1/whoami", get(whoami)),
     };
+    // W1: browser-originated writes need the same origin and the session's CSRF token.
+    let csrf = CsrfLayer::new(sessions.clone()).allow_origin(&bootstrap.base_url);
     // The protected API: key requests from any origin (CORS callers) pass the CSRF guard
     // untouched; a browser's request riding on an admin's session cookie gets its full rules.
     let api = api
         .layer(OrgKeyLayer::new(table.clone()).with_sessions(sessions.clone()))
-        .layer(
-            CsrfLayer::new(sessions.clone())
-                .allow_origin(&bootstrap.base_url)
-                .cookie_requests_only(),
-        );
+        .layer(csrf.clone().cookie_requests_only());
     // Key management and the audit log: sessions carried over a key change (W2) stay
     // usable here, also after a delete, so the admin can add a key; nowhere else (K5).
     let management = Router::new()
@@ -158,7 +156,7 @@ pub(crate) async fn build(bootstrap: Bootstrap, store: impl Store) -> Result<Boo
         .merge(management)
         .route_service("/admin", page.clone())
         .route_service("/admin/{*asset}", page)
-        .layer(CsrfLayer::new(sessions.clone()).allow_origin(&bootstrap.base_url));
+        .layer(csrf);
     let router = Router::new()
         // Counters only (O2): no org, user or key in any label. Protect it at the network
         // level like any operations endpoint.
