@@ -37,7 +37,7 @@ use dudect_bencher::rand::RngExt;
 use dudect_bencher::{BenchRng, Class, CtRunner};
 use http::{HeaderValue, Request, Response};
 use http_body_util::Empty;
-use orgkey::admins::{AdminDirectory, AdminStatus};
+use orgkey::admins::{AdminDirectory, AdminStatus, PasswordRejection};
 use orgkey::auth::{OrgKeyAuth, ResponseBody};
 use orgkey::clock::SystemClock;
 use orgkey::session::obfuscate::obfuscate;
@@ -200,9 +200,15 @@ impl AdminDirectory for NoDummy {
     fn status(&self, username: &Username) -> Option<AdminStatus> {
         self.0.status(username)
     }
-    fn authenticate(&self, username: &Username, password: &Password) -> Option<AdminStatus> {
-        self.0.status(username)?;
-        self.0.authenticate(username, password)
+    fn verify_password(
+        &self,
+        username: &Username,
+        password: &Password,
+    ) -> Result<AdminStatus, PasswordRejection> {
+        self.0
+            .status(username)
+            .ok_or(PasswordRejection::UnknownUser)?;
+        self.0.verify_password(username, password)
     }
 }
 

@@ -183,20 +183,41 @@ pub struct AdminStatus {
     pub credential_version: u64,
 }
 
+/// Why [`AdminDirectory::verify_password`] refused a password.
+///
+/// The two reasons go to tracing and metrics only, so that operators can tell a typo from
+/// user enumeration; a client gets the same answer, after the same time, for both (A1, A2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PasswordRejection {
+    /// No admin has this username (a dummy verification ran instead, for equal cost).
+    UnknownUser,
+    /// The admin exists and the password is not theirs.
+    WrongPassword,
+}
+
 /// Where admins are looked up: the built-in [`Admins`], or a user's own identity store.
 ///
 /// Implementations must keep two promises: [`AdminDirectory::status`] is cheap and never
 /// blocks (it runs on every request made with a session), and
-/// [`AdminDirectory::authenticate`] costs the same time whether the user exists or not.
+/// [`AdminDirectory::verify_password`] costs the same time whether the user exists or not.
 pub trait AdminDirectory: Send + Sync + 'static {
     /// The admin's current status, or `None` if there is no such admin.
     fn status(&self, username: &Username) -> Option<AdminStatus>;
 
-    /// Checks a password and returns the status of the account it was checked against, or
-    /// `None` for an unknown user or a wrong password (indistinguishable, same cost).
+    /// Checks a password and returns the status of the account it was checked against.
+    ///
+    /// # Errors
+    ///
+    /// [`PasswordRejection::UnknownUser`] or [`PasswordRejection::WrongPassword`]; both must
+    /// cost the same time (run a dummy verification for unknown users, A1).
     ///
     /// Blocking (argon2): orgkey calls it on a blocking thread.
-    fn authenticate(&self, username: &Username, password: &Password) -> Option<AdminStatus>;
+    fn verify_password(
+        &self,
+        username: &Username,
+        password: &Password,
+    ) -> Result<AdminStatus, PasswordRejection>;
 }
 
 /// One account of the built-in directory.
@@ -543,16 +564,24 @@ impl AdminDirectory for Admins {
             .map(|account| account.status.clone())
     }
 
-    fn authenticate(&self, username: &Username, password: &Password) -> Option<AdminStatus> {
+    fn verify_password(
+        &self,
+        username: &Username,
+        password: &Password,
+    ) -> Result<AdminStatus, PasswordRejection> {
         // Copy out what is needed and release the map's lock before the slow hash.
         let account = self.inner.accounts.get(username).map(|a| a.clone());
         match account {
             Some(account) => {
-                verify_password(password, &account.password_hash).then_some(account.status)
+                if verify_password(password, &account.password_hash) {
+                    Ok(account.status)
+                } else {
+                    Err(PasswordRejection::WrongPassword)
+                }
             }
             None => {
                 dummy_verify(password);
-                None
+                Err(PasswordRejection::UnknownUser)
             }
         }
     }
@@ -563,8 +592,12 @@ impl<D: AdminDirectory + ?Sized> AdminDirectory for Arc<D> {
         (**self).status(username)
     }
 
-    fn authenticate(&self, username: &Username, password: &Password) -> Option<AdminStatus> {
-        (**self).authenticate(username, password)
+    fn verify_password(
+        &self,
+        username: &Username,
+        password: &Password,
+    ) -> Result<AdminStatus, PasswordRejection> {
+        (**self).verify_password(username, password)
     }
 }
 

@@ -39,7 +39,7 @@ pub mod store;
 pub mod table;
 
 pub use admin::{AdminError, KeyAdmin, KeyInfo, SessionKeyAdmin};
-pub use admins::{AdminDirectory, Admins, Scope, Scopes, Username};
+pub use admins::{AdminDirectory, Admins, PasswordRejection, Scope, Scopes, Username};
 pub use audit::{AuditEvent, AuditSink, KeyAction, TracingAuditSink};
 pub use auth::{Authenticated, OrgKeyLayer, Rejection, RejectionReason};
 pub use key::{ApiKey, KeyFormat, KeyFormatError};

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use orgkey::admins::{AdminDirectory, AdminStatus};
+use orgkey::admins::{AdminDirectory, AdminStatus, PasswordRejection};
 use orgkey::session::obfuscate::obfuscate;
 use orgkey::session::{LoginRequest, SessionConfig, Sessions, ThrottlePolicy};
 use orgkey::{Actor, KeyAdmin, OrgId, OrgTable, Password, Scopes, Username};
@@ -23,8 +23,19 @@ impl AdminDirectory for Fast {
             credential_version: 1,
         })
     }
-    fn authenticate(&self, username: &Username, password: &Password) -> Option<AdminStatus> {
-        (password.expose_secret() == "pw").then(|| self.status(username))?
+    fn verify_password(
+        &self,
+        username: &Username,
+        password: &Password,
+    ) -> Result<AdminStatus, PasswordRejection> {
+        let status = self
+            .status(username)
+            .ok_or(PasswordRejection::UnknownUser)?;
+        if password.expose_secret() == "pw" {
+            Ok(status)
+        } else {
+            Err(PasswordRejection::WrongPassword)
+        }
     }
 }
 

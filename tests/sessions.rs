@@ -614,3 +614,80 @@ async fn direct_key_requests_cannot_manage_keys() {
         Err(AdminError::Forbidden)
     ));
 }
+
+/// Issue 9, item 9: a wrong password and an unknown user get the same answer (A2) but are
+/// told apart in the login's reason, its log line and its metric, so that an operator can tell
+/// a typo from user enumeration.
+#[tokio::test]
+async fn a_wrong_password_is_reported_internally_as_wrong_password_not_unknown_user() {
+    use orgkey::session::{LoginFailure, LoginRequest};
+    let w = world().await;
+    let attempt = |username: &str, password: String| LoginRequest {
+        api_key: Password::new(obfuscated(KEY, w.clock.now_ms())),
+        username: username.to_owned(),
+        password: Password::new(password),
+        timestamp_ms: w.clock.now_ms(),
+        source: None,
+    };
+    #[cfg(feature = "metrics")]
+    let counted = |outcome: &str| -> u64 {
+        let needle = format!("orgkey_logins_total{{outcome=\"{outcome}\"}} ");
+        orgkey::metrics::render()
+            .lines()
+            .find_map(|line| line.strip_prefix(needle.as_str()))
+            .map_or(0, |n| n.trim().parse().unwrap())
+    };
+    #[cfg(feature = "metrics")]
+    let wrong_before = counted("wrong_password");
+
+    let wrong = w
+        .sessions
+        .login(attempt("alice@acme.example", "WrongHorse12!".into()))
+        .await;
+    assert_eq!(wrong.err(), Some(LoginFailure::WrongPassword));
+    let unknown = w
+        .sessions
+        .login(attempt("mallory@acme.example", PASSWORD.into()))
+        .await;
+    assert_eq!(unknown.err(), Some(LoginFailure::UnknownUser));
+    let not_a_name = w.sessions.login(attempt("mallory", PASSWORD.into())).await;
+    assert_eq!(not_a_name.err(), Some(LoginFailure::UnknownUser));
+    // Too long to hash: still told apart by whether the admin exists.
+    let long = "x".repeat(10_000);
+    let too_long = w
+        .sessions
+        .login(attempt("alice@acme.example", long.clone()))
+        .await;
+    assert_eq!(too_long.err(), Some(LoginFailure::WrongPassword));
+    let too_long_unknown = w
+        .sessions
+        .login(attempt("mallory@acme.example", long))
+        .await;
+    assert_eq!(too_long_unknown.err(), Some(LoginFailure::UnknownUser));
+    #[cfg(feature = "metrics")]
+    assert!(counted("wrong_password") >= wrong_before + 2);
+
+    // Over HTTP both are the same 401 (A2), checked in full by the login matrix above.
+    let a = call_endpoint(
+        &w.sessions,
+        post_json(login_body(
+            "alice@acme.example",
+            "WrongHorse12!",
+            KEY,
+            w.clock.now_ms(),
+        )),
+    )
+    .await;
+    let b = call_endpoint(
+        &w.sessions,
+        post_json(login_body(
+            "mallory@acme.example",
+            PASSWORD,
+            KEY,
+            w.clock.now_ms(),
+        )),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::UNAUTHORIZED);
+    assert_eq!((a.body, a.headers), (b.body, b.headers));
+}

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::*;
 use http::StatusCode;
-use orgkey::admins::{AdminDirectory, AdminStatus};
+use orgkey::admins::{AdminDirectory, AdminStatus, PasswordRejection};
 use orgkey::session::{ClientAddr, SessionConfig, Sessions};
 use orgkey::{Admins, Password, Username};
 
@@ -26,9 +26,13 @@ impl AdminDirectory for Counting {
     fn status(&self, username: &Username) -> Option<AdminStatus> {
         self.admins.status(username)
     }
-    fn authenticate(&self, username: &Username, password: &Password) -> Option<AdminStatus> {
+    fn verify_password(
+        &self,
+        username: &Username,
+        password: &Password,
+    ) -> Result<AdminStatus, PasswordRejection> {
         self.calls.fetch_add(1, Ordering::SeqCst);
-        self.admins.authenticate(username, password)
+        self.admins.verify_password(username, password)
     }
 }
 

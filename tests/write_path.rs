@@ -209,7 +209,7 @@ async fn racing_regenerates_on_one_sqlite_file_have_exactly_one_winner() {
 
 #[tokio::test]
 async fn admin_accounts_survive_a_restart_on_sqlite() {
-    use orgkey::{AdminDirectory, Admins, Password, Scope, Scopes, Username};
+    use orgkey::{AdminDirectory, Admins, Password, PasswordRejection, Scope, Scopes, Username};
     let db = TempDb::new("admins");
     let alice = Username::new("alice@acme.example").unwrap();
     let version = {
@@ -239,11 +239,14 @@ async fn admin_accounts_survive_a_restart_on_sqlite() {
     assert_eq!(status.scopes, Scopes::API);
     assert_eq!(status.credential_version, version);
     assert!(admins
-        .authenticate(&alice, &Password::new("SecondHorse45"))
-        .is_some());
-    assert!(admins
-        .authenticate(&alice, &Password::new("FirstHorse123"))
-        .is_none());
+        .verify_password(&alice, &Password::new("SecondHorse45"))
+        .is_ok());
+    assert_eq!(
+        admins
+            .verify_password(&alice, &Password::new("FirstHorse123"))
+            .err(),
+        Some(PasswordRejection::WrongPassword)
+    );
     admins.delete(&alice).await.unwrap();
     let store = SqliteStore::open(&db.0, KeyFormat::default()).unwrap();
     assert!(store.load_admins().await.unwrap().is_empty());

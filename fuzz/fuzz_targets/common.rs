@@ -13,7 +13,7 @@ use bytes::Bytes;
 use http::header::{HeaderValue, COOKIE};
 use http::{HeaderMap, Request, Response};
 use http_body_util::{BodyExt, Empty};
-use orgkey::admins::{AdminDirectory, AdminStatus, Scopes, Username};
+use orgkey::admins::{AdminDirectory, AdminStatus, PasswordRejection, Scopes, Username};
 use orgkey::clock::Clock;
 use orgkey::session::obfuscate::obfuscate;
 use orgkey::session::LoginRequest;
@@ -61,9 +61,18 @@ impl AdminDirectory for Directory {
         (username.as_str() == ADMIN).then(|| self.status.clone())
     }
 
-    fn authenticate(&self, username: &Username, password: &Password) -> Option<AdminStatus> {
-        (username.as_str() == ADMIN && password.expose_secret() == PASSWORD)
-            .then(|| self.status.clone())
+    fn verify_password(
+        &self,
+        username: &Username,
+        password: &Password,
+    ) -> Result<AdminStatus, PasswordRejection> {
+        if username.as_str() != ADMIN {
+            Err(PasswordRejection::UnknownUser)
+        } else if password.expose_secret() != PASSWORD {
+            Err(PasswordRejection::WrongPassword)
+        } else {
+            Ok(self.status.clone())
+        }
     }
 }
 

@@ -11,7 +11,7 @@ use dashmap::DashMap;
 use super::cookie::{digest_of_presented, SessionToken};
 use super::obfuscate;
 use super::throttle::{Throttle, ThrottlePolicy};
-use crate::admins::{AdminDirectory, AdminStatus, Scope, Scopes, Username};
+use crate::admins::{AdminDirectory, PasswordRejection, Scope, Scopes, Username};
 use crate::clock::{Clock, SharedClock};
 use crate::org::{Generation, OrgId};
 use crate::password::{Password, MAX_PASSWORD_BYTES};
@@ -469,14 +469,22 @@ impl Sessions {
         let user = username.clone();
         let check = move || match &user {
             Some(user) if password.expose_secret().len() <= MAX_PASSWORD_BYTES => {
-                directory.authenticate(user, &password)
+                directory.verify_password(user, &password)
             }
-            _ => {
+            Some(user) => {
+                // Too long to hash as given: same cost, and never a match.
                 crate::password::dummy_verify(&password);
-                None
+                Err(match directory.status(user) {
+                    Some(_) => PasswordRejection::WrongPassword,
+                    None => PasswordRejection::UnknownUser,
+                })
+            }
+            None => {
+                crate::password::dummy_verify(&password);
+                Err(PasswordRejection::UnknownUser)
             }
         };
-        let admin: Option<AdminStatus> = match tokio::runtime::Handle::try_current() {
+        let checked = match tokio::runtime::Handle::try_current() {
             Ok(runtime) => runtime
                 .spawn_blocking(check)
                 .await
@@ -485,8 +493,12 @@ impl Sessions {
         };
 
         let now_ms = self.now_ms();
-        let (Some(admin), Some(username)) = (admin, username) else {
-            return Err(LoginFailure::UnknownUser);
+        let (admin, username) = match (checked, username) {
+            (Ok(admin), Some(username)) => (admin, username),
+            (Err(PasswordRejection::WrongPassword), Some(_)) => {
+                return Err(LoginFailure::WrongPassword)
+            }
+            _ => return Err(LoginFailure::UnknownUser),
         };
         if !admin.enabled {
             return Err(LoginFailure::AdminDisabled);
