@@ -74,10 +74,7 @@ impl KeyFormat {
     /// a second, ordinary pass to find the offending position.
     pub fn validate(self, candidate: &[u8]) -> Result<(), KeyFormatError> {
         if candidate.len() != self.len() {
-            return Err(KeyFormatError::WrongLength {
-                expected: self.len(),
-                actual: candidate.len(),
-            });
+            return Err(describe_invalid(self.len(), candidate));
         }
         let all_alphanumeric = candidate
             .iter()
@@ -85,11 +82,40 @@ impl KeyFormat {
         if all_alphanumeric == 1 {
             return Ok(());
         }
-        let position = candidate
-            .iter()
-            .position(|b| !b.is_ascii_alphanumeric())
-            .unwrap_or_default();
-        Err(KeyFormatError::InvalidCharacter { position })
+        Err(describe_invalid(self.len(), candidate))
+    }
+}
+
+/// The error for a candidate that failed [`KeyFormat::validate`], counted in characters as a
+/// person counts them: `"ABCDEFGHIJKé"` is 12 characters with an invalid one, not 13 of
+/// something. A candidate that is not UTF-8 (a raw header value) is counted in bytes.
+#[cold]
+fn describe_invalid(expected: usize, candidate: &[u8]) -> KeyFormatError {
+    match std::str::from_utf8(candidate) {
+        Ok(text) => {
+            let actual = text.chars().count();
+            if actual != expected {
+                return KeyFormatError::WrongLength { expected, actual };
+            }
+            let position = text
+                .chars()
+                .position(|c| !c.is_ascii_alphanumeric())
+                .unwrap_or_default();
+            KeyFormatError::InvalidCharacter { position }
+        }
+        Err(_) => {
+            if candidate.len() != expected {
+                return KeyFormatError::WrongLength {
+                    expected,
+                    actual: candidate.len(),
+                };
+            }
+            let position = candidate
+                .iter()
+                .position(|b| !b.is_ascii_alphanumeric())
+                .unwrap_or_default();
+            KeyFormatError::InvalidCharacter { position }
+        }
     }
 }
 
@@ -112,16 +138,18 @@ const fn alphanumeric_bit(b: u8) -> u8 {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum KeyFormatError {
-    /// The candidate has the wrong number of bytes.
+    /// The candidate has the wrong number of characters.
     WrongLength {
         /// The length the format requires.
         expected: usize,
-        /// The length that was given.
+        /// The number of characters given (bytes, for a candidate that is not UTF-8).
         actual: usize,
     },
-    /// The byte at `position` is not an ASCII letter or digit.
+    /// The candidate has the right number of characters, and the one at `position` is not an
+    /// ASCII letter or digit.
     InvalidCharacter {
-        /// Zero-based byte offset of the first offending byte.
+        /// Zero-based position of the first offending character (a byte offset, for a
+        /// candidate that is not UTF-8).
         position: usize,
     },
     /// A [`KeyFormat`] was requested with a length outside 12..=32.
@@ -385,10 +413,30 @@ mod tests {
             ApiKey::parse(" bCdEf123456").unwrap_err(),
             KeyFormatError::InvalidCharacter { position: 0 }
         );
-        // Non-ASCII letters are not alphanumerics for K1, even when the byte count is 12.
+        // Non-ASCII letters are not alphanumerics for K1; lengths and positions count
+        // characters, not bytes (issue 9, item 10).
+        assert_eq!(
+            ApiKey::parse("ÄbCdEf123456").unwrap_err(),
+            KeyFormatError::InvalidCharacter { position: 0 }
+        );
+        assert_eq!(
+            ApiKey::parse("ABCDEFGHIJKé").unwrap_err(),
+            KeyFormatError::InvalidCharacter { position: 11 }
+        );
         assert_eq!(
             ApiKey::parse("ÄbCdEf12345").unwrap_err(),
-            KeyFormatError::InvalidCharacter { position: 0 }
+            KeyFormatError::WrongLength {
+                expected: 12,
+                actual: 11
+            }
+        );
+        let message = ApiKey::parse("ABCDEFGHIJKé").unwrap_err().to_string();
+        assert!(!message.contains("13"), "{message}");
+        assert!(!message.contains("ABCDEFGHIJK"), "{message}");
+        // Not UTF-8 (a raw header value): counted in bytes.
+        assert_eq!(
+            KeyFormat::default().validate(b"ABCDEFGHIJ\xff\xfe"),
+            Err(KeyFormatError::InvalidCharacter { position: 10 })
         );
     }
 

@@ -352,6 +352,12 @@ async fn edit_with_an_invalid_value_is_400_changes_nothing_and_never_echoes_the_
             "api key may contain only ASCII letters and digits (offending character at position 6)",
         ),
         ("", "api key must be exactly 12 characters, got 0"),
+        // Issue 9, item 10: characters are counted, not bytes.
+        (
+            "ABCDEFGHIJKé",
+            "api key may contain only ASCII letters and digits (offending character at position 11)",
+        ),
+        ("ÄbcdefGHIJK", "api key must be exactly 12 characters, got 11"),
     ] {
         let a = put_key(&w, &id, &json!({ "keyValue": value }).to_string()).await;
         assert_error(&a, StatusCode::BAD_REQUEST, "INVALID_INPUT_ARGUMENT");

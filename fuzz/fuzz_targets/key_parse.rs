@@ -3,8 +3,9 @@
 //! Oracles (K1, K3 of the design contract):
 //! - a candidate is accepted exactly when it is N ASCII alphanumerics (N = 12 by default, 22
 //!   for `KeyFormat::with_len(22)`, and a length taken from the first input byte);
-//! - the error is exactly `WrongLength { expected: N, actual: len }` when the length is wrong,
-//!   otherwise `InvalidCharacter { position }` at the first byte that is not alphanumeric;
+//! - the error is exactly `WrongLength { expected: N, actual: len }` when the number of
+//!   characters is wrong, otherwise `InvalidCharacter { position }` at the first character
+//!   that is not alphanumeric (bytes for input that is not UTF-8);
 //! - on success `expose_secret()` returns the input, `ct_eq_bytes` accepts the input and
 //!   rejects any other byte string, and `Debug` (`{:?}`, `{:#?}`) never shows the input;
 //! - the error's `Display` / `Debug` never echo the input: checked differentially against a
@@ -23,35 +24,45 @@ fn is_valid(candidate: &[u8], n: usize) -> bool {
     candidate.len() == n && candidate.iter().all(u8::is_ascii_alphanumeric)
 }
 
-/// The error the spec requires for an invalid candidate.
+/// The error the spec requires for an invalid candidate: lengths and positions count
+/// characters (bytes only for a candidate that is not UTF-8).
 fn expected_error(candidate: &[u8], n: usize) -> KeyFormatError {
-    if candidate.len() != n {
+    let units: Vec<bool> = match std::str::from_utf8(candidate) {
+        Ok(text) => text.chars().map(|c| c.is_ascii_alphanumeric()).collect(),
+        Err(_) => candidate.iter().map(u8::is_ascii_alphanumeric).collect(),
+    };
+    if units.len() != n {
         KeyFormatError::WrongLength {
             expected: n,
-            actual: candidate.len(),
+            actual: units.len(),
         }
     } else {
-        let position = candidate
+        let position = units
             .iter()
-            .position(|b| !b.is_ascii_alphanumeric())
-            .expect("invalid candidate of the right length has a bad byte");
+            .position(|ok| !ok)
+            .expect("invalid candidate of the right length has a bad character");
         KeyFormatError::InvalidCharacter { position }
     }
 }
 
-/// A candidate of the same byte length and the same first-invalid position as `candidate`,
-/// whose every byte differs from `candidate`'s byte at the same offset. All ASCII.
-fn canary(candidate: &[u8]) -> String {
-    let first_bad = candidate.iter().position(|b| !b.is_ascii_alphanumeric());
+/// A candidate with the same number of characters and the same first-invalid position as
+/// `candidate`, whose every character differs from `candidate`'s at the same position. All
+/// ASCII.
+fn canary(candidate: &str) -> String {
+    let first_bad = candidate.chars().position(|c| !c.is_ascii_alphanumeric());
     candidate
-        .iter()
+        .chars()
         .enumerate()
-        .map(|(i, &b)| {
+        .map(|(i, c)| {
             let (a, alt) = match first_bad {
-                Some(p) if i == p => (b'-', b'_'), // not alphanumeric, as the original
-                _ => (b'Q', b'7'),                 // alphanumeric before; anything after
+                Some(p) if i == p => ('-', '_'), // not alphanumeric, as the original
+                _ => ('Q', '7'),                 // alphanumeric before; anything after
             };
-            char::from(if b == a { alt } else { a })
+            if c == a {
+                alt
+            } else {
+                a
+            }
         })
         .collect()
 }
@@ -115,8 +126,8 @@ fn check(candidate: &str, format: KeyFormat) {
             assert_eq!(err, expected_error(bytes, n), "wrong error value");
             let shown = format!("{err}");
             let debugged = format!("{err:?}");
-            let canary = canary(bytes);
-            debug_assert_eq!(canary.len(), bytes.len());
+            let canary = canary(candidate);
+            debug_assert_eq!(canary.chars().count(), candidate.chars().count());
             let canary_err = ApiKey::parse_with(&canary, format)
                 .expect_err("canary has the same shape, so must fail too");
             // The error depends on the shape only, not on the contents.
