@@ -4,8 +4,10 @@
 //!
 //! 1. loads the org's current snapshot and validates the change against it;
 //! 2. builds the next snapshot: new key (if any), generation + 1, "last modified by / on" (K7);
-//! 3. installs it with a compare-and-swap on the snapshot it was built from (P1; a durable
-//!    store commits here first, in a later release);
+//! 3. commits it to the store, if any, with a compare-and-set on the generation (P1), then
+//!    installs it in the table; without a store, the table's compare-and-swap on the snapshot
+//!    it was built from is the commit. A committed change is reported as done even when this
+//!    process's change feed installed it first;
 //! 4. records an [`AuditEvent`] and a `tracing` event (O1);
 //! 5. returns.
 //!
@@ -558,16 +560,20 @@ impl KeyAdmin {
                     StoreError::NotFound => AdminError::UnknownOrg,
                     other => AdminError::Store(other),
                 })?;
-        }
-        // Then make it visible. After a successful store commit no other writer of this
-        // process can have moved the snapshot (it would have lost the store's compare-and-set).
-        match self
-            .table
-            .compare_and_swap(org.as_str(), &current, Arc::clone(&next))
-        {
-            Ok(true) => {}
-            Ok(false) => return Err(AdminError::Conflict),
-            Err(()) => return Err(AdminError::UnknownOrg),
+            // Committed: the change is done, whoever makes it visible first. This process's
+            // change feed may already have installed it (or a later change): the install is
+            // monotonic in the generation and the change is reported as done, once (P1).
+            self.table.install_committed(org, Arc::clone(&next));
+        } else {
+            // No store: the table's compare-and-swap is the commit.
+            match self
+                .table
+                .compare_and_swap(org.as_str(), &current, Arc::clone(&next))
+            {
+                Ok(true) => {}
+                Ok(false) => return Err(AdminError::Conflict),
+                Err(()) => return Err(AdminError::UnknownOrg),
+            }
         }
         self.audit.record(&event);
         #[cfg(feature = "metrics")]
@@ -641,5 +647,190 @@ impl SessionKeyAdmin {
     /// As [`KeyAdmin::delete`].
     pub async fn delete(&self) -> Result<KeyInfo, AdminError> {
         self.admin.delete(&self.org, &self.actor).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+
+    use subtle::ConstantTimeEq;
+
+    use super::*;
+    use crate::admins::Username;
+    use crate::store::{AdminRecord, AuditRecord, MemoryStore, SessionRecord, StoreFuture};
+
+    /// A store whose change feed always wins the race: right after each commit, before the
+    /// writer sees the commit return, it installs the committed state in the table, exactly
+    /// as the PostgreSQL feed of the writer's own process does when its notification arrives
+    /// first (issue 9, item 3). Deterministic: no timing involved.
+    struct FeedFirst {
+        inner: MemoryStore,
+        table: OrgTable,
+        /// When set, the "feed" also delivers a later change by another replica (this key,
+        /// one generation on) before the writer's commit returns.
+        later: Arc<Mutex<Option<ApiKey>>>,
+    }
+
+    impl FeedFirst {
+        fn feed(&self, record: &OrgRecord) {
+            self.table.install_if_newer(
+                record.org.clone(),
+                OrgState::from_record(
+                    record.subscribed,
+                    record.key.clone(),
+                    record.generation,
+                    record.last_modified_by.clone(),
+                    record.last_modified_on,
+                ),
+            );
+        }
+    }
+
+    impl Store for FeedFirst {
+        fn load_orgs(&self) -> StoreFuture<'_, Vec<OrgRecord>> {
+            self.inner.load_orgs()
+        }
+        fn create_org<'a>(&'a self, org: &'a OrgId) -> StoreFuture<'a, ()> {
+            self.inner.create_org(org)
+        }
+        fn commit<'a>(
+            &'a self,
+            expected: Generation,
+            next: &'a OrgRecord,
+            audit: &'a AuditEvent,
+        ) -> StoreFuture<'a, ()> {
+            Box::pin(async move {
+                self.inner.commit(expected, next, audit).await?;
+                self.feed(next);
+                let later = self.later.lock().unwrap().take();
+                if let Some(key) = later {
+                    let mut newer = next.clone();
+                    newer.key = Some(key);
+                    newer.generation = next.generation.next();
+                    newer.last_modified_by = Some(Actor::new("other-replica").unwrap());
+                    let mut event = audit.clone();
+                    event.generation = newer.generation;
+                    self.inner.commit(next.generation, &newer, &event).await?;
+                    self.feed(&newer);
+                }
+                Ok(())
+            })
+        }
+        fn audit_page<'a>(
+            &'a self,
+            org: &'a OrgId,
+            before: Option<u64>,
+            limit: u32,
+        ) -> StoreFuture<'a, Vec<AuditRecord>> {
+            self.inner.audit_page(org, before, limit)
+        }
+        fn load_admins(&self) -> StoreFuture<'_, Vec<AdminRecord>> {
+            self.inner.load_admins()
+        }
+        fn put_admin<'a>(&'a self, admin: &'a AdminRecord) -> StoreFuture<'a, ()> {
+            self.inner.put_admin(admin)
+        }
+        fn delete_admin<'a>(&'a self, username: &'a Username) -> StoreFuture<'a, ()> {
+            self.inner.delete_admin(username)
+        }
+        fn load_sessions(&self) -> StoreFuture<'_, Vec<SessionRecord>> {
+            self.inner.load_sessions()
+        }
+        fn put_session<'a>(&'a self, session: &'a SessionRecord) -> StoreFuture<'a, ()> {
+            self.inner.put_session(session)
+        }
+        fn delete_session<'a>(&'a self, digest: &'a [u8; 32]) -> StoreFuture<'a, ()> {
+            self.inner.delete_session(digest)
+        }
+    }
+
+    #[derive(Clone, Default)]
+    struct CountingSink(Arc<AtomicUsize>);
+
+    impl AuditSink for CountingSink {
+        fn record(&self, _: &AuditEvent) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    struct Setup {
+        admin: KeyAdmin,
+        audits: CountingSink,
+        later: Arc<Mutex<Option<ApiKey>>>,
+        org: OrgId,
+        actor: Actor,
+    }
+
+    async fn setup() -> Setup {
+        let table = OrgTable::default();
+        let later = Arc::new(Mutex::new(None));
+        let store = FeedFirst {
+            inner: MemoryStore::new(),
+            table: table.clone(),
+            later: Arc::clone(&later),
+        };
+        let audits = CountingSink::default();
+        let admin = KeyAdmin::open(table, store)
+            .await
+            .unwrap()
+            .with_audit_sink(audits.clone());
+        let org = OrgId::new("acme").unwrap();
+        let actor = Actor::new("ops@acme.example").unwrap();
+        admin.create_org(&org).await.unwrap();
+        admin.subscribe(&org, &actor).await.unwrap();
+        Setup {
+            admin,
+            audits,
+            later,
+            org,
+            actor,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_change_the_feed_installed_first_is_reported_as_done_once() {
+        let s = setup().await;
+        let before = s.admin.view(&s.org).unwrap();
+        let audits_before = s.audits.0.load(Ordering::SeqCst);
+        for action in ["regenerate", "edit", "delete", "add"] {
+            let info = match action {
+                "regenerate" => s.admin.regenerate(&s.org, &s.actor).await,
+                "edit" => {
+                    let key = ApiKey::parse("Zx9Qw8Er7Ty6").unwrap();
+                    s.admin.edit(&s.org, key, &s.actor).await
+                }
+                "delete" => s.admin.delete(&s.org, &s.actor).await,
+                _ => s.admin.add(&s.org, &s.actor).await,
+            }
+            .unwrap_or_else(|e| panic!("{action}: a committed change answered {e}"));
+            let now = s.admin.view(&s.org).unwrap();
+            assert_eq!(info.generation(), now.generation(), "{action}");
+            match (info.key(), now.key()) {
+                (Some(a), Some(b)) => assert!(bool::from(a.ct_eq(b)), "{action}"),
+                (None, None) => {}
+                _ => panic!("{action}: the answer and the table disagree"),
+            }
+        }
+        assert_eq!(
+            s.admin.view(&s.org).unwrap().generation().get(),
+            before.generation().get() + 4
+        );
+        // One audit record per committed change, not zero, not two.
+        assert_eq!(s.audits.0.load(Ordering::SeqCst), audits_before + 4);
+    }
+
+    #[tokio::test]
+    async fn a_later_change_arriving_first_never_moves_the_table_back() {
+        let s = setup().await;
+        let theirs = ApiKey::parse("Other0Key123").unwrap();
+        *s.later.lock().unwrap() = Some(theirs.clone());
+        let ours = s.admin.regenerate(&s.org, &s.actor).await.unwrap();
+        let now = s.admin.view(&s.org).unwrap();
+        // Our change committed and is reported; the later one is what is in force.
+        assert_eq!(now.generation().get(), ours.generation().get() + 1);
+        assert!(bool::from(now.key().unwrap().ct_eq(&theirs)));
+        assert!(!bool::from(ours.key().unwrap().ct_eq(&theirs)));
     }
 }

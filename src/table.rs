@@ -181,13 +181,23 @@ impl OrgTable {
     pub(crate) fn install_if_newer(&self, org: OrgId, state: OrgState) {
         match self.inner.orgs.entry(org) {
             Entry::Occupied(slot) => {
-                let cell = slot.get();
-                if cell.load().generation < state.generation {
-                    cell.store(Arc::new(state));
-                }
+                install_monotonic(slot.get(), Arc::new(state));
             }
             Entry::Vacant(slot) => {
                 slot.insert(ArcSwap::from_pointee(state));
+            }
+        }
+    }
+
+    /// Installs a state that the store has committed (P1), unless the table already holds
+    /// that generation or a newer one: the change feed of this very process may have
+    /// installed the same commit first, or a later one. Either way the committed change is in
+    /// force when this returns, so the writer reports it as done.
+    pub(crate) fn install_committed(&self, org: &OrgId, next: Arc<OrgState>) {
+        match self.inner.orgs.entry(org.clone()) {
+            Entry::Occupied(slot) => install_monotonic(slot.get(), next),
+            Entry::Vacant(slot) => {
+                slot.insert(ArcSwap::new(next));
             }
         }
     }
@@ -287,5 +297,65 @@ impl OrgTable {
         let entry = self.inner.orgs.get(org).ok_or(())?;
         let previous = entry.value().compare_and_swap(expected, next);
         Ok(Arc::ptr_eq(&previous, expected))
+    }
+}
+
+/// Moves `cell` forward to `next` unless it already holds `next`'s generation or a newer one.
+/// A compare-and-swap loop, so that two installers racing (a writer and a change feed) can
+/// never move an org back to an older generation.
+fn install_monotonic(cell: &ArcSwap<OrgState>, next: Arc<OrgState>) {
+    let mut current = cell.load_full();
+    while current.generation < next.generation {
+        let previous = cell.compare_and_swap(&current, Arc::clone(&next));
+        if Arc::ptr_eq(&previous, &current) {
+            return;
+        }
+        current = Arc::clone(&previous);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(generation: u64) -> OrgState {
+        OrgState::from_record(true, None, Generation::new(generation), None, None)
+    }
+
+    /// A writer and a change feed installing the same org's commits in any order, from two
+    /// threads, never move it back: it ends at the newest generation, and no reader ever sees
+    /// a generation go down (issue 9, item 3).
+    #[test]
+    fn racing_installs_never_move_an_org_back() {
+        let table = OrgTable::default();
+        let org = OrgId::new("acme").unwrap();
+        assert!(table.insert_new(org.clone()));
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            let reader = scope.spawn(|| {
+                let mut last = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let now = table.state("acme").unwrap().generation().get();
+                    assert!(now >= last, "went back from {last} to {now}");
+                    last = now;
+                }
+            });
+            let writer = scope.spawn(|| {
+                for g in 1..=20_000u64 {
+                    table.install_committed(&org, Arc::new(at(g)));
+                }
+            });
+            let feed = scope.spawn(|| {
+                // The feed delivers the same commits, late and out of order.
+                for g in (1..=20_000u64).rev().step_by(3) {
+                    table.install_if_newer(org.clone(), at(g));
+                }
+            });
+            writer.join().unwrap();
+            feed.join().unwrap();
+            stop.store(true, Ordering::Relaxed);
+            reader.join().unwrap();
+        });
+        assert_eq!(table.state("acme").unwrap().generation().get(), 20_000);
     }
 }
