@@ -34,6 +34,7 @@ pub mod keys_api;
 pub mod metrics;
 pub mod org;
 pub mod password;
+pub mod proxy;
 pub mod session;
 pub mod store;
 pub mod table;

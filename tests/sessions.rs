@@ -691,3 +691,26 @@ async fn a_wrong_password_is_reported_internally_as_wrong_password_not_unknown_u
     assert_eq!(a.status, StatusCode::UNAUTHORIZED);
     assert_eq!((a.body, a.headers), (b.body, b.headers));
 }
+
+/// Issue 9, item 1 (L2, G1): a request that carries a valid key *and* an admin's session
+/// cookie is authenticated by the key, and the inner service gets neither credential: the
+/// session id would let an upstream act as that admin.
+#[tokio::test]
+async fn a_session_cookie_beside_a_valid_key_never_reaches_the_inner_service() {
+    let w = world().await;
+    let id = login(&w, "alice@acme.example").await.session_id();
+    let request = Request::get("/both")
+        .header("x-org-id", "acme")
+        .header("x-api-key", KEY)
+        .header("cookie", format!("JSESSIONID={id}; a=1"))
+        .header("cookie", "b=2")
+        .body(Full::default())
+        .unwrap();
+    let a = send_protected(&w, request).await;
+    assert_eq!(a.status, StatusCode::OK);
+    // Authenticated by the key (no admin), the other cookies kept, the session id gone.
+    assert_eq!(a.body, "acme - [a=1 | b=2]");
+    assert!(!a.body.contains(&id));
+    // The session itself is untouched: still usable on its own.
+    assert_eq!(get_with_cookie(&w, &id).await.status, StatusCode::OK);
+}

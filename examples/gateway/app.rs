@@ -13,6 +13,7 @@ use axum::{Extension, Json, Router};
 use orgkey::admin_page::AdminPage;
 use orgkey::audit_api::AuditLogEndpoint;
 use orgkey::csrf::CsrfLayer;
+use orgkey::proxy::ProxyHeaders;
 use orgkey::session::SessionEndpoint;
 use orgkey::store::{ChangeFollower, Store};
 use orgkey::{
@@ -189,17 +190,10 @@ async fn metrics() -> ([(axum::http::HeaderName, &'static str); 1], String) {
     )
 }
 
-/// Headers the gateway sets on proxied requests (and removes from what clients send, so they
-/// cannot be forged).
-pub(crate) const ORG_HEADER: &str = "x-orgkey-org";
-/// The admin of a session (absent for direct-key requests).
-pub(crate) const ADMIN_HEADER: &str = "x-orgkey-admin";
-/// `api_key` or `session`.
-pub(crate) const METHOD_HEADER: &str = "x-orgkey-auth";
-
-/// A handler that forwards each authenticated request to `upstream` (same path and query),
-/// without credentials (the layer already removed the key header and the session cookie),
-/// with the identity in the `x-orgkey-*` headers.
+/// A handler that forwards each authenticated request to `upstream` (same path and query)
+/// as [`ProxyHeaders`] prescribes (G1): without orgkey's credentials (key header, session
+/// cookie, key-like query parameters), without hop-by-hop headers or client-sent look-alikes
+/// of the identity headers, and with the identity in the `x-orgkey-*` headers.
 fn proxy_to(
     upstream: http::Uri,
 ) -> impl Fn(
@@ -213,51 +207,54 @@ fn proxy_to(
     let client: hyper_util::client::legacy::Client<_, axum::body::Body> =
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
             .build_http();
+    let headers = ProxyHeaders::new();
     move |Extension(auth): Extension<Authenticated>, mut request: axum::extract::Request| {
         let client = client.clone();
         let upstream = upstream.clone();
+        let headers = headers.clone();
         Box::pin(async move {
-            let path = request
-                .uri()
-                .path_and_query()
-                .map_or("/", |p| p.as_str())
-                .to_owned();
+            let stripped = headers.for_upstream(&mut request, &auth);
+            if stripped.query_keys > 0 {
+                // The names and values stay out of the log: they may be keys.
+                tracing::warn!(
+                    org = %auth.org(),
+                    parameters = stripped.query_keys,
+                    "stripped key-like query parameters before forwarding (keys are never accepted in the URL)"
+                );
+            }
             let mut parts = upstream.into_parts();
-            parts.path_and_query = match path.parse() {
-                Ok(p) => Some(p),
-                Err(_) => return http::StatusCode::BAD_REQUEST.into_response(),
-            };
+            parts.path_and_query = request.uri().path_and_query().cloned();
             let Ok(uri) = http::Uri::from_parts(parts) else {
-                return http::StatusCode::BAD_GATEWAY.into_response();
+                return upstream_error(http::StatusCode::BAD_GATEWAY, "bad upstream address");
             };
             *request.uri_mut() = uri;
-            let headers = request.headers_mut();
-            for name in [ORG_HEADER, ADMIN_HEADER, METHOD_HEADER] {
-                headers.remove(name);
-            }
-            headers.remove(http::header::HOST);
-            if let Ok(org) = http::HeaderValue::from_str(auth.org()) {
-                headers.insert(ORG_HEADER, org);
-            }
-            let method = match auth.admin() {
-                Some(admin) => {
-                    if let Ok(admin) = http::HeaderValue::from_str(admin.as_str()) {
-                        headers.insert(ADMIN_HEADER, admin);
-                    }
-                    "session"
-                }
-                None => "api_key",
-            };
-            headers.insert(METHOD_HEADER, http::HeaderValue::from_static(method));
+            request.headers_mut().remove(http::header::HOST);
             match client.request(request).await {
-                Ok(response) => response.map(axum::body::Body::new).into_response(),
+                Ok(response) => {
+                    let mut response = response.map(axum::body::Body::new);
+                    headers.for_client(&mut response);
+                    response.into_response()
+                }
                 Err(error) => {
                     tracing::warn!(%error, "upstream request failed");
-                    http::StatusCode::BAD_GATEWAY.into_response()
+                    upstream_error(
+                        http::StatusCode::BAD_GATEWAY,
+                        "the upstream could not be reached",
+                    )
                 }
             }
         })
     }
+}
+
+/// A `{"code","message"}` answer for an upstream failure.
+fn upstream_error(status: http::StatusCode, message: &str) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    (
+        status,
+        Json(json!({ "code": "UPSTREAM_ERROR", "message": message })),
+    )
+        .into_response()
 }
 
 async fn status() -> Json<Value> {

@@ -2,12 +2,13 @@
 
 use std::sync::Arc;
 
-use http::header::Entry;
+use http::header::{Entry, COOKIE};
 use http::header::{HeaderName, HeaderValue};
 use http::Request;
 use tower_layer::Layer;
 
 use super::extension::{AuthMethod, Authenticated};
+use super::query::query_has_key;
 use super::rejection::RejectionReason;
 use super::resolver::{HeaderOrgResolver, OrgResolver, RequestView};
 use super::service::OrgKeyAuth;
@@ -217,6 +218,12 @@ impl Config {
         match self.table.check(org.as_str(), key.as_bytes(), |_, g| g) {
             Ok(generation) => {
                 entry.remove();
+                // L2: the inner service never sees orgkey's credentials, whichever one
+                // authenticated: a session cookie sent beside the key goes too (one header
+                // lookup when there is no cookie).
+                if self.sessions.is_some() && headers.contains_key(COOKIE) {
+                    strip_session_cookie(headers);
+                }
                 Ok(Authenticated::new(org, generation, AuthMethod::ApiKey))
             }
             Err(e) => Err((e.into(), Some(org))),
@@ -266,40 +273,9 @@ impl Config {
     }
 }
 
-/// Whether a query string has a parameter that looks like an API key (`apikey`, `api_key`,
-/// `api-key`, `key`, or the key header's name). Only used to name the rejection reason.
-fn query_has_key(query: Option<&str>, key_header: &HeaderName) -> bool {
-    let Some(query) = query else { return false };
-    query.split('&').any(|pair| {
-        let name = pair.split('=').next().unwrap_or_default();
-        let normalized: String = name
-            .chars()
-            .filter(|c| *c != '-' && *c != '_')
-            .map(|c| c.to_ascii_lowercase())
-            .collect();
-        let header: String = key_header
-            .as_str()
-            .chars()
-            .filter(|c| *c != '-' && *c != '_')
-            .collect();
-        normalized == "apikey" || normalized == "key" || normalized == header
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn query_key_detection_matches_common_names_only() {
-        let h = HeaderName::from_static("x-api-key");
-        assert!(query_has_key(Some("apiKey=abc"), &h));
-        assert!(query_has_key(Some("a=1&api_key=abc"), &h));
-        assert!(query_has_key(Some("X-API-Key=abc"), &h));
-        assert!(query_has_key(Some("key=abc"), &h));
-        assert!(!query_has_key(Some("monkey=1&keys=2"), &h));
-        assert!(!query_has_key(None, &h));
-    }
 
     #[test]
     fn challenge_names_realm_and_header() {

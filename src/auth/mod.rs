@@ -16,7 +16,9 @@
 //!    org (L4).
 //!
 //! On success the inner service gets the request with an [`Authenticated`] extension and
-//! without the key header (L2). On failure the inner service is not called; the response is
+//! without the key header (L2); a layer that also accepts sessions removes the `JSESSIONID`
+//! cookie too, whichever credential authenticated the request, so an inner service or an
+//! upstream never holds an admin's live session id. On failure the inner service is not called; the response is
 //! `401 Unauthorized` with `WWW-Authenticate`, `Cache-Control: no-store` and a
 //! `{"code","message"}` JSON body (L3). An unknown org, an org without subscription, an org
 //! without key and a wrong key get the *same* response; the precise [`RejectionReason`] goes to
@@ -69,6 +71,7 @@ mod body;
 mod extension;
 mod future;
 mod layer;
+mod query;
 mod rejection;
 mod resolver;
 mod service;
@@ -82,6 +85,8 @@ pub use layer::OrgKeyLayer;
 pub use rejection::{Rejection, RejectionReason};
 pub use resolver::{FnOrgResolver, HeaderOrgResolver, HostOrgResolver, OrgResolver, RequestView};
 pub use service::OrgKeyAuth;
+
+pub(crate) use query::query_without_keys;
 
 /// The default header carrying the org id (L1).
 pub const DEFAULT_ORG_HEADER: &str = "x-org-id";
