@@ -714,3 +714,44 @@ async fn a_session_cookie_beside_a_valid_key_never_reaches_the_inner_service() {
     // The session itself is untouched: still usable on its own.
     assert_eq!(get_with_cookie(&w, &id).await.status, StatusCode::OK);
 }
+
+/// Issue 9, item 8 (S3): a logout that names two sessions (two `JSESSIONID` cookies, in one
+/// header or two) ends both before it answers 200; holding an id is proof enough to end it.
+#[tokio::test]
+async fn a_logout_naming_two_sessions_ends_both() {
+    let w = world().await;
+    for split in [false, true] {
+        let first = login(&w, "alice@acme.example").await.session_id();
+        let second = login(&w, "alice@acme.example").await.session_id();
+        let mut logout = Request::delete("/api/v1/authenticatedSession");
+        logout = if split {
+            logout
+                .header("cookie", format!("JSESSIONID={first}"))
+                .header("cookie", format!("a=1; JSESSIONID=\"{second}\""))
+        } else {
+            logout.header("cookie", format!("JSESSIONID={first}; JSESSIONID={second}"))
+        };
+        let out = call_endpoint(&w.sessions, logout.body(Full::default()).unwrap()).await;
+        assert_eq!(out.status, StatusCode::OK, "split: {split}");
+        for id in [&first, &second] {
+            assert_eq!(
+                get_with_cookie(&w, id).await.status,
+                StatusCode::UNAUTHORIZED,
+                "split: {split}: a named session lives on after the logout answered 200"
+            );
+        }
+    }
+    // Too many ids: refused, and none of them ended.
+    let live = login(&w, "alice@acme.example").await.session_id();
+    let mut cookie = format!("JSESSIONID={live}");
+    for _ in 0..16 {
+        cookie.push_str(&format!("; JSESSIONID={}", "0".repeat(64)));
+    }
+    let logout = Request::delete("/api/v1/authenticatedSession")
+        .header("cookie", cookie)
+        .body(Full::default())
+        .unwrap();
+    let out = call_endpoint(&w.sessions, logout).await;
+    assert_eq!(out.status, StatusCode::BAD_REQUEST);
+    assert_eq!(get_with_cookie(&w, &live).await.status, StatusCode::OK);
+}

@@ -113,31 +113,32 @@ pub(crate) enum CookieLookup<'a> {
     Several,
 }
 
-/// Finds `JSESSIONID` in every `Cookie` header (`name=value` pairs separated by `;`).
-pub(crate) fn find_session_cookie(headers: &HeaderMap) -> CookieLookup<'_> {
-    let mut found = None;
-    for header in headers.get_all(COOKIE) {
-        for pair in header.as_bytes().split(|&b| b == b';') {
+/// Every `JSESSIONID` value in every `Cookie` header (`name=value` pairs separated by `;`),
+/// in order, quotes removed.
+pub(crate) fn session_cookies(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
+    headers.get_all(COOKIE).iter().flat_map(|header| {
+        header.as_bytes().split(|&b| b == b';').filter_map(|pair| {
             let pair = trim(pair);
-            let Some(eq) = pair.iter().position(|&b| b == b'=') else {
-                continue;
-            };
+            let eq = pair.iter().position(|&b| b == b'=')?;
             if trim(&pair[..eq]) != SESSION_COOKIE.as_bytes() {
-                continue;
+                return None;
             }
             let mut value = trim(&pair[eq + 1..]);
             if value.len() >= 2 && value[0] == b'"' && value[value.len() - 1] == b'"' {
                 value = &value[1..value.len() - 1];
             }
-            if found.is_some() {
-                return CookieLookup::Several;
-            }
-            found = Some(value);
-        }
-    }
-    match found {
-        Some(value) => CookieLookup::One(value),
-        None => CookieLookup::Absent,
+            Some(value)
+        })
+    })
+}
+
+/// Finds `JSESSIONID` in every `Cookie` header: one value, none, or several (ambiguous).
+pub(crate) fn find_session_cookie(headers: &HeaderMap) -> CookieLookup<'_> {
+    let mut values = session_cookies(headers);
+    match (values.next(), values.next()) {
+        (None, _) => CookieLookup::Absent,
+        (Some(value), None) => CookieLookup::One(value),
+        (Some(_), Some(_)) => CookieLookup::Several,
     }
 }
 

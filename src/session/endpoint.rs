@@ -17,10 +17,11 @@ use http_body_util::{BodyExt, Full, Limited};
 use serde::Deserialize;
 use tower_service::Service;
 
-use super::cookie::{find_session_cookie, set_cookie_value, CookieLookup};
+use super::cookie::{find_session_cookie, session_cookies, set_cookie_value, CookieLookup};
 use super::sessions::{LoginFailure, LoginRequest, Sessions};
 use crate::auth::RequestView;
 use crate::password::Password;
+use zeroize::Zeroizing;
 
 /// Largest login body accepted, in bytes (PROTOCOL.md).
 pub const MAX_LOGIN_BODY: usize = 4096;
@@ -180,6 +181,10 @@ pub(crate) fn is_json(content_type: Option<&HeaderValue>) -> bool {
         .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"))
 }
 
+/// The most `JSESSIONID` cookies one logout ends; a request naming more is refused (400)
+/// and ends none, so one request cannot cost thousands of store writes.
+const MAX_LOGOUT_IDS: usize = 16;
+
 impl<B> Service<Request<B>> for SessionEndpoint
 where
     B: Body + Send + 'static,
@@ -212,14 +217,21 @@ where
                 Box::pin(std::future::ready(Ok(response)))
             }
             Method::DELETE => {
-                let id = match find_session_cookie(request.headers()) {
-                    CookieLookup::One(id) => Some(id.to_vec()),
-                    _ => None,
-                };
+                // Every session the request names ends: holding an id is proof enough to end
+                // it, and success is never reported while one of them lives on (S3).
+                let ids: Vec<Zeroizing<Vec<u8>>> = session_cookies(request.headers())
+                    .map(|id| Zeroizing::new(id.to_vec()))
+                    .collect();
+                if ids.len() > MAX_LOGOUT_IDS {
+                    return Box::pin(std::future::ready(Ok(json(
+                        StatusCode::BAD_REQUEST,
+                        r#"{"code":"INVALID_INPUT_ARGUMENT","message":"too many JSESSIONID cookies; nothing was ended"}"#,
+                    ))));
+                }
                 // A body, with or without a content type, is ignored (never read).
                 Box::pin(async move {
-                    if let Some(id) = id {
-                        if let Err(error) = sessions.logout(&id).await {
+                    for id in &ids {
+                        if let Err(error) = sessions.logout(id).await {
                             tracing::warn!(target: "orgkey::session", %error, "logout could not be stored");
                             return Ok(json(
                                 StatusCode::SERVICE_UNAVAILABLE,
