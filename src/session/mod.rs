@@ -43,8 +43,8 @@ pub mod throttle;
 #[cfg(test)]
 pub(crate) use cookie::digest_of_presented;
 pub(crate) use cookie::{
-    find_session_cookie, raw_of_presented, secret_hex, session_cookies, set_cookie_value,
-    strip_session_cookie, CookieLookup,
+    find_session_cookie, raw_of_presented, secret_hex, set_cookie_value, strip_session_cookie,
+    CookieLookup,
 };
 pub use cookie::{SessionToken, SESSION_COOKIE};
 pub use endpoint::{
