@@ -2,7 +2,8 @@
 //! through WebDriver (chromedriver), against the gateway's own service over loopback HTTP.
 //!
 //! Needs Debian's `chromium` and `chromium-driver` (`.ci/run` installs them). Without them
-//! the tests print that they were skipped, unless `ORGKEY_REQUIRE_BROWSER=1` (set by
+//! the browser tests pass without running and the run's stderr says
+//! `SKIPPED (tests/admin_page.rs): ...`, unless `ORGKEY_REQUIRE_BROWSER=1` (set by
 //! `.ci/run`), which makes a missing browser a failure. `ORGKEY_CHROMIUM` and
 //! `ORGKEY_CHROMEDRIVER` override the paths.
 //!
@@ -56,10 +57,15 @@ fn browser_paths() -> Option<(PathBuf, PathBuf)> {
             driver.display()
         );
     }
-    println!(
-        "skipped: the admin page browser tests need {} and {} (apt-get install chromium chromium-driver)",
-        chromium.display(),
-        driver.display()
+    common::skip::announce(
+        "tests/admin_page.rs",
+        "the admin page's browser tests pass without running",
+        &format!(
+            "{} or {} is missing (apt-get install chromium chromium-driver, or set \
+             ORGKEY_CHROMIUM / ORGKEY_CHROMEDRIVER; ORGKEY_REQUIRE_BROWSER=1 makes this a failure)",
+            chromium.display(),
+            driver.display()
+        ),
     );
     None
 }

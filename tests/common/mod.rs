@@ -1,6 +1,8 @@
 //! Shared fixtures for the session tests: orgs, admins, a settable clock, and HTTP helpers.
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
+pub mod skip;
+
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
