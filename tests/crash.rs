@@ -207,13 +207,6 @@ fn sigkill_during_rotations_never_loses_an_acknowledged_key() {
             if !store.integrity_check().await.unwrap() {
                 violations.push(format!("round {round}: integrity check failed"));
             }
-            // Every acknowledged logout stays dead after the crash.
-            let (_, _, sessions) = open(&path_text).await;
-            for id in &logged_out {
-                if sessions.validate(id.as_bytes()).is_ok() {
-                    violations.push(format!("round {round}: a logged-out session came back"));
-                }
-            }
             let record = store
                 .load_orgs()
                 .await
@@ -221,6 +214,16 @@ fn sigkill_during_rotations_never_loses_an_acknowledged_key() {
                 .into_iter()
                 .find(|r| r.org.as_str() == "acme")
                 .unwrap();
+            // One open store per file and process (P5): close it before opening the stack.
+            drop(store);
+            // Every acknowledged logout stays dead after the crash.
+            let (_, _, sessions) = open(&path_text).await;
+            for id in &logged_out {
+                if sessions.validate(id.as_bytes()).is_ok() {
+                    violations.push(format!("round {round}: a logged-out session came back"));
+                }
+            }
+            drop(sessions);
             let stored = record.generation.get();
             let stored_key = record.key.unwrap().expose_secret().to_owned();
             if stored == generation {

@@ -348,6 +348,74 @@ fn upstream_mode_forwards_identity_and_strips_credentials() {
         "the key never reaches the upstream: {head}"
     );
 
+    // Issue 9 items 1, 2, 6, 7 (G1): a live admin session beside the key, identity
+    // look-alikes with underscores, hop-by-hop headers (one naming an identity header), and
+    // the key in the query as well as in the header.
+    let (status, session) = login(&gw.addr, "AbCdEf123456", "CorrectHorse12!");
+    assert_eq!(status, 200);
+    let session = session.unwrap();
+    let cookie = format!("JSESSIONID={session}; a=1");
+    let (status, body) = get(
+        &gw.addr,
+        "/both?apiKey=AbCdEf123456&page=2&api_key=AbCdEf123456",
+        &[
+            ("X-Org-Id", "acme"),
+            ("X-API-Key", "AbCdEf123456"),
+            ("Cookie", &cookie),
+            ("x_orgkey_org", "globex"),
+            ("x_orgkey_admin", "root@acme.example"),
+            ("X_Orgkey_Auth", "session"),
+            ("Connection", "close, x-orgkey-org, X-Hop"),
+            ("X-Hop", "1"),
+            ("Keep-Alive", "timeout=5"),
+            ("TE", "trailers"),
+            ("Trailer", "x-sum"),
+            ("Upgrade", "websocket"),
+            ("Proxy-Authorization", "Basic Zm9vOmJhcg=="),
+        ],
+    );
+    assert_eq!((status, body.as_str()), (200, "upstream"));
+    let head = rx
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .unwrap()
+        .to_ascii_lowercase();
+    assert!(head.starts_with("get /both?page=2 http/1.1"), "{head}");
+    assert!(!head.contains(&session.to_ascii_lowercase()), "{head}");
+    assert!(!head.contains("jsessionid"), "{head}");
+    assert!(head.contains("cookie: a=1\r\n"), "{head}");
+    assert!(
+        !head.contains("abcdef123456"),
+        "the key is in the head: {head}"
+    );
+    assert!(!head.contains("x_orgkey"), "{head}");
+    assert!(
+        !head.contains("globex") && !head.contains("root@"),
+        "{head}"
+    );
+    assert!(head.contains("x-orgkey-org: acme\r\n"), "{head}");
+    assert!(head.contains("x-orgkey-auth: api_key\r\n"), "{head}");
+    assert!(!head.contains("x-orgkey-admin"), "{head}");
+    for hop in [
+        "x-hop:",
+        "keep-alive:",
+        "te:",
+        "trailer:",
+        "upgrade:",
+        "proxy-authorization:",
+    ] {
+        assert!(
+            !head.contains(&format!("\n{hop}")),
+            "{hop} forwarded: {head}"
+        );
+    }
+    // The session is untouched by having been sent along (and still works).
+    let (status, _) = get(
+        &gw.addr,
+        "/api/v1/authenticatedSession",
+        &[("Cookie", &format!("JSESSIONID={session}"))],
+    );
+    assert_eq!(status, 200);
+
     let (status, _) = get(&gw.addr, "/reports/1", &[("X-Org-Id", "acme")]);
     assert_eq!(status, 401);
     assert!(
@@ -355,4 +423,157 @@ fn upstream_mode_forwards_identity_and_strips_credentials() {
             .is_err(),
         "an unauthenticated request never reaches the upstream"
     );
+}
+
+/// A real WSGI upstream (Python's wsgiref), where `X_Orgkey_Org` and `X-Orgkey-Org` are one
+/// variable: the identity it reads is the gateway's only, never a client's (issue 9 item 2,
+/// G1). Python 3 is needed (the published-client tests need it too); without it the test
+/// says loudly that it was skipped.
+#[test]
+fn a_wsgi_upstream_reads_only_the_gateways_identity() {
+    const APP: &str = r#"
+import json, sys
+from wsgiref.simple_server import make_server, WSGIRequestHandler
+class Quiet(WSGIRequestHandler):
+    def log_message(self, *args): pass
+def app(environ, start_response):
+    seen = {k: v for k, v in environ.items() if k.startswith("HTTP_") or k == "QUERY_STRING"}
+    body = json.dumps(seen, sort_keys=True).encode()
+    start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+    return [body]
+server = make_server("127.0.0.1", 0, app, handler_class=Quiet)
+print(server.server_port, flush=True)
+server.serve_forever()
+"#;
+    let python = match Command::new("python3")
+        .args(["-c", APP])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+    {
+        Ok(child) => child,
+        Err(error) => {
+            common::skip::announce(
+                "tests/gateway.rs",
+                "a_wsgi_upstream_reads_only_the_gateways_identity",
+                &format!("python3 cannot be started ({error})"),
+            );
+            return;
+        }
+    };
+    struct Upstream(Child);
+    impl Drop for Upstream {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut python = Upstream(python);
+    let mut port = String::new();
+    BufReader::new(python.0.stdout.take().unwrap())
+        .read_line(&mut port)
+        .unwrap();
+    let port: u16 = port
+        .trim()
+        .parse()
+        .expect("the WSGI server printed its port");
+
+    let state = TempDb::new("gateway-wsgi");
+    let gw = start_with_env(
+        &state,
+        &[
+            "--api-key",
+            "AbCdEf123456",
+            "--password",
+            "CorrectHorse12!",
+            "--upstream",
+            &format!("http://127.0.0.1:{port}"),
+        ],
+        &[],
+        true,
+    );
+    let (status, session) = login(&gw.addr, "AbCdEf123456", "CorrectHorse12!");
+    assert_eq!(status, 200);
+    let session = session.unwrap();
+    let forged = [
+        ("x_orgkey_org", "globex"),
+        ("x_orgkey_admin", "root@acme.example"),
+        ("x_orgkey_auth", "session"),
+        ("X-Orgkey-Org", "globex"),
+    ];
+    // By key (with a session cookie beside it), then by session alone.
+    let by_key_cookie = format!("JSESSIONID={session}; a=1");
+    let by_session_cookie = format!("JSESSIONID={session}");
+    for (how, credentials) in [
+        (
+            "key",
+            vec![
+                ("X-Org-Id", "acme"),
+                ("X-API-Key", "AbCdEf123456"),
+                ("Cookie", by_key_cookie.as_str()),
+            ],
+        ),
+        ("session", vec![("Cookie", by_session_cookie.as_str())]),
+    ] {
+        let mut headers = credentials.clone();
+        headers.extend(forged);
+        let (status, body) = get(&gw.addr, "/wsgi?apikey=AbCdEf123456&x=1", &headers);
+        assert_eq!(status, 200, "{how}: {body}");
+        let seen: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(seen["HTTP_X_ORGKEY_ORG"], "acme", "{how}: {seen}");
+        assert_eq!(seen["QUERY_STRING"], "x=1", "{how}: {seen}");
+        let text = seen.to_string();
+        assert!(
+            !text.contains("globex") && !text.contains("root@"),
+            "{how}: {text}"
+        );
+        assert!(!text.contains("AbCdEf123456"), "{how}: {text}");
+        assert!(!text.contains(&session), "{how}: {text}");
+        assert!(seen.get("HTTP_X_API_KEY").is_none(), "{how}: {text}");
+        match how {
+            "key" => {
+                assert_eq!(seen["HTTP_X_ORGKEY_AUTH"], "api_key", "{text}");
+                assert!(seen.get("HTTP_X_ORGKEY_ADMIN").is_none(), "{text}");
+                assert_eq!(seen["HTTP_COOKIE"], "a=1", "{text}");
+            }
+            _ => {
+                assert_eq!(seen["HTTP_X_ORGKEY_AUTH"], "session", "{text}");
+                assert_eq!(seen["HTTP_X_ORGKEY_ADMIN"], "admin@acme.example", "{text}");
+                assert!(seen.get("HTTP_COOKIE").is_none(), "{text}");
+            }
+        }
+    }
+}
+
+/// P5 (issue 9 item 5): a second gateway on the same `--state` is refused at start with a
+/// clear message and serves nothing, instead of judging requests by its own stale memory;
+/// the first one keeps serving, and after it stops the state opens again.
+#[test]
+fn a_second_gateway_on_the_same_state_is_refused_with_a_clear_message() {
+    let state = TempDb::new("gateway-p5");
+    let first = start(&state, &["--api-key", "AbCdEf123456"]);
+    let second = Command::new(gateway_binary())
+        .args(["--listen", "127.0.0.1:0", "--state", state.path()])
+        .env_remove("ORGKEY_ADMIN_PASSWORD")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let output = second.wait_with_output().unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("in use by another orgkey process")
+            && stderr.contains(&first.child.id().to_string()),
+        "{stderr}"
+    );
+    assert!(
+        !String::from_utf8_lossy(&output.stdout).contains("api key"),
+        "the refused gateway printed credentials"
+    );
+    let key = [("X-Org-Id", "acme"), ("X-API-Key", "AbCdEf123456")];
+    assert_eq!(get(&first.addr, "/api/v1/whoami", &key).0, 200);
+    drop(first);
+    let again = start_with_env(&state, &[], &[], false);
+    assert_eq!(get(&again.addr, "/api/v1/whoami", &key).0, 200);
 }

@@ -172,9 +172,10 @@ async fn changes_survive_a_restart_on_sqlite_and_old_keys_stay_dead() {
     ));
 }
 
-/// Eight writers, each with its own connection and its own in-memory table (as separate
-/// processes would be), regenerate one org at the same generation: exactly one wins, the
-/// others get `Conflict`, and the stored key is the winner's.
+/// Eight writers, each with its own in-memory table, regenerate one org at the same
+/// generation through one SQLite store (a file serves one process, P5, so they share its
+/// connection): exactly one wins, the others get `Conflict`, and the stored key is the
+/// winner's. The store's compare-and-set decides, not the tables.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn racing_regenerates_on_one_sqlite_file_have_exactly_one_winner() {
     let db = TempDb::new("race");
@@ -188,11 +189,16 @@ async fn racing_regenerates_on_one_sqlite_file_have_exactly_one_winner() {
         admin.create_org(&org()).await.unwrap();
         admin.subscribe(&org(), &alice()).await.unwrap();
     }
+    let store = SqliteStore::open(&db.0, KeyFormat::default()).unwrap();
     let mut writers = Vec::new();
     for _ in 0..8 {
-        let store = SqliteStore::open(&db.0, KeyFormat::default()).unwrap();
-        writers.push(KeyAdmin::open(OrgTable::default(), store).await.unwrap());
+        writers.push(
+            KeyAdmin::open(OrgTable::default(), store.clone())
+                .await
+                .unwrap(),
+        );
     }
+    drop(store);
     let (winners, conflicts) = race_regenerates(writers, org()).await;
     assert_eq!((winners.len(), conflicts), (1, 7));
     let reopened = KeyAdmin::open(
@@ -248,6 +254,7 @@ async fn admin_accounts_survive_a_restart_on_sqlite() {
         Some(PasswordRejection::WrongPassword)
     );
     admins.delete(&alice).await.unwrap();
+    drop((keys, admins));
     let store = SqliteStore::open(&db.0, KeyFormat::default()).unwrap();
     assert!(store.load_admins().await.unwrap().is_empty());
 }
@@ -329,4 +336,44 @@ async fn logged_out_sessions_stay_dead_across_a_restart_and_live_ones_survive() 
         "a logged-out one stays dead"
     );
     assert_eq!(sessions.len(), 1);
+}
+
+/// P5 (issue 9 item 5): a state file serves one process. While a store is open on it, a
+/// second open (here in the same process; `tests/gateway.rs` starts a second gateway
+/// process) is refused with `InUse`, naming the holder's pid, and opens nothing; once the
+/// first store is gone, the file opens again.
+#[tokio::test]
+async fn a_second_open_of_a_held_sqlite_file_is_refused_until_the_first_is_closed() {
+    use orgkey::store::StoreError;
+    let db = TempDb::new("p5");
+    let first = SqliteStore::open(&db.0, KeyFormat::default()).unwrap();
+    let keys = KeyAdmin::open(OrgTable::default(), first.clone())
+        .await
+        .unwrap();
+    keys.create_org(&org()).await.unwrap();
+    let refused = SqliteStore::open(&db.0, KeyFormat::default()).unwrap_err();
+    match &refused {
+        StoreError::InUse { pid } => assert_eq!(*pid, Some(std::process::id())),
+        other => panic!("expected InUse, got {other:?}"),
+    }
+    let message = refused.to_string();
+    assert!(
+        message.contains("in use by another orgkey process"),
+        "{message}"
+    );
+    assert!(
+        message.contains(&std::process::id().to_string()),
+        "{message}"
+    );
+    // A clone of the store is the same holder; dropping one clone keeps the lock.
+    drop(first);
+    assert!(SqliteStore::open(&db.0, KeyFormat::default()).is_err());
+    drop(keys);
+    let reopened = KeyAdmin::open(
+        OrgTable::default(),
+        SqliteStore::open(&db.0, KeyFormat::default()).unwrap(),
+    )
+    .await
+    .unwrap();
+    assert!(reopened.table().state("acme").is_some());
 }

@@ -142,6 +142,12 @@ pub enum StoreError {
     Exists,
     /// The org does not exist.
     NotFound,
+    /// The state is held by another process: an SQLite file serves one process at a time
+    /// (P5). Nothing was opened or written.
+    InUse {
+        /// The holder's process id, if it recorded one.
+        pid: Option<u32>,
+    },
     /// The backend failed (I/O, database error, corrupt data); the source says why.
     Backend(BackendError),
 }
@@ -152,6 +158,16 @@ impl fmt::Display for StoreError {
             Self::Conflict => f.write_str("the org was changed concurrently"),
             Self::Exists => f.write_str("the org already exists"),
             Self::NotFound => f.write_str("no such org"),
+            Self::InUse { pid } => {
+                f.write_str("the state file is in use by another orgkey process")?;
+                if let Some(pid) = pid {
+                    write!(f, " (pid {pid})")?;
+                }
+                f.write_str(
+                    "; one state file serves one process (P5): stop that process, or run \
+                     several replicas on PostgreSQL",
+                )
+            }
             Self::Backend(_) => f.write_str("the store failed"),
         }
     }

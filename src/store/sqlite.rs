@@ -3,6 +3,16 @@
 //! Opened in WAL mode with `synchronous=FULL`, both asserted at open: a commit that returned is
 //! on disk, and survives a crash of the process or the machine. Schema migrations run at open
 //! (`PRAGMA user_version`). One connection, used from tokio's blocking pool.
+//!
+//! # One state, one truth (P5)
+//!
+//! A state file serves one process at a time. [`SqliteStore::open`] takes an exclusive lock on
+//! `<file>.lock` beside it (an OS advisory lock, released when the process ends, even by
+//! `kill -9`) and holds it while any clone of the store lives; a second process, or a second
+//! open in the same process, gets [`StoreError::InUse`] naming the holder's pid, and nothing
+//! is opened. Two gateways on one file would otherwise each judge requests by their own
+//! memory, and one would go on accepting a key the other had regenerated. Replicas that share
+//! state run on PostgreSQL, which has a change feed.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -58,11 +68,14 @@ const MIGRATIONS: &[&str] = &[
      );",
 ];
 
-/// A [`Store`] in one SQLite file. Cheap to clone (shared connection).
+/// A [`Store`] in one SQLite file. Cheap to clone (shared connection). See the
+/// [module docs](self) for durability and for the one-process rule (P5).
 #[derive(Clone)]
 pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
     format: KeyFormat,
+    /// The exclusive lock on `<file>.lock`, held while any clone lives.
+    _lock: Arc<std::fs::File>,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -72,13 +85,17 @@ impl std::fmt::Debug for SqliteStore {
 }
 
 impl SqliteStore {
-    /// Opens (creating if needed) the database at `path`, for keys of `format`.
+    /// Opens (creating if needed) the database at `path`, for keys of `format`, for this
+    /// process alone (P5).
     ///
     /// # Errors
     ///
-    /// [`StoreError::Backend`] if the file cannot be opened, WAL or `synchronous=FULL` cannot
-    /// be set (asserted by reading them back), or a migration fails.
+    /// [`StoreError::InUse`] if another process (or another open store in this one) holds the
+    /// file; [`StoreError::Backend`] if the file or its lock file cannot be opened, WAL or
+    /// `synchronous=FULL` cannot be set (asserted by reading them back), or a migration fails.
     pub fn open(path: impl AsRef<Path>, format: KeyFormat) -> Result<Self, StoreError> {
+        let path = path.as_ref();
+        let lock = lock_exclusively(path)?;
         let mut conn = Connection::open(path).map_err(backend)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(backend)?;
@@ -100,6 +117,7 @@ impl SqliteStore {
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
             format,
+            _lock: Arc::new(lock),
         })
     }
 
@@ -141,6 +159,38 @@ impl SqliteStore {
         })
         .await
     }
+}
+
+/// Takes the exclusive lock of the state at `path` (`<path>.lock`), writing this process's
+/// id into the lock file for the message a second process gets.
+fn lock_exclusively(path: &Path) -> Result<std::fs::File, StoreError> {
+    use std::io::{Read, Seek, Write};
+    let mut name = path.as_os_str().to_owned();
+    name.push(".lock");
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&name)
+        .map_err(backend)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut text = String::new();
+            let _ = file.read_to_string(&mut text);
+            return Err(StoreError::InUse {
+                pid: text.trim().parse().ok(),
+            });
+        }
+        Err(std::fs::TryLockError::Error(error)) => return Err(backend(error)),
+    }
+    // Best effort: the pid only improves the message.
+    let _ = file.set_len(0);
+    let _ = file.rewind();
+    let _ = write!(file, "{}", std::process::id());
+    let _ = file.flush();
+    Ok(file)
 }
 
 fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
