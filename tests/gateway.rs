@@ -186,6 +186,17 @@ fn gateway_prints_credentials_and_serves_them_with_200_and_everything_else_with_
         &[("X-Org-Id", "acme")],
     );
     assert_eq!(status, 401, "key only in the query string");
+    // A browser opening the root or the page's folder is sent to the page, not shown a
+    // JSON 401 (issue 9 item 11).
+    for path in ["/", "/admin/"] {
+        let (head, (status, _)) = send(&gw.addr, "GET", path, &[], "");
+        assert_eq!(status, 303, "{path}: {head}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("\r\nlocation: /admin\r\n"),
+            "{head}"
+        );
+    }
 }
 
 #[test]

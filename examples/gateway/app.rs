@@ -121,12 +121,14 @@ pub(crate) async fn build(bootstrap: Bootstrap, store: impl Store) -> Result<Boo
             .map(|info| info.0.ip())
     });
 
+    let proxying = bootstrap.upstream.is_some();
     let api = match bootstrap.upstream {
         Some(upstream) => Router::new().fallback(proxy_to(upstream)),
         None => Router::new()
             .route("/api/v1/status", get(status))
             .route("/api/v1/whoami", get(whoami)),
     };
+
     // W1: browser-originated writes need the same origin and the session's CSRF token.
     let csrf = CsrfLayer::new(sessions.clone()).allow_origin(&bootstrap.base_url);
     // The protected API: key requests from any origin (CORS callers) pass the CSRF guard
@@ -158,7 +160,15 @@ pub(crate) async fn build(bootstrap: Bootstrap, store: impl Store) -> Result<Boo
         .route_service("/admin", page.clone())
         .route_service("/admin/{*asset}", page)
         .layer(csrf);
-    let router = Router::new()
+    // A person who opens the page's folder, or the demo gateway's root, lands on the page
+    // (with --upstream the root belongs to the upstream, behind the layer). Not behind the
+    // layer: a redirect carries no data.
+    let to_page = || get(|| async { axum::response::Redirect::to("/admin") });
+    let mut router = Router::new().route("/admin/", to_page());
+    if !proxying {
+        router = router.route("/", to_page());
+    }
+    let router = router
         // Counters only (O2): no org, user or key in any label. Protect it at the network
         // level like any operations endpoint.
         .route("/metrics", get(metrics))
