@@ -10,9 +10,10 @@ use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion};
 use http::Request;
 use http_body_util::Full;
+use orgkey::http::SessionEndpoint;
 use orgkey::password::{hash_password, verify_password};
 use orgkey::session::obfuscate::obfuscate;
-use orgkey::session::{SessionConfig, SessionEndpoint, Sessions, ThrottlePolicy};
+use orgkey::session::{SessionConfig, Sessions, ThrottlePolicy};
 use orgkey::{Actor, Admins, ApiKey, KeyAdmin, OrgId, OrgTable, Password, Scopes, Username};
 use tower::ServiceExt;
 

@@ -37,9 +37,9 @@ use dudect_bencher::rand::RngExt;
 use dudect_bencher::{BenchRng, Class, CtRunner};
 use http::{HeaderValue, Request, Response};
 use http_body_util::Empty;
-use orgkey::admins::{AdminDirectory, AdminStatus, PasswordRejection};
 use orgkey::auth::{OrgKeyAuth, ResponseBody};
 use orgkey::clock::SystemClock;
+use orgkey::directory::{AdminDirectory, AdminStatus, PasswordRejection};
 use orgkey::session::obfuscate::obfuscate;
 use orgkey::session::{LoginRequest, SessionConfig, Sessions, ThrottlePolicy};
 use orgkey::{

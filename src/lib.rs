@@ -12,42 +12,40 @@
 //! - [`OrgKeyLayer`]: the tower layer (L1-L4); see [`auth`] for the acceptance rules.
 //! - [`Admins`], [`Sessions`], [`SessionEndpoint`]: admin accounts and the ZIA login protocol
 //!   (A1-A3, S1-S3); see [`session`].
-//! - [`KeyManagementEndpoint`], [`audit_api::AuditLogEndpoint`]: the key and audit
-//!   resources over HTTP; [`csrf::CsrfLayer`] guards them against cross-site requests (W1).
+//! - [`KeyManagementEndpoint`], [`http::audit::AuditLogEndpoint`]: the key and audit
+//!   resources over HTTP; [`http::csrf::CsrfLayer`] guards them against cross-site requests (W1).
 //!
 //! Rule ids (K1, L3, ...) refer to the design contract reproduced in the README.
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
-pub mod admin;
-#[cfg(feature = "admin-page")]
-pub mod admin_page;
-pub mod admins;
 pub mod audit;
-pub mod audit_api;
 pub mod auth;
 pub mod clock;
-pub mod csrf;
+pub mod directory;
+pub mod http;
+pub mod identity;
 pub mod key;
-pub mod keys_api;
+pub mod keys;
 #[cfg(feature = "metrics")]
 pub mod metrics;
 pub mod org;
 pub mod password;
-pub mod proxy;
 pub mod session;
 pub mod store;
 pub mod table;
 
-pub use admin::{AdminError, KeyAdmin, KeyInfo, SessionKeyAdmin};
-pub use admins::{AdminDirectory, Admins, PasswordRejection, Scope, Scopes, Username};
 pub use audit::{AuditEvent, AuditSink, KeyAction, TracingAuditSink};
 pub use auth::{Authenticated, OrgKeyLayer, Rejection, RejectionReason};
+pub use directory::{AccountError, AdminDirectory, Admins, PasswordRejection};
+pub use http::keys::KeyManagementEndpoint;
+pub use http::login::SessionEndpoint;
+pub use identity::{Scope, Scopes, Username};
 pub use key::{ApiKey, KeyFormat, KeyFormatError};
-pub use keys_api::KeyManagementEndpoint;
+pub use keys::{KeyAdmin, KeyError, KeyInfo, SessionKeyAdmin};
 pub use org::{Actor, Generation, OrgId};
 pub use password::Password;
-pub use session::{SessionConfig, SessionEndpoint, Sessions};
+pub use session::{SessionConfig, Sessions};
 pub use table::OrgTable;
 
 /// The README's Rust examples, compiled as doc tests so they stay true.

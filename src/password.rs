@@ -20,7 +20,7 @@ pub const ARGON2_T_COST: u32 = 2;
 /// argon2id lanes.
 pub const ARGON2_P_COST: u32 = 1;
 
-/// Shortest password [`crate::admins::Admins`] accepts, in characters.
+/// Shortest password [`crate::directory::Admins`] accepts, in characters.
 pub const MIN_PASSWORD_CHARS: usize = 12;
 /// Longest password accepted anywhere, in bytes (longer input is refused before hashing).
 pub const MAX_PASSWORD_BYTES: usize = 1024;

@@ -70,7 +70,7 @@ fn browser_paths() -> Option<(PathBuf, PathBuf)> {
     None
 }
 
-/// Counts the CSRF guard's refusals (its `orgkey::csrf` tracing events) in this process.
+/// Counts the CSRF guard's refusals (its `orgkey::http::csrf` tracing events) in this process.
 fn csrf_refusals() -> &'static AtomicUsize {
     static COUNT: OnceLock<&'static AtomicUsize> = OnceLock::new();
     COUNT.get_or_init(|| {
@@ -82,7 +82,7 @@ fn csrf_refusals() -> &'static AtomicUsize {
                 event: &tracing::Event<'_>,
                 _: tracing_subscriber::layer::Context<'_, S>,
             ) {
-                if event.metadata().target() == "orgkey::csrf" {
+                if event.metadata().target() == "orgkey::http::csrf" {
                     REFUSALS.fetch_add(1, Ordering::SeqCst);
                 }
             }

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use common::*;
 use http::{Request, StatusCode};
 use http_body_util::Full;
-use orgkey::audit_api::AuditLogEndpoint;
+use orgkey::http::audit::AuditLogEndpoint;
 use orgkey::OrgKeyLayer;
 use tower::ServiceExt;
 

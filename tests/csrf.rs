@@ -1,4 +1,4 @@
-//! The CSRF guard's acceptance rules (W1; `orgkey::csrf`), in front of the login endpoint and
+//! The CSRF guard's acceptance rules (W1; `orgkey::http::csrf`), in front of the login endpoint and
 //! the key-management endpoints as the gateway mounts them.
 #![allow(clippy::unwrap_used)]
 
@@ -10,7 +10,7 @@ use bytes::Bytes;
 use common::*;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
-use orgkey::csrf::{token_for_session, CsrfLayer, CsrfRejection};
+use orgkey::http::csrf::{token_for_session, CsrfLayer, CsrfRejection};
 use orgkey::{KeyManagementEndpoint, OrgKeyLayer, SessionEndpoint};
 use tower::{Service, ServiceExt};
 

@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 use orgkey::clock::Clock;
 use orgkey::table::VerifyError;
 use orgkey::{
-    Actor, AdminError, ApiKey, AuditEvent, KeyAction, KeyAdmin, KeyFormat, KeyFormatError, OrgId,
+    Actor, ApiKey, AuditEvent, KeyAction, KeyAdmin, KeyError, KeyFormat, KeyFormatError, OrgId,
     OrgTable,
 };
 
@@ -80,7 +80,7 @@ fn k1_malformed_keys_are_rejected_by_admin_calls_and_by_verify() {
     let err = rt()
         .block_on(f.admin.edit(&f.org, long, &f.alice))
         .unwrap_err();
-    assert!(matches!(err, AdminError::InvalidKey(_)), "{err:?}");
+    assert!(matches!(err, KeyError::InvalidKey(_)), "{err:?}");
     assert_eq!(
         f.admin.table().verify("acme", b"AbCdEf12345-").unwrap_err(),
         VerifyError::MalformedKey
@@ -99,7 +99,7 @@ fn k2_add_fails_while_a_key_exists() {
     let f = subscribed_org();
     let before = current_key(&f);
     let err = rt().block_on(f.admin.add(&f.org, &f.alice)).unwrap_err();
-    assert!(matches!(err, AdminError::KeyExists));
+    assert!(matches!(err, KeyError::KeyExists));
     assert!(err.to_string().contains("delete the existing key first"));
     assert_eq!(current_key(&f), before, "a refused add changes nothing");
     assert!(accepts(&f, &before));
@@ -149,7 +149,7 @@ fn k4_edit_without_a_key_is_refused() {
                 .edit(&f.org, ApiKey::parse("SharedKey123").unwrap(), &f.alice),
         )
         .unwrap_err();
-    assert!(matches!(err, AdminError::NoKey));
+    assert!(matches!(err, KeyError::NoKey));
     assert!(f.admin.view(&f.org).unwrap().key().is_none());
 }
 
@@ -167,11 +167,11 @@ fn k5_delete_leaves_the_org_without_a_key() {
     );
     assert!(matches!(
         rt.block_on(f.admin.delete(&f.org, &f.alice)),
-        Err(AdminError::NoKey)
+        Err(KeyError::NoKey)
     ));
     assert!(matches!(
         rt.block_on(f.admin.regenerate(&f.org, &f.alice)),
-        Err(AdminError::NoKey)
+        Err(KeyError::NoKey)
     ));
     // After delete, add works again (K2).
     let added = rt.block_on(f.admin.add(&f.org, &f.alice)).unwrap();
@@ -265,14 +265,14 @@ fn k8_without_subscription_there_is_no_key_and_no_key_management() {
     let alice = Actor::new("alice@nosub.example").unwrap();
     let rt = rt();
     rt.block_on(admin.create_org(&org)).unwrap();
-    assert!(matches!(admin.view(&org), Err(AdminError::NoSubscription)));
+    assert!(matches!(admin.view(&org), Err(KeyError::NoSubscription)));
     assert!(matches!(
         rt.block_on(admin.add(&org, &alice)),
-        Err(AdminError::NoSubscription)
+        Err(KeyError::NoSubscription)
     ));
     assert!(matches!(
         rt.block_on(admin.regenerate(&org, &alice)),
-        Err(AdminError::NoSubscription)
+        Err(KeyError::NoSubscription)
     ));
     assert_eq!(
         admin.table().verify("nosub", b"AbCdEf123456").unwrap_err(),
@@ -286,7 +286,7 @@ fn k8_without_subscription_there_is_no_key_and_no_key_management() {
     assert!(admin.table().verify("nosub", key.as_bytes()).is_ok());
     assert!(matches!(
         rt.block_on(admin.subscribe(&org, &alice)),
-        Err(AdminError::AlreadySubscribed)
+        Err(KeyError::AlreadySubscribed)
     ));
 
     // Removing it deletes the key at once (K5, K6).
@@ -295,7 +295,7 @@ fn k8_without_subscription_there_is_no_key_and_no_key_management() {
         admin.table().verify("nosub", key.as_bytes()).unwrap_err(),
         VerifyError::NoSubscription
     );
-    assert!(matches!(admin.view(&org), Err(AdminError::NoSubscription)));
+    assert!(matches!(admin.view(&org), Err(KeyError::NoSubscription)));
     // Resubscribing provisions a fresh key, never the old one.
     let again = rt.block_on(admin.subscribe(&org, &alice)).unwrap();
     assert!(admin.table().verify("nosub", key.as_bytes()).is_err());
@@ -322,19 +322,19 @@ fn unknown_orgs_are_refused_by_every_admin_call() {
     let ghost = OrgId::new("ghost").unwrap();
     let alice = Actor::new("alice@x.example").unwrap();
     let rt = rt();
-    assert!(matches!(admin.view(&ghost), Err(AdminError::UnknownOrg)));
+    assert!(matches!(admin.view(&ghost), Err(KeyError::UnknownOrg)));
     assert!(matches!(
         rt.block_on(admin.subscribe(&ghost, &alice)),
-        Err(AdminError::UnknownOrg)
+        Err(KeyError::UnknownOrg)
     ));
     assert!(matches!(
         rt.block_on(admin.regenerate(&ghost, &alice)),
-        Err(AdminError::UnknownOrg)
+        Err(KeyError::UnknownOrg)
     ));
     rt.block_on(admin.create_org(&ghost)).unwrap();
     assert!(matches!(
         rt.block_on(admin.create_org(&ghost)),
-        Err(AdminError::OrgExists)
+        Err(KeyError::OrgExists)
     ));
 }
 
@@ -379,7 +379,7 @@ fn two_regenerates_from_the_same_snapshot_have_one_winner_and_one_conflict() {
     assert_eq!(
         results
             .iter()
-            .filter(|r| matches!(r, Err(AdminError::Conflict)))
+            .filter(|r| matches!(r, Err(KeyError::Conflict)))
             .count(),
         1
     );
@@ -431,7 +431,7 @@ fn racing_regenerates_of_one_org_land_on_top_or_conflict_and_lose_nothing() {
         let winners: Vec<_> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
         let conflicts = results
             .iter()
-            .filter(|r| matches!(r, Err(AdminError::Conflict)))
+            .filter(|r| matches!(r, Err(KeyError::Conflict)))
             .count();
         assert_eq!(winners.len() + conflicts, THREADS, "only Ok or Conflict");
         assert!(!winners.is_empty(), "at least one change lands");

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use orgkey::admins::{AdminDirectory, AdminStatus, PasswordRejection};
+use orgkey::directory::{AdminDirectory, AdminStatus, PasswordRejection};
 use orgkey::session::obfuscate::obfuscate;
 use orgkey::session::{LoginRequest, SessionConfig, Sessions, ThrottlePolicy};
 use orgkey::{Actor, KeyAdmin, OrgId, OrgTable, Password, Scopes, Username};

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use common::*;
 use http::{Request, StatusCode};
 use http_body_util::Full;
-use orgkey::{AdminError, ApiKey, Authenticated, Password, Scope, SessionConfig};
+use orgkey::{ApiKey, Authenticated, KeyError, Password, Scope, SessionConfig};
 
 const SESSION_INFO: &str = r#"{"authType":"ADMIN_LOGIN","obfuscateApiKey":false,"passwordExpiryTime":0,"passwordExpiryDays":0}"#;
 
@@ -595,7 +595,7 @@ async fn key_admin_sessions_manage_the_key_and_are_recorded_as_the_modifier() {
     assert!(!auth.has_scope(Scope::KeyAdmin));
     assert!(matches!(
         w.keys.for_session(&auth),
-        Err(AdminError::Forbidden)
+        Err(KeyError::Forbidden)
     ));
 }
 
@@ -611,7 +611,7 @@ async fn direct_key_requests_cannot_manage_keys() {
     assert!(auth.admin().is_none());
     assert!(matches!(
         w.keys.for_session(&auth),
-        Err(AdminError::Forbidden)
+        Err(KeyError::Forbidden)
     ));
 }
 

@@ -11,8 +11,9 @@ use std::time::Duration;
 
 use common::*;
 use http::StatusCode;
-use orgkey::admins::{AdminDirectory, AdminStatus, PasswordRejection};
-use orgkey::session::{ClientAddr, SessionConfig, Sessions};
+use orgkey::directory::{AdminDirectory, AdminStatus, PasswordRejection};
+use orgkey::http::ClientAddr;
+use orgkey::session::{SessionConfig, Sessions};
 use orgkey::{Admins, Password, Username};
 
 /// Counts how often the password hash is consulted.

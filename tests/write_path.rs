@@ -14,7 +14,7 @@ use orgkey::store::{
     StoreFuture,
 };
 use orgkey::{
-    Actor, AdminError, AuditEvent, Generation, KeyAction, KeyAdmin, KeyFormat, OrgId, OrgTable,
+    Actor, AuditEvent, Generation, KeyAction, KeyAdmin, KeyError, KeyFormat, OrgId, OrgTable,
     Username,
 };
 
@@ -118,7 +118,7 @@ async fn a_failed_commit_changes_nothing_in_memory_and_records_no_audit_event() 
         admin.unsubscribe(&org(), &alice()).await,
     ] {
         let err = result.unwrap_err();
-        assert!(matches!(err, AdminError::Store(_)), "{err:?}");
+        assert!(matches!(err, KeyError::Store(_)), "{err:?}");
         assert_eq!(
             std::error::Error::source(&err).unwrap().to_string(),
             "the store failed"
@@ -168,7 +168,7 @@ async fn changes_survive_a_restart_on_sqlite_and_old_keys_stay_dead() {
     assert_eq!(actions, [KeyAction::Regenerate, KeyAction::Subscribe]);
     assert!(matches!(
         admin.create_org(&org()).await,
-        Err(AdminError::OrgExists)
+        Err(KeyError::OrgExists)
     ));
 }
 

@@ -10,11 +10,11 @@ use std::sync::Arc;
 use axum::extract::ConnectInfo;
 use axum::routing::get;
 use axum::{Extension, Json, Router};
-use orgkey::admin_page::AdminPage;
-use orgkey::audit_api::AuditLogEndpoint;
-use orgkey::csrf::CsrfLayer;
-use orgkey::proxy::ProxyHeaders;
-use orgkey::session::SessionEndpoint;
+use orgkey::http::audit::AuditLogEndpoint;
+use orgkey::http::csrf::CsrfLayer;
+use orgkey::http::page::AdminPage;
+use orgkey::http::proxy::ProxyHeaders;
+use orgkey::http::SessionEndpoint;
 use orgkey::store::{ChangeFollower, Store};
 use orgkey::{
     Actor, Admins, ApiKey, Authenticated, KeyAdmin, KeyManagementEndpoint, OrgId, OrgKeyLayer,

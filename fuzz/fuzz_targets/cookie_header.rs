@@ -59,9 +59,9 @@ use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE, COOKIE, WWW_AUTHENT
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty, Full};
 use libfuzzer_sys::fuzz_target;
-use orgkey::admins::{Scopes, Username};
+use orgkey::identity::{Scopes, Username};
 use orgkey::auth::AuthMethod;
-use orgkey::session::SessionEndpoint;
+use orgkey::http::SessionEndpoint;
 use orgkey::{Authenticated, Generation, OrgKeyLayer, Rejection, RejectionReason, Sessions};
 use tower::{Service, ServiceBuilder};
 

@@ -35,7 +35,7 @@ use http::header::{HeaderName, HeaderValue, CACHE_CONTROL, CONTENT_TYPE, HOST, O
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::Empty;
 use libfuzzer_sys::fuzz_target;
-use orgkey::csrf::{token_for_session, CsrfLayer, CsrfRejection};
+use orgkey::http::csrf::{token_for_session, CsrfLayer, CsrfRejection};
 use orgkey::Sessions;
 use tower::ServiceBuilder;
 

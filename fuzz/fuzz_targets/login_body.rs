@@ -58,9 +58,10 @@ use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER, SET_CO
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use libfuzzer_sys::{fuzz_target, Corpus};
-use orgkey::admins::{Scopes, Username};
+use orgkey::identity::{Scopes, Username};
 use orgkey::session::obfuscate::obfuscate;
-use orgkey::session::{ClientAddr, SessionEndpoint, ThrottlePolicy, MAX_LOGIN_BODY};
+use orgkey::http::{ClientAddr, SessionEndpoint, MAX_LOGIN_BODY};
+use orgkey::session::ThrottlePolicy;
 use orgkey::{OrgId, SessionConfig, Sessions};
 use serde::Deserialize;
 use tower::Service;

@@ -1,6 +1,6 @@
 //! What the inner service learns about an authenticated request (L2).
 
-use crate::admins::{Scope, Scopes, Username};
+use crate::identity::{Scope, Scopes, Username};
 use crate::org::{Generation, InlineOrgId, OrgId};
 use crate::session::SessionDigest;
 

@@ -11,7 +11,7 @@ use super::body::ResponseBody;
 
 pin_project! {
     /// Response future of [`OrgKeyAuth`](super::OrgKeyAuth) and
-    /// [`Csrf`](crate::csrf::Csrf): the inner service's future, or a ready rejection.
+    /// [`Csrf`](crate::http::csrf::Csrf): the inner service's future, or a ready rejection.
     pub struct ResponseFuture<F, B> {
         #[pin]
         kind: Kind<F, B>,

@@ -35,7 +35,6 @@
 //! one per minute, not applied at addresses where that admin logged in before.
 
 mod cookie;
-pub(crate) mod endpoint;
 pub mod obfuscate;
 mod sessions;
 pub mod throttle;
@@ -43,13 +42,10 @@ pub mod throttle;
 #[cfg(test)]
 pub(crate) use cookie::digest_of_presented;
 pub(crate) use cookie::{
-    find_session_cookie, raw_of_presented, secret_hex, set_cookie_value, strip_session_cookie,
-    CookieLookup,
+    find_session_cookie, raw_of_presented, secret_hex, session_cookies, set_cookie_value,
+    strip_session_cookie, CookieLookup,
 };
 pub use cookie::{SessionToken, SESSION_COOKIE};
-pub use endpoint::{
-    default_client_addr, ClientAddr, ClientAddrFn, SessionEndpoint, MAX_LOGIN_BODY,
-};
 pub(crate) use sessions::SessionDigest;
 pub use sessions::{
     LoginFailure, LoginRequest, NewSession, SessionConfig, SessionIdentity, SessionRejection,

@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use dashmap::DashMap;
 
-use crate::admins::Username;
+use crate::identity::Username;
 
 /// The throttling policy. See the [module docs](self) for what each number does.
 #[derive(Debug, Clone)]

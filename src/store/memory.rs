@@ -8,8 +8,8 @@ use super::{
     millis, AdminRecord, AuditRecord, BackendError, OrgRecord, SessionRecord, Store, StoreError,
     StoreFuture,
 };
-use crate::admins::Username;
 use crate::audit::AuditEvent;
+use crate::identity::Username;
 use crate::org::{Generation, OrgId};
 
 /// A [`Store`] in memory. Nothing survives the process.

@@ -39,8 +39,8 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::SystemTime;
 
-use crate::admins::{Scopes, Username};
 use crate::audit::AuditEvent;
+use crate::identity::{Scopes, Username};
 use crate::key::ApiKey;
 use crate::org::{Actor, Generation, OrgId};
 use crate::table::OrgTable;

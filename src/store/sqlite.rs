@@ -23,8 +23,8 @@ use super::{
     admin_record, backend, corrupt, from_millis, millis, org_record, session_record, AdminRecord,
     AuditRecord, OrgRecord, SessionRecord, Store, StoreError, StoreFuture,
 };
-use crate::admins::Username;
 use crate::audit::{AuditEvent, KeyAction};
+use crate::identity::Username;
 use crate::key::{ApiKey, KeyFormat};
 use crate::org::{Actor, Generation, OrgId};
 

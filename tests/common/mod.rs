@@ -12,8 +12,9 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use orgkey::clock::Clock;
+use orgkey::http::SessionEndpoint;
 use orgkey::session::obfuscate::obfuscate;
-use orgkey::session::{SessionConfig, SessionEndpoint, Sessions};
+use orgkey::session::{SessionConfig, Sessions};
 use orgkey::{
     Actor, Admins, ApiKey, KeyAdmin, OrgId, OrgKeyLayer, OrgTable, Password, Scope, Scopes,
     Username,
@@ -287,7 +288,7 @@ pub async fn race_regenerates(writers: Vec<KeyAdmin>, org: OrgId) -> (Vec<String
     for task in tasks {
         match task.await.unwrap() {
             Ok(key) => winners.push(key),
-            Err(orgkey::AdminError::Conflict) => conflicts += 1,
+            Err(orgkey::KeyError::Conflict) => conflicts += 1,
             Err(e) => panic!("unexpected {e:?}"),
         }
     }

@@ -17,7 +17,7 @@
 //! # Concurrent changes
 //!
 //! Two changes to the same org that race are never merged and never lost silently: exactly one
-//! installs its snapshot; every other gets [`AdminError::Conflict`] and changes nothing (no
+//! installs its snapshot; every other gets [`KeyError::Conflict`] and changes nothing (no
 //! audit event either). A caller that still wants its change made may look at the new state
 //! ([`KeyAdmin::view`]) and try again. Changes to different orgs never conflict.
 
@@ -25,9 +25,9 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use crate::admins::Scope;
 use crate::audit::{AuditEvent, AuditSink, KeyAction, TracingAuditSink};
 use crate::clock::{Clock, SharedClock};
+use crate::identity::Scope;
 use crate::key::{ApiKey, KeyFormatError, RandomnessError};
 use crate::org::{Actor, Generation, OrgId};
 use crate::store::{AuditRecord, OrgRecord, Store, StoreError};
@@ -83,7 +83,7 @@ impl KeyInfo {
 /// Why an admin call failed. Nothing was changed.
 #[derive(Debug)]
 #[non_exhaustive]
-pub enum AdminError {
+pub enum KeyError {
     /// No org has this id.
     UnknownOrg,
     /// An org with this id already exists.
@@ -110,7 +110,7 @@ pub enum AdminError {
     NoStore,
 }
 
-impl fmt::Display for AdminError {
+impl fmt::Display for KeyError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::UnknownOrg => f.write_str("unknown organization"),
@@ -135,7 +135,7 @@ impl fmt::Display for AdminError {
     }
 }
 
-impl std::error::Error for AdminError {
+impl std::error::Error for KeyError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             Self::InvalidKey(e) => Some(e),
@@ -146,7 +146,7 @@ impl std::error::Error for AdminError {
     }
 }
 
-impl AdminError {
+impl KeyError {
     /// A stable lowercase name of the variant, for logs and metrics.
     pub const fn as_str(&self) -> &'static str {
         match self {
@@ -225,10 +225,10 @@ impl KeyAdmin {
     ///
     /// # Errors
     ///
-    /// [`AdminError::Store`] if the store cannot be read.
-    pub async fn open(table: OrgTable, store: impl Store) -> Result<Self, AdminError> {
+    /// [`KeyError::Store`] if the store cannot be read.
+    pub async fn open(table: OrgTable, store: impl Store) -> Result<Self, KeyError> {
         let store: Arc<dyn Store> = Arc::new(store);
-        for record in store.load_orgs().await.map_err(AdminError::Store)? {
+        for record in store.load_orgs().await.map_err(KeyError::Store)? {
             let org = record.org.clone();
             table.install(
                 org,
@@ -278,22 +278,22 @@ impl KeyAdmin {
     ///
     /// # Errors
     ///
-    /// [`AdminError::OrgExists`] if the org exists, [`AdminError::Store`].
-    pub async fn create_org(&self, org: &OrgId) -> Result<(), AdminError> {
+    /// [`KeyError::OrgExists`] if the org exists, [`KeyError::Store`].
+    pub async fn create_org(&self, org: &OrgId) -> Result<(), KeyError> {
         if self.table.state(org.as_str()).is_some() {
-            return Err(AdminError::OrgExists);
+            return Err(KeyError::OrgExists);
         }
         if let Some(store) = &self.store {
             store.create_org(org).await.map_err(|e| match e {
-                StoreError::Exists => AdminError::OrgExists,
-                other => AdminError::Store(other),
+                StoreError::Exists => KeyError::OrgExists,
+                other => KeyError::Store(other),
             })?;
         }
         if self.table.insert_new(org.clone()) {
-            tracing::info!(target: "orgkey::admin", org = %org, "organization created");
+            tracing::info!(target: "orgkey::keys", org = %org, "organization created");
             Ok(())
         } else {
-            Err(AdminError::OrgExists)
+            Err(KeyError::OrgExists)
         }
     }
 
@@ -301,14 +301,11 @@ impl KeyAdmin {
     ///
     /// # Errors
     ///
-    /// [`AdminError::UnknownOrg`], or [`AdminError::NoSubscription`] (K8).
-    pub fn view(&self, org: &OrgId) -> Result<KeyInfo, AdminError> {
-        let state = self
-            .table
-            .state(org.as_str())
-            .ok_or(AdminError::UnknownOrg)?;
+    /// [`KeyError::UnknownOrg`], or [`KeyError::NoSubscription`] (K8).
+    pub fn view(&self, org: &OrgId) -> Result<KeyInfo, KeyError> {
+        let state = self.table.state(org.as_str()).ok_or(KeyError::UnknownOrg)?;
         if !state.subscribed {
-            return Err(AdminError::NoSubscription);
+            return Err(KeyError::NoSubscription);
         }
         Ok(KeyInfo::from_state(state, self.base_url.clone()))
     }
@@ -317,12 +314,12 @@ impl KeyAdmin {
     ///
     /// # Errors
     ///
-    /// [`AdminError::UnknownOrg`], [`AdminError::AlreadySubscribed`], [`AdminError::Conflict`],
-    /// [`AdminError::Randomness`].
-    pub async fn subscribe(&self, org: &OrgId, actor: &Actor) -> Result<KeyInfo, AdminError> {
+    /// [`KeyError::UnknownOrg`], [`KeyError::AlreadySubscribed`], [`KeyError::Conflict`],
+    /// [`KeyError::Randomness`].
+    pub async fn subscribe(&self, org: &OrgId, actor: &Actor) -> Result<KeyInfo, KeyError> {
         self.change(org, actor, KeyAction::Subscribe, |state| {
             if state.subscribed {
-                return Err(AdminError::AlreadySubscribed);
+                return Err(KeyError::AlreadySubscribed);
             }
             Ok((true, Some(self.random_key()?)))
         })
@@ -333,11 +330,11 @@ impl KeyAdmin {
     ///
     /// # Errors
     ///
-    /// [`AdminError::UnknownOrg`], [`AdminError::NoSubscription`], [`AdminError::Conflict`].
-    pub async fn unsubscribe(&self, org: &OrgId, actor: &Actor) -> Result<KeyInfo, AdminError> {
+    /// [`KeyError::UnknownOrg`], [`KeyError::NoSubscription`], [`KeyError::Conflict`].
+    pub async fn unsubscribe(&self, org: &OrgId, actor: &Actor) -> Result<KeyInfo, KeyError> {
         self.change(org, actor, KeyAction::Unsubscribe, |state| {
             if !state.subscribed {
-                return Err(AdminError::NoSubscription);
+                return Err(KeyError::NoSubscription);
             }
             Ok((false, None))
         })
@@ -348,13 +345,13 @@ impl KeyAdmin {
     ///
     /// # Errors
     ///
-    /// [`AdminError::KeyExists`] while a key exists (delete it first), and
-    /// [`AdminError::UnknownOrg`], [`AdminError::NoSubscription`], [`AdminError::Conflict`],
-    /// [`AdminError::Randomness`].
-    pub async fn add(&self, org: &OrgId, actor: &Actor) -> Result<KeyInfo, AdminError> {
+    /// [`KeyError::KeyExists`] while a key exists (delete it first), and
+    /// [`KeyError::UnknownOrg`], [`KeyError::NoSubscription`], [`KeyError::Conflict`],
+    /// [`KeyError::Randomness`].
+    pub async fn add(&self, org: &OrgId, actor: &Actor) -> Result<KeyInfo, KeyError> {
         self.change(org, actor, KeyAction::Add, |state| {
             if state.key.is_some() {
-                return Err(AdminError::KeyExists);
+                return Err(KeyError::KeyExists);
             }
             Ok((true, Some(self.random_key()?)))
         })
@@ -365,25 +362,20 @@ impl KeyAdmin {
     ///
     /// # Errors
     ///
-    /// [`AdminError::InvalidKey`] if `key` does not have the table's format,
-    /// [`AdminError::NoKey`] if the org has no key to edit (add one), and
-    /// [`AdminError::UnknownOrg`], [`AdminError::NoSubscription`], [`AdminError::Conflict`].
-    pub async fn edit(
-        &self,
-        org: &OrgId,
-        key: ApiKey,
-        actor: &Actor,
-    ) -> Result<KeyInfo, AdminError> {
+    /// [`KeyError::InvalidKey`] if `key` does not have the table's format,
+    /// [`KeyError::NoKey`] if the org has no key to edit (add one), and
+    /// [`KeyError::UnknownOrg`], [`KeyError::NoSubscription`], [`KeyError::Conflict`].
+    pub async fn edit(&self, org: &OrgId, key: ApiKey, actor: &Actor) -> Result<KeyInfo, KeyError> {
         let format = self.table.format();
         if key.format() != format {
-            return Err(AdminError::InvalidKey(KeyFormatError::WrongLength {
+            return Err(KeyError::InvalidKey(KeyFormatError::WrongLength {
                 expected: format.len(),
                 actual: key.len(),
             }));
         }
         self.change(org, actor, KeyAction::Edit, |state| {
             if state.key.is_none() {
-                return Err(AdminError::NoKey);
+                return Err(KeyError::NoKey);
             }
             Ok((true, Some(key.clone())))
         })
@@ -394,12 +386,12 @@ impl KeyAdmin {
     ///
     /// # Errors
     ///
-    /// [`AdminError::NoKey`], [`AdminError::UnknownOrg`], [`AdminError::NoSubscription`],
-    /// [`AdminError::Conflict`], [`AdminError::Randomness`].
-    pub async fn regenerate(&self, org: &OrgId, actor: &Actor) -> Result<KeyInfo, AdminError> {
+    /// [`KeyError::NoKey`], [`KeyError::UnknownOrg`], [`KeyError::NoSubscription`],
+    /// [`KeyError::Conflict`], [`KeyError::Randomness`].
+    pub async fn regenerate(&self, org: &OrgId, actor: &Actor) -> Result<KeyInfo, KeyError> {
         self.change(org, actor, KeyAction::Regenerate, |state| {
             if state.key.is_none() {
-                return Err(AdminError::NoKey);
+                return Err(KeyError::NoKey);
             }
             Ok((true, Some(self.random_key()?)))
         })
@@ -410,12 +402,12 @@ impl KeyAdmin {
     ///
     /// # Errors
     ///
-    /// [`AdminError::NoKey`], [`AdminError::UnknownOrg`], [`AdminError::NoSubscription`],
-    /// [`AdminError::Conflict`].
-    pub async fn delete(&self, org: &OrgId, actor: &Actor) -> Result<KeyInfo, AdminError> {
+    /// [`KeyError::NoKey`], [`KeyError::UnknownOrg`], [`KeyError::NoSubscription`],
+    /// [`KeyError::Conflict`].
+    pub async fn delete(&self, org: &OrgId, actor: &Actor) -> Result<KeyInfo, KeyError> {
         self.change(org, actor, KeyAction::Delete, |state| {
             if state.key.is_none() {
-                return Err(AdminError::NoKey);
+                return Err(KeyError::NoKey);
             }
             Ok((true, None))
         })
@@ -428,18 +420,18 @@ impl KeyAdmin {
     /// The handle is pinned to the generation the session was checked under
     /// ([`Authenticated::generation`](crate::Authenticated::generation)): a change succeeds
     /// only from that generation, so one handle makes at most one change, and a change
-    /// racing another (or made after the session died, K6) is [`AdminError::Conflict`] and
+    /// racing another (or made after the session died, K6) is [`KeyError::Conflict`] and
     /// changes nothing. Take a new handle for each request.
     ///
     /// # Errors
     ///
-    /// [`AdminError::Forbidden`] for a direct-key request or a session without `key-admin`.
-    pub fn for_session(&self, auth: &Authenticated) -> Result<SessionKeyAdmin, AdminError> {
-        let admin = auth.admin().ok_or(AdminError::Forbidden)?;
+    /// [`KeyError::Forbidden`] for a direct-key request or a session without `key-admin`.
+    pub fn for_session(&self, auth: &Authenticated) -> Result<SessionKeyAdmin, KeyError> {
+        let admin = auth.admin().ok_or(KeyError::Forbidden)?;
         if !auth.has_scope(Scope::KeyAdmin) {
-            return Err(AdminError::Forbidden);
+            return Err(KeyError::Forbidden);
         }
-        let actor = Actor::new(admin.as_str()).map_err(|_| AdminError::Forbidden)?;
+        let actor = Actor::new(admin.as_str()).map_err(|_| KeyError::Forbidden)?;
         let mut keys = self.clone();
         keys.expected_generation = Some(auth.generation());
         Ok(SessionKeyAdmin {
@@ -454,23 +446,23 @@ impl KeyAdmin {
     ///
     /// # Errors
     ///
-    /// [`AdminError::NoStore`] without a store (events then go only to the audit sink),
-    /// [`AdminError::Store`].
+    /// [`KeyError::NoStore`] without a store (events then go only to the audit sink),
+    /// [`KeyError::Store`].
     pub async fn audit_page(
         &self,
         org: &OrgId,
         before: Option<u64>,
         limit: u32,
-    ) -> Result<Vec<AuditRecord>, AdminError> {
-        let store = self.store.as_ref().ok_or(AdminError::NoStore)?;
+    ) -> Result<Vec<AuditRecord>, KeyError> {
+        let store = self.store.as_ref().ok_or(KeyError::NoStore)?;
         store
             .audit_page(org, before, limit.min(500))
             .await
-            .map_err(AdminError::Store)
+            .map_err(KeyError::Store)
     }
 
-    fn random_key(&self) -> Result<ApiKey, AdminError> {
-        ApiKey::generate_with(self.table.format()).map_err(AdminError::Randomness)
+    fn random_key(&self) -> Result<ApiKey, KeyError> {
+        ApiKey::generate_with(self.table.format()).map_err(KeyError::Randomness)
     }
 
     /// The write path shared by every change (P1): validate against one snapshot, build the
@@ -483,12 +475,12 @@ impl KeyAdmin {
         org: &OrgId,
         actor: &Actor,
         action: KeyAction,
-        decide: impl FnOnce(&OrgState) -> Result<(bool, Option<ApiKey>), AdminError>,
-    ) -> Result<KeyInfo, AdminError> {
+        decide: impl FnOnce(&OrgState) -> Result<(bool, Option<ApiKey>), KeyError>,
+    ) -> Result<KeyInfo, KeyError> {
         let result = self.try_change(org, actor, action, decide).await;
         if let Err(error) = &result {
             tracing::info!(
-                target: "orgkey::admin",
+                target: "orgkey::keys",
                 org = %org,
                 actor = %actor,
                 action = action.as_str(),
@@ -505,16 +497,13 @@ impl KeyAdmin {
         org: &OrgId,
         actor: &Actor,
         action: KeyAction,
-        decide: impl FnOnce(&OrgState) -> Result<(bool, Option<ApiKey>), AdminError>,
-    ) -> Result<KeyInfo, AdminError> {
-        let current = self
-            .table
-            .state(org.as_str())
-            .ok_or(AdminError::UnknownOrg)?;
+        decide: impl FnOnce(&OrgState) -> Result<(bool, Option<ApiKey>), KeyError>,
+    ) -> Result<KeyInfo, KeyError> {
+        let current = self.table.state(org.as_str()).ok_or(KeyError::UnknownOrg)?;
         let is_subscription_action =
             matches!(action, KeyAction::Subscribe | KeyAction::Unsubscribe);
         if !is_subscription_action && !current.subscribed {
-            return Err(AdminError::NoSubscription);
+            return Err(KeyError::NoSubscription);
         }
         // A session's change applies to the state the session was checked against: if
         // another change came first, this session is already dead (K6) and loses.
@@ -522,7 +511,7 @@ impl KeyAdmin {
             .expected_generation
             .is_some_and(|expected| expected != current.generation)
         {
-            return Err(AdminError::Conflict);
+            return Err(KeyError::Conflict);
         }
         let (subscribed, key) = decide(&current)?;
         // Millisecond precision, as stored.
@@ -556,9 +545,9 @@ impl KeyAdmin {
                 .commit(current.generation, &record, &event)
                 .await
                 .map_err(|e| match e {
-                    StoreError::Conflict => AdminError::Conflict,
-                    StoreError::NotFound => AdminError::UnknownOrg,
-                    other => AdminError::Store(other),
+                    StoreError::Conflict => KeyError::Conflict,
+                    StoreError::NotFound => KeyError::UnknownOrg,
+                    other => KeyError::Store(other),
                 })?;
             // Committed: the change is done, whoever makes it visible first. This process's
             // change feed may already have installed it (or a later change): the install is
@@ -571,8 +560,8 @@ impl KeyAdmin {
                 .compare_and_swap(org.as_str(), &current, Arc::clone(&next))
             {
                 Ok(true) => {}
-                Ok(false) => return Err(AdminError::Conflict),
-                Err(()) => return Err(AdminError::UnknownOrg),
+                Ok(false) => return Err(KeyError::Conflict),
+                Err(()) => return Err(KeyError::UnknownOrg),
             }
         }
         self.audit.record(&event);
@@ -585,7 +574,7 @@ impl KeyAdmin {
 /// The key operations of one org, on behalf of one admin session with the `key-admin` scope
 /// (from [`KeyAdmin::for_session`]). Each change records that admin as "last modified by",
 /// and succeeds only from the generation the session was checked under (otherwise
-/// [`AdminError::Conflict`]): one handle, one change.
+/// [`KeyError::Conflict`]): one handle, one change.
 #[derive(Debug, Clone)]
 pub struct SessionKeyAdmin {
     admin: KeyAdmin,
@@ -609,7 +598,7 @@ impl SessionKeyAdmin {
     /// # Errors
     ///
     /// As [`KeyAdmin::view`].
-    pub fn view(&self) -> Result<KeyInfo, AdminError> {
+    pub fn view(&self) -> Result<KeyInfo, KeyError> {
         self.admin.view(&self.org)
     }
 
@@ -618,7 +607,7 @@ impl SessionKeyAdmin {
     /// # Errors
     ///
     /// As [`KeyAdmin::add`].
-    pub async fn add(&self) -> Result<KeyInfo, AdminError> {
+    pub async fn add(&self) -> Result<KeyInfo, KeyError> {
         self.admin.add(&self.org, &self.actor).await
     }
 
@@ -627,7 +616,7 @@ impl SessionKeyAdmin {
     /// # Errors
     ///
     /// As [`KeyAdmin::edit`].
-    pub async fn edit(&self, key: ApiKey) -> Result<KeyInfo, AdminError> {
+    pub async fn edit(&self, key: ApiKey) -> Result<KeyInfo, KeyError> {
         self.admin.edit(&self.org, key, &self.actor).await
     }
 
@@ -636,7 +625,7 @@ impl SessionKeyAdmin {
     /// # Errors
     ///
     /// As [`KeyAdmin::regenerate`].
-    pub async fn regenerate(&self) -> Result<KeyInfo, AdminError> {
+    pub async fn regenerate(&self) -> Result<KeyInfo, KeyError> {
         self.admin.regenerate(&self.org, &self.actor).await
     }
 
@@ -645,7 +634,7 @@ impl SessionKeyAdmin {
     /// # Errors
     ///
     /// As [`KeyAdmin::delete`].
-    pub async fn delete(&self) -> Result<KeyInfo, AdminError> {
+    pub async fn delete(&self) -> Result<KeyInfo, KeyError> {
         self.admin.delete(&self.org, &self.actor).await
     }
 }
@@ -658,7 +647,7 @@ mod tests {
     use subtle::ConstantTimeEq;
 
     use super::*;
-    use crate::admins::Username;
+    use crate::identity::Username;
     use crate::store::{AdminRecord, AuditRecord, MemoryStore, SessionRecord, StoreFuture};
 
     /// A store whose change feed always wins the race: right after each commit, before the

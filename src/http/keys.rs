@@ -24,9 +24,9 @@ use sha2::{Digest, Sha256};
 use tower_service::Service;
 use zeroize::Zeroizing;
 
-use crate::admin::{AdminError, KeyAdmin, KeyInfo, SessionKeyAdmin};
+use crate::http::login::is_json;
 use crate::key::{ApiKey, KeyFormat};
-use crate::session::endpoint::is_json;
+use crate::keys::{KeyAdmin, KeyError, KeyInfo, SessionKeyAdmin};
 use crate::session::{set_cookie_value, Sessions};
 use crate::Authenticated;
 
@@ -366,24 +366,24 @@ fn one(info: &KeyInfo) -> Response<Full<Bytes>> {
 }
 
 /// The response for a refused admin call. Nothing was changed.
-fn refused(error_: &AdminError) -> Response<Full<Bytes>> {
+fn refused(error_: &KeyError) -> Response<Full<Bytes>> {
     let message = error_.to_string();
     match error_ {
-        AdminError::Forbidden => error(StatusCode::FORBIDDEN, "NOT_AUTHORIZED", &message),
-        AdminError::NoSubscription => error(StatusCode::FORBIDDEN, "NOT_SUBSCRIBED", &message),
-        AdminError::KeyExists => error(StatusCode::CONFLICT, "DUPLICATE_ITEM", &message),
-        AdminError::Conflict => error(StatusCode::CONFLICT, "EDIT_CONFLICT", &message),
+        KeyError::Forbidden => error(StatusCode::FORBIDDEN, "NOT_AUTHORIZED", &message),
+        KeyError::NoSubscription => error(StatusCode::FORBIDDEN, "NOT_SUBSCRIBED", &message),
+        KeyError::KeyExists => error(StatusCode::CONFLICT, "DUPLICATE_ITEM", &message),
+        KeyError::Conflict => error(StatusCode::CONFLICT, "EDIT_CONFLICT", &message),
         // The key's message names the rule broken and a length or position, never the value.
-        AdminError::InvalidKey(format) => bad_request(&format.to_string()),
+        KeyError::InvalidKey(format) => bad_request(&format.to_string()),
         // No key, or (were orgs ever removed) no org: there is no such resource.
-        AdminError::NoKey | AdminError::UnknownOrg => not_found(),
-        AdminError::Randomness(_)
-        | AdminError::OrgExists
-        | AdminError::AlreadySubscribed
-        | AdminError::Store(_)
-        | AdminError::NoStore => {
+        KeyError::NoKey | KeyError::UnknownOrg => not_found(),
+        KeyError::Randomness(_)
+        | KeyError::OrgExists
+        | KeyError::AlreadySubscribed
+        | KeyError::Store(_)
+        | KeyError::NoStore => {
             tracing::error!(
-                target: "orgkey::keys_api",
+                target: "orgkey::http::keys",
                 reason = error_.as_str(),
                 "key management request failed"
             );
@@ -420,7 +420,7 @@ where
         let ready = |response| -> Self::Future { Box::pin(std::future::ready(Ok(response))) };
         let Some(auth) = request.extensions().get::<Authenticated>() else {
             tracing::error!(
-                target: "orgkey::keys_api",
+                target: "orgkey::http::keys",
                 "request without Authenticated: KeyManagementEndpoint must be behind OrgKeyLayer"
             );
             let mut response = json_static(StatusCode::UNAUTHORIZED, SESSION_NOT_VALID);
@@ -505,7 +505,7 @@ impl CarryOver {
     /// session's cookie, when configured), the refusal otherwise.
     async fn finish(
         self,
-        result: Result<KeyInfo, AdminError>,
+        result: Result<KeyInfo, KeyError>,
         respond: fn(&KeyInfo) -> Response<Full<Bytes>>,
     ) -> Response<Full<Bytes>> {
         let info = match result {
@@ -525,7 +525,7 @@ impl CarryOver {
             // A later change already came, or the session is gone: the admin logs in again.
             Ok(None) => {}
             Err(error) => tracing::warn!(
-                target: "orgkey::keys_api",
+                target: "orgkey::http::keys",
                 %error,
                 "the change was made, but the session could not be carried over"
             ),
@@ -545,7 +545,7 @@ async fn edit<B>(
     admin: SessionKeyAdmin,
     format: KeyFormat,
     request: Request<B>,
-) -> Result<Result<KeyInfo, AdminError>, Response<Full<Bytes>>>
+) -> Result<Result<KeyInfo, KeyError>, Response<Full<Bytes>>>
 where
     B: Body + Send + 'static,
     B::Data: Send,

@@ -17,10 +17,12 @@ use http_body_util::{BodyExt, Full, Limited};
 use serde::Deserialize;
 use tower_service::Service;
 
-use super::cookie::{find_session_cookie, session_cookies, set_cookie_value, CookieLookup};
-use super::sessions::{LoginFailure, LoginRequest, Sessions};
 use crate::auth::RequestView;
 use crate::password::Password;
+use crate::session::{
+    find_session_cookie, session_cookies, set_cookie_value, CookieLookup, LoginFailure,
+    LoginRequest, Sessions,
+};
 use zeroize::Zeroizing;
 
 /// Largest login body accepted, in bytes (PROTOCOL.md).
@@ -57,7 +59,7 @@ pub fn default_client_addr(request: &RequestView<'_>) -> Option<IpAddr> {
 /// The ZIA session endpoint, a tower service. Mount it at `/api/v1/authenticatedSession`:
 ///
 /// ```
-/// # use orgkey::{OrgTable, admins::Admins, session::{SessionEndpoint, Sessions}};
+/// # use orgkey::{OrgTable, directory::Admins, http::SessionEndpoint, session::Sessions};
 /// let orgs = OrgTable::default();
 /// let sessions = Sessions::new(orgs.clone(), Admins::new(orgs));
 /// let app: axum::Router = axum::Router::new()

@@ -39,7 +39,7 @@
 //!
 //! A refused request gets `403` with `{"code":"CSRF_CHECK_FAILED","message":...}`; the inner
 //! service is not called and nothing changes. Which rule refused it is in a [`CsrfRejection`]
-//! in the response's extensions, in the `orgkey::csrf` tracing event, and never in the body
+//! in the response's extensions, in the `orgkey::http::csrf` tracing event, and never in the body
 //! beyond a fixed sentence.
 //!
 //! # The token
@@ -49,7 +49,7 @@
 //! token from the cookie), changes with every session (a carried-over session has a new one,
 //! W2), reveals nothing about the id, and differs from the digest the store keeps (S1). The
 //! admin page learns it from `GET /admin/session`
-//! ([`AdminPage`](crate::admin_page::AdminPage)), which only same-origin script can read.
+//! ([`AdminPage`](crate::http::page::AdminPage)), which only same-origin script can read.
 //!
 //! # Deployment caveat
 //!
@@ -67,7 +67,7 @@
 //! use bytes::Bytes;
 //! use http::{Request, Response, StatusCode};
 //! use http_body_util::Full;
-//! use orgkey::csrf::CsrfLayer;
+//! use orgkey::http::csrf::CsrfLayer;
 //! use orgkey::{Admins, OrgTable, Sessions};
 //! use tower::{ServiceBuilder, ServiceExt};
 //!
@@ -395,7 +395,7 @@ where
             Ok(()) => ResponseFuture::inner(self.inner.call(request)),
             Err(rejection) => {
                 tracing::warn!(
-                    target: "orgkey::csrf",
+                    target: "orgkey::http::csrf",
                     method = %request.method(),
                     path = request.uri().path(),
                     reason = rejection.as_str(),

@@ -12,10 +12,10 @@
 //! `POST /api/v1/authenticatedSession` as every Zscaler client (it computes the obfuscated
 //! key itself, PROTOCOL.md) and manages the key through the same
 //! [`KeyManagementEndpoint`](crate::KeyManagementEndpoint) and
-//! [`AuditLogEndpoint`](crate::audit_api::AuditLogEndpoint) (W1). The service adds one JSON
+//! [`AuditLogEndpoint`](crate::http::audit::AuditLogEndpoint) (W1). The service adds one JSON
 //! resource the script needs: `GET <prefix>/session`, which tells whether the browser's
 //! session is alive, who it is, whether it may manage the key (`key-admin`), the base URL,
-//! the key length, and the session's CSRF token ([`csrf`](crate::csrf)).
+//! the key length, and the session's CSRF token ([`csrf`](crate::http::csrf)).
 //!
 //! # Routes
 //!
@@ -40,7 +40,7 @@
 //!   `Cache-Control: no-store`.
 //! - No key, password or session id is ever put in a URL: the sign-in form is sent by
 //!   script as a JSON body (and, were the script not to run, the CSP forbids submitting it).
-//! - State changes carry the CSRF token; put [`CsrfLayer`](crate::csrf::CsrfLayer) in front
+//! - State changes carry the CSRF token; put [`CsrfLayer`](crate::http::csrf::CsrfLayer) in front
 //!   of the login and key endpoints.
 //! - An admin without `key-admin` sees the page read-only: the audit log, and a notice that
 //!   viewing and managing the key needs `key-admin` (the endpoints refuse them with `403`).
@@ -58,9 +58,9 @@ use http_body_util::Full;
 use serde::Serialize;
 use tower_service::Service;
 
-use crate::admin::KeyAdmin;
-use crate::admins::Scope;
-use crate::csrf::token_for_session;
+use crate::http::csrf::token_for_session;
+use crate::identity::Scope;
+use crate::keys::KeyAdmin;
 use crate::session::{find_session_cookie, CookieLookup, Sessions};
 
 const INDEX_HTML: &str = include_str!("assets/index.html");
@@ -79,7 +79,7 @@ const NOT_FOUND: &str = r#"{"code":"RESOURCE_NOT_FOUND","message":"no such page"
 /// The admin page service. Cheap to clone.
 ///
 /// ```
-/// use orgkey::admin_page::AdminPage;
+/// use orgkey::http::page::AdminPage;
 /// use orgkey::{Admins, KeyAdmin, OrgTable, Sessions};
 /// use tower::ServiceExt;
 ///

@@ -14,8 +14,8 @@ use http_body_util::Full;
 use serde::Serialize;
 use tower_service::Service;
 
-use crate::admin::{AdminError, KeyAdmin};
-use crate::keys_api::{bad_request, error, internal_error, json_value};
+use crate::http::keys::{bad_request, error, internal_error, json_value};
+use crate::keys::{KeyAdmin, KeyError};
 use crate::Authenticated;
 
 /// Default and largest page size.
@@ -152,7 +152,7 @@ async fn respond<B>(keys: KeyAdmin, request: Request<B>) -> Response<Full<Bytes>
                 .collect();
             json_value(StatusCode::OK, &entries)
         }
-        Err(AdminError::NoStore) => error(
+        Err(KeyError::NoStore) => error(
             StatusCode::NOT_IMPLEMENTED,
             "NOT_IMPLEMENTED",
             "this deployment keeps no audit log",

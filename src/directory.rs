@@ -1,5 +1,5 @@
-//! Admin accounts (A1): usernames, functional scopes, and the directory that logins and
-//! sessions consult.
+//! The admin directory (A1): accounts, their passwords and status, which logins and sessions
+//! consult. The names and scopes of admins are [`crate::identity`]'s.
 //!
 //! [`Admins`] is the built-in directory: accounts in memory, passwords as argon2id PHC strings
 //! (see [`crate::password`]). Any identity store can take its place by implementing
@@ -14,161 +14,13 @@ use std::sync::Arc;
 
 use dashmap::DashMap;
 
+use crate::identity::{Scope, Scopes, Username};
 use crate::org::OrgId;
 use crate::password::{
     dummy_verify, hash_password, verify_password, HashError, Password, PasswordPolicyError,
 };
 use crate::store::{AdminRecord, Store, StoreError};
 use crate::table::OrgTable;
-
-/// An admin's username, `name@domain`, compared case-insensitively (stored lowercased).
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Username(Arc<str>);
-
-/// Longest username accepted, in bytes.
-pub const MAX_USERNAME_LEN: usize = 254;
-
-impl Username {
-    /// Validates and normalizes (lowercases) a username.
-    ///
-    /// # Errors
-    ///
-    /// [`InvalidUsername`] unless the name is `local@domain` with both parts non-empty, at most
-    /// 254 bytes, without whitespace or control characters.
-    pub fn new(name: &str) -> Result<Self, InvalidUsername> {
-        let valid = name.len() <= MAX_USERNAME_LEN
-            && !name.chars().any(|c| c.is_whitespace() || c.is_control())
-            && matches!(name.split_once('@'), Some((local, domain))
-                if !local.is_empty() && !domain.is_empty() && !domain.contains('@'));
-        if !valid {
-            return Err(InvalidUsername);
-        }
-        Ok(Self(Arc::from(name.to_lowercase())))
-    }
-
-    /// A name that skipped validation, for internal placeholders that must not collide
-    /// with real usernames.
-    pub(crate) fn unchecked(name: &str) -> Self {
-        Self(Arc::from(name))
-    }
-
-    /// The normalized (lowercase) username.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Username {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&*self.0, f)
-    }
-}
-
-impl fmt::Display for Username {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-/// A username is not of the form `name@domain` (or too long, or has whitespace).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct InvalidUsername;
-
-impl fmt::Display for InvalidUsername {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "username must be name@domain, at most {MAX_USERNAME_LEN} bytes, without spaces"
-        )
-    }
-}
-
-impl std::error::Error for InvalidUsername {}
-
-/// A functional scope of an admin.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum Scope {
-    /// May log in to the API and call it.
-    Api,
-    /// May view and manage the org's API key.
-    KeyAdmin,
-}
-
-impl Scope {
-    const fn bit(self) -> u8 {
-        match self {
-            Self::Api => 1,
-            Self::KeyAdmin => 2,
-        }
-    }
-
-    /// The scope's name: `api` or `key-admin`.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Self::Api => "api",
-            Self::KeyAdmin => "key-admin",
-        }
-    }
-}
-
-impl fmt::Display for Scope {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// A set of [`Scope`]s.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub struct Scopes(u8);
-
-impl Scopes {
-    /// No scope.
-    pub const NONE: Self = Self(0);
-    /// `api` only.
-    pub const API: Self = Self(1);
-    /// `api` and `key-admin`.
-    pub const ALL: Self = Self(3);
-
-    /// Whether `scope` is in the set.
-    pub const fn contains(self, scope: Scope) -> bool {
-        self.0 & scope.bit() != 0
-    }
-
-    /// The set with `scope` added.
-    #[must_use]
-    pub const fn with(self, scope: Scope) -> Self {
-        Self(self.0 | scope.bit())
-    }
-
-    /// The set as bits (`api` = 1, `key-admin` = 2), for stores.
-    pub const fn bits(self) -> u8 {
-        self.0
-    }
-
-    /// A set from [`Scopes::bits`]; unknown bits are dropped.
-    pub const fn from_bits(bits: u8) -> Self {
-        Self(bits & 3)
-    }
-
-    /// The set with `scope` removed.
-    #[must_use]
-    pub const fn without(self, scope: Scope) -> Self {
-        Self(self.0 & !scope.bit())
-    }
-}
-
-impl fmt::Debug for Scopes {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut set = f.debug_set();
-        for scope in [Scope::Api, Scope::KeyAdmin] {
-            if self.contains(scope) {
-                set.entry(&scope.as_str());
-            }
-        }
-        set.finish()
-    }
-}
 
 /// What a session check needs to know about an admin, right now.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -230,7 +82,7 @@ struct Account {
 /// Why an account change failed. Nothing was changed.
 #[derive(Debug)]
 #[non_exhaustive]
-pub enum AdminsError {
+pub enum AccountError {
     /// No admin has this username.
     UnknownAdmin,
     /// An admin with this username exists.
@@ -245,7 +97,7 @@ pub enum AdminsError {
     Store(StoreError),
 }
 
-impl fmt::Display for AdminsError {
+impl fmt::Display for AccountError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::UnknownAdmin => f.write_str("unknown admin"),
@@ -258,7 +110,7 @@ impl fmt::Display for AdminsError {
     }
 }
 
-impl std::error::Error for AdminsError {
+impl std::error::Error for AccountError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             Self::WeakPassword(e) => Some(e),
@@ -309,17 +161,17 @@ fn new_credential_version() -> u64 {
 }
 
 /// Hashes on tokio's blocking pool when a runtime is present.
-async fn hash_off_thread(password: &Password) -> Result<String, AdminsError> {
+async fn hash_off_thread(password: &Password) -> Result<String, AccountError> {
     let password = password.clone();
     let job = move || hash_password(&password);
     let hashed = match tokio::runtime::Handle::try_current() {
         Ok(runtime) => runtime
             .spawn_blocking(job)
             .await
-            .map_err(|_| AdminsError::Hash(HashError::panicked()))?,
+            .map_err(|_| AccountError::Hash(HashError::panicked()))?,
         Err(_) => job(),
     };
-    hashed.map_err(AdminsError::Hash)
+    hashed.map_err(AccountError::Hash)
 }
 
 impl Admins {
@@ -339,11 +191,11 @@ impl Admins {
     ///
     /// # Errors
     ///
-    /// [`AdminsError::Store`] if the accounts cannot be read.
-    pub async fn open(orgs: OrgTable, store: impl Store) -> Result<Self, AdminsError> {
+    /// [`AccountError::Store`] if the accounts cannot be read.
+    pub async fn open(orgs: OrgTable, store: impl Store) -> Result<Self, AccountError> {
         let store: Arc<dyn Store> = Arc::new(store);
         let accounts = DashMap::new();
-        for record in store.load_admins().await.map_err(AdminsError::Store)? {
+        for record in store.load_admins().await.map_err(AccountError::Store)? {
             accounts.insert(
                 record.username.clone(),
                 Account {
@@ -377,7 +229,7 @@ impl Admins {
     }
 
     /// Writes `account` to the store (if any), then makes it visible.
-    async fn save(&self, username: &Username, account: Account) -> Result<(), AdminsError> {
+    async fn save(&self, username: &Username, account: Account) -> Result<(), AccountError> {
         if let Some(store) = &self.inner.store {
             let record = AdminRecord {
                 username: username.clone(),
@@ -387,7 +239,10 @@ impl Admins {
                 password_hash: account.password_hash.to_string(),
                 credential_version: account.status.credential_version,
             };
-            store.put_admin(&record).await.map_err(AdminsError::Store)?;
+            store
+                .put_admin(&record)
+                .await
+                .map_err(AccountError::Store)?;
         }
         self.inner.accounts.insert(username.clone(), account);
         Ok(())
@@ -397,21 +252,23 @@ impl Admins {
     ///
     /// # Errors
     ///
-    /// [`AdminsError::UnknownOrg`], [`AdminsError::AdminExists`],
-    /// [`AdminsError::WeakPassword`], [`AdminsError::Hash`], [`AdminsError::Store`].
+    /// [`AccountError::UnknownOrg`], [`AccountError::AdminExists`],
+    /// [`AccountError::WeakPassword`], [`AccountError::Hash`], [`AccountError::Store`].
     pub async fn create(
         &self,
         username: &Username,
         org: &OrgId,
         password: &Password,
         scopes: Scopes,
-    ) -> Result<(), AdminsError> {
+    ) -> Result<(), AccountError> {
         if self.inner.orgs.state(org.as_str()).is_none() {
-            return Err(AdminsError::UnknownOrg);
+            return Err(AccountError::UnknownOrg);
         }
-        password.check_policy().map_err(AdminsError::WeakPassword)?;
+        password
+            .check_policy()
+            .map_err(AccountError::WeakPassword)?;
         if self.inner.accounts.contains_key(username) {
-            return Err(AdminsError::AdminExists);
+            return Err(AccountError::AdminExists);
         }
         let password_hash: Arc<str> = Arc::from(hash_off_thread(password).await?);
         let account = Account {
@@ -424,7 +281,7 @@ impl Admins {
             password_hash,
         };
         self.save(username, account).await?;
-        tracing::info!(target: "orgkey::admin", admin = %username, org = %org, scopes = ?scopes, "admin created");
+        tracing::info!(target: "orgkey::keys", admin = %username, org = %org, scopes = ?scopes, "admin created");
         Ok(())
     }
 
@@ -432,8 +289,8 @@ impl Admins {
     ///
     /// # Errors
     ///
-    /// [`AdminsError::UnknownAdmin`], [`AdminsError::Store`].
-    pub async fn disable(&self, username: &Username) -> Result<(), AdminsError> {
+    /// [`AccountError::UnknownAdmin`], [`AccountError::Store`].
+    pub async fn disable(&self, username: &Username) -> Result<(), AccountError> {
         self.update(username, "disabled", |account| {
             account.status.enabled = false;
             true
@@ -445,8 +302,8 @@ impl Admins {
     ///
     /// # Errors
     ///
-    /// [`AdminsError::UnknownAdmin`], [`AdminsError::Store`].
-    pub async fn enable(&self, username: &Username) -> Result<(), AdminsError> {
+    /// [`AccountError::UnknownAdmin`], [`AccountError::Store`].
+    pub async fn enable(&self, username: &Username) -> Result<(), AccountError> {
         self.update(username, "enabled", |account| {
             account.status.enabled = true;
             false
@@ -458,23 +315,23 @@ impl Admins {
     ///
     /// # Errors
     ///
-    /// [`AdminsError::UnknownAdmin`], [`AdminsError::Store`].
-    pub async fn delete(&self, username: &Username) -> Result<(), AdminsError> {
+    /// [`AccountError::UnknownAdmin`], [`AccountError::Store`].
+    pub async fn delete(&self, username: &Username) -> Result<(), AccountError> {
         if !self.inner.accounts.contains_key(username) {
-            return Err(AdminsError::UnknownAdmin);
+            return Err(AccountError::UnknownAdmin);
         }
         if let Some(store) = &self.inner.store {
             match store.delete_admin(username).await {
                 Ok(()) | Err(StoreError::NotFound) => {}
-                Err(e) => return Err(AdminsError::Store(e)),
+                Err(e) => return Err(AccountError::Store(e)),
             }
         }
         match self.inner.accounts.remove(username) {
             Some(_) => {
-                tracing::info!(target: "orgkey::admin", admin = %username, "admin deleted");
+                tracing::info!(target: "orgkey::keys", admin = %username, "admin deleted");
                 Ok(())
             }
-            None => Err(AdminsError::UnknownAdmin),
+            None => Err(AccountError::UnknownAdmin),
         }
     }
 
@@ -482,17 +339,19 @@ impl Admins {
     ///
     /// # Errors
     ///
-    /// [`AdminsError::UnknownAdmin`], [`AdminsError::WeakPassword`], [`AdminsError::Hash`],
-    /// [`AdminsError::Store`].
+    /// [`AccountError::UnknownAdmin`], [`AccountError::WeakPassword`], [`AccountError::Hash`],
+    /// [`AccountError::Store`].
     pub async fn change_password(
         &self,
         username: &Username,
         password: &Password,
-    ) -> Result<(), AdminsError> {
+    ) -> Result<(), AccountError> {
         if !self.inner.accounts.contains_key(username) {
-            return Err(AdminsError::UnknownAdmin);
+            return Err(AccountError::UnknownAdmin);
         }
-        password.check_policy().map_err(AdminsError::WeakPassword)?;
+        password
+            .check_policy()
+            .map_err(AccountError::WeakPassword)?;
         let hash: Arc<str> = Arc::from(hash_off_thread(password).await?);
         self.update(username, "password changed", |account| {
             account.password_hash = Arc::clone(&hash);
@@ -505,8 +364,8 @@ impl Admins {
     ///
     /// # Errors
     ///
-    /// [`AdminsError::UnknownAdmin`], [`AdminsError::Store`].
-    pub async fn grant(&self, username: &Username, scope: Scope) -> Result<(), AdminsError> {
+    /// [`AccountError::UnknownAdmin`], [`AccountError::Store`].
+    pub async fn grant(&self, username: &Username, scope: Scope) -> Result<(), AccountError> {
         self.update(username, "scope granted", |account| {
             account.status.scopes = account.status.scopes.with(scope);
             false
@@ -519,8 +378,8 @@ impl Admins {
     ///
     /// # Errors
     ///
-    /// [`AdminsError::UnknownAdmin`], [`AdminsError::Store`].
-    pub async fn revoke(&self, username: &Username, scope: Scope) -> Result<(), AdminsError> {
+    /// [`AccountError::UnknownAdmin`], [`AccountError::Store`].
+    pub async fn revoke(&self, username: &Username, scope: Scope) -> Result<(), AccountError> {
         self.update(username, "scope revoked", |account| {
             account.status.scopes = account.status.scopes.without(scope);
             scope == Scope::Api
@@ -540,18 +399,18 @@ impl Admins {
         username: &Username,
         what: &'static str,
         change: impl FnOnce(&mut Account) -> bool,
-    ) -> Result<(), AdminsError> {
+    ) -> Result<(), AccountError> {
         let mut account = self
             .inner
             .accounts
             .get(username)
             .map(|a| a.clone())
-            .ok_or(AdminsError::UnknownAdmin)?;
+            .ok_or(AccountError::UnknownAdmin)?;
         if change(&mut account) {
             account.status.credential_version = new_credential_version();
         }
         self.save(username, account).await?;
-        tracing::info!(target: "orgkey::admin", admin = %username, change = what, "admin changed");
+        tracing::info!(target: "orgkey::keys", admin = %username, change = what, "admin changed");
         Ok(())
     }
 }
@@ -598,43 +457,5 @@ impl<D: AdminDirectory + ?Sized> AdminDirectory for Arc<D> {
         password: &Password,
     ) -> Result<AdminStatus, PasswordRejection> {
         (**self).verify_password(username, password)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn usernames_are_name_at_domain_and_case_insensitive() {
-        let a = Username::new("Alice@Acme.Example").unwrap();
-        let b = Username::new("alice@acme.example").unwrap();
-        assert_eq!(a, b);
-        assert_eq!(a.as_str(), "alice@acme.example");
-        for bad in [
-            "alice",
-            "@acme",
-            "alice@",
-            "a@b@c",
-            "al ice@acme",
-            "a\n@b",
-            "",
-        ] {
-            assert!(Username::new(bad).is_err(), "{bad:?}");
-        }
-        assert!(Username::new(&format!("{}@b", "a".repeat(252))).is_ok()); // 254 bytes
-        assert!(Username::new(&format!("{}@b", "a".repeat(253))).is_err());
-    }
-
-    #[test]
-    fn scopes_set_operations() {
-        let s = Scopes::NONE.with(Scope::Api);
-        assert!(s.contains(Scope::Api) && !s.contains(Scope::KeyAdmin));
-        assert_eq!(s.with(Scope::KeyAdmin), Scopes::ALL);
-        assert_eq!(
-            Scopes::ALL.without(Scope::Api),
-            Scopes::NONE.with(Scope::KeyAdmin)
-        );
-        assert_eq!(format!("{:?}", Scopes::ALL), r#"{"api", "key-admin"}"#);
     }
 }

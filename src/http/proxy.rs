@@ -30,7 +30,7 @@
 //!
 //! ```
 //! use http::Request;
-//! use orgkey::proxy::{ProxyHeaders, ORG_HEADER};
+//! use orgkey::http::proxy::{ProxyHeaders, ORG_HEADER};
 //! # use orgkey::{Actor, KeyAdmin, OrgId, OrgKeyLayer, OrgTable, Authenticated};
 //! # use tower::{ServiceBuilder, ServiceExt};
 //! # #[tokio::main(flavor = "current_thread")]
