@@ -31,6 +31,7 @@ pub mod keys;
 pub mod metrics;
 pub mod org;
 pub mod password;
+mod response;
 pub mod session;
 pub mod store;
 pub mod table;

@@ -3,9 +3,10 @@
 use std::fmt;
 
 use bytes::Bytes;
-use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
+use http::header::{HeaderValue, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{Response, StatusCode};
 
+use crate::response::{self, SESSION_NOT_VALID};
 use crate::session::SessionRejection;
 use crate::table::VerifyError;
 
@@ -119,9 +120,7 @@ impl RejectionReason {
             | Self::SessionKeyChanged
             | Self::SessionAdminChanged
             | Self::SessionAmbiguous
-            | Self::SessionMissing => {
-                r#"{"code":"SESSION_NOT_VALID","message":"Session is not valid"}"#
-            }
+            | Self::SessionMissing => SESSION_NOT_VALID,
             Self::Unavailable => {
                 r#"{"code":"SERVICE_UNAVAILABLE","message":"authentication state is reloading; retry shortly"}"#
             }
@@ -185,12 +184,9 @@ impl Rejection {
     }
 
     pub(crate) fn into_response(self, challenge: &HeaderValue) -> Response<Bytes> {
-        let mut response = Response::new(Bytes::from_static(self.reason.body().as_bytes()));
-        *response.status_mut() = self.status();
+        let mut response = response::fixed(self.status(), self.reason.body());
         let headers = response.headers_mut();
         headers.insert(WWW_AUTHENTICATE, challenge.clone());
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
         if self.reason == RejectionReason::Unavailable {
             headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
         }

@@ -14,8 +14,10 @@ use http_body_util::Full;
 use serde::Serialize;
 use tower_service::Service;
 
-use crate::http::keys::{bad_request, error, internal_error, json_value};
 use crate::keys::{KeyAdmin, KeyError};
+use crate::response::{
+    bad_request, error, fixed, internal_error, value as json_value, SESSION_NOT_VALID,
+};
 use crate::Authenticated;
 
 /// Default and largest page size.
@@ -117,11 +119,7 @@ async fn respond<B>(keys: KeyAdmin, request: Request<B>) -> Response<Full<Bytes>
         return response;
     }
     let Some(auth) = request.extensions().get::<Authenticated>() else {
-        return error(
-            StatusCode::UNAUTHORIZED,
-            "SESSION_NOT_VALID",
-            "Session is not valid",
-        );
+        return fixed(StatusCode::UNAUTHORIZED, SESSION_NOT_VALID);
     };
     if auth.admin().is_none() {
         return error(

@@ -99,7 +99,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::header::{CACHE_CONTROL, CONTENT_TYPE, HOST, ORIGIN};
+use http::header::{HOST, ORIGIN};
 use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -108,6 +108,7 @@ use tower_service::Service;
 use zeroize::Zeroizing;
 
 use crate::auth::{ResponseBody, ResponseFuture};
+use crate::response;
 use crate::session::{find_session_cookie, raw_of_presented, secret_hex, CookieLookup, Sessions};
 
 /// The request header that carries the token: `X-CSRF-Token`.
@@ -368,11 +369,7 @@ fn with_port(scheme: &str, authority: &str) -> String {
 }
 
 fn forbidden(rejection: CsrfRejection) -> Response<Bytes> {
-    let mut response = Response::new(Bytes::from_static(rejection.body().as_bytes()));
-    *response.status_mut() = StatusCode::FORBIDDEN;
-    let headers = response.headers_mut();
-    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    let mut response = response::fixed(StatusCode::FORBIDDEN, rejection.body());
     response.extensions_mut().insert(rejection);
     response
 }

@@ -15,18 +15,18 @@ use std::task::{Context, Poll};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use http::header::{HeaderValue, ALLOW, CACHE_CONTROL, CONTENT_TYPE, SET_COOKIE, WWW_AUTHENTICATE};
+use http::header::{HeaderValue, ALLOW, CACHE_CONTROL, SET_COOKIE, WWW_AUTHENTICATE};
 use http::{Method, Request, Response, StatusCode};
 use http_body::Body;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use tower_service::Service;
 use zeroize::Zeroizing;
 
-use crate::http::login::is_json;
 use crate::key::{ApiKey, KeyFormat};
 use crate::keys::{KeyAdmin, KeyError, KeyInfo, SessionKeyAdmin};
+use crate::response::{self, JsonBody, SESSION_NOT_VALID};
 use crate::session::{set_cookie_value, Sessions};
 use crate::Authenticated;
 
@@ -38,12 +38,14 @@ const FULL_PREFIX: &str = "/api/v1/apiKeys";
 /// The resource path below the `/api/v1` base URL; stripped when present.
 const BASE_PREFIX: &str = "/apiKeys";
 
-const SESSION_NOT_VALID: &str = r#"{"code":"SESSION_NOT_VALID","message":"Session is not valid"}"#;
 const NOT_FOUND: &str = r#"{"code":"RESOURCE_NOT_FOUND","message":"no such API key"}"#;
-const UNSUPPORTED_MEDIA_TYPE: &str =
-    r#"{"code":"UNSUPPORTED_MEDIA_TYPE","message":"send Content-Type: application/json"}"#;
-const PAYLOAD_TOO_LARGE: &str =
-    r#"{"code":"PAYLOAD_TOO_LARGE","message":"request body larger than 4096 bytes"}"#;
+/// How `PUT /apiKeys/1` reads its body.
+const KEY_BODY: JsonBody = JsonBody {
+    limit: MAX_KEY_BODY,
+    too_large: r#"{"code":"PAYLOAD_TOO_LARGE","message":"request body larger than 4096 bytes"}"#,
+    not_object: "the body must be a JSON object with a keyValue string",
+    invalid: "the body must be a JSON object with a keyValue string",
+};
 
 /// The key-management endpoints, a tower service: Zscaler's `apiKeys` resource, plus add,
 /// edit and delete (PROTOCOL.md).
@@ -313,54 +315,14 @@ fn resource(info: &KeyInfo) -> Option<KeyResource<'_>> {
     })
 }
 
-fn with_headers(status: StatusCode, body: Bytes, json: bool) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(body));
-    *response.status_mut() = status;
-    let headers = response.headers_mut();
-    if json {
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    }
-    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    response
-}
-
-fn json_static(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
-    with_headers(status, Bytes::from_static(body.as_bytes()), true)
-}
-
-pub(crate) fn json_value(status: StatusCode, value: &impl Serialize) -> Response<Full<Bytes>> {
-    match serde_json::to_vec(value) {
-        Ok(body) => with_headers(status, Bytes::from(body), true),
-        Err(_) => internal_error(),
-    }
-}
-
-pub(crate) fn error(status: StatusCode, code: &str, message: &str) -> Response<Full<Bytes>> {
-    json_value(
-        status,
-        &serde_json::json!({"code": code, "message": message}),
-    )
-}
-
-pub(crate) fn internal_error() -> Response<Full<Bytes>> {
-    json_static(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        r#"{"code":"INTERNAL_ERROR","message":"the request could not be completed"}"#,
-    )
-}
-
-pub(crate) fn bad_request(message: &str) -> Response<Full<Bytes>> {
-    error(StatusCode::BAD_REQUEST, "INVALID_INPUT_ARGUMENT", message)
-}
-
-pub(crate) fn not_found() -> Response<Full<Bytes>> {
-    json_static(StatusCode::NOT_FOUND, NOT_FOUND)
+fn not_found() -> Response<Full<Bytes>> {
+    response::fixed(StatusCode::NOT_FOUND, NOT_FOUND)
 }
 
 /// 200 with the resource, or 404 when the org has no key.
 fn one(info: &KeyInfo) -> Response<Full<Bytes>> {
     match resource(info) {
-        Some(resource) => json_value(StatusCode::OK, &resource),
+        Some(resource) => response::value(StatusCode::OK, &resource),
         None => not_found(),
     }
 }
@@ -369,12 +331,14 @@ fn one(info: &KeyInfo) -> Response<Full<Bytes>> {
 fn refused(error_: &KeyError) -> Response<Full<Bytes>> {
     let message = error_.to_string();
     match error_ {
-        KeyError::Forbidden => error(StatusCode::FORBIDDEN, "NOT_AUTHORIZED", &message),
-        KeyError::NoSubscription => error(StatusCode::FORBIDDEN, "NOT_SUBSCRIBED", &message),
-        KeyError::KeyExists => error(StatusCode::CONFLICT, "DUPLICATE_ITEM", &message),
-        KeyError::Conflict => error(StatusCode::CONFLICT, "EDIT_CONFLICT", &message),
+        KeyError::Forbidden => response::error(StatusCode::FORBIDDEN, "NOT_AUTHORIZED", &message),
+        KeyError::NoSubscription => {
+            response::error(StatusCode::FORBIDDEN, "NOT_SUBSCRIBED", &message)
+        }
+        KeyError::KeyExists => response::error(StatusCode::CONFLICT, "DUPLICATE_ITEM", &message),
+        KeyError::Conflict => response::error(StatusCode::CONFLICT, "EDIT_CONFLICT", &message),
         // The key's message names the rule broken and a length or position, never the value.
-        KeyError::InvalidKey(format) => bad_request(&format.to_string()),
+        KeyError::InvalidKey(format) => response::bad_request(&format.to_string()),
         // No key, or (were orgs ever removed) no org: there is no such resource.
         KeyError::NoKey | KeyError::UnknownOrg => not_found(),
         KeyError::Randomness(_)
@@ -387,18 +351,8 @@ fn refused(error_: &KeyError) -> Response<Full<Bytes>> {
                 reason = error_.as_str(),
                 "key management request failed"
             );
-            internal_error()
+            response::internal_error()
         }
-    }
-}
-
-/// A fixed description of a JSON error's class: serde_json's own messages can quote input.
-fn json_error_class(e: &serde_json::Error) -> &'static str {
-    match e.classify() {
-        serde_json::error::Category::Io => "could not read",
-        serde_json::error::Category::Syntax => "not valid JSON",
-        serde_json::error::Category::Data => "not valid JSON",
-        serde_json::error::Category::Eof => "the JSON ends early",
     }
 }
 
@@ -423,7 +377,7 @@ where
                 target: "orgkey::http::keys",
                 "request without Authenticated: KeyManagementEndpoint must be behind OrgKeyLayer"
             );
-            let mut response = json_static(StatusCode::UNAUTHORIZED, SESSION_NOT_VALID);
+            let mut response = response::fixed(StatusCode::UNAUTHORIZED, SESSION_NOT_VALID);
             response
                 .headers_mut()
                 .insert(WWW_AUTHENTICATE, HeaderValue::from_static("ApiKey"));
@@ -435,7 +389,7 @@ where
         let operation = match operation(route, request.method()) {
             Ok(operation) => operation,
             Err(allow) => {
-                let mut response = error(
+                let mut response = response::error(
                     StatusCode::METHOD_NOT_ALLOWED,
                     "METHOD_NOT_ALLOWED",
                     &format!("use {allow}"),
@@ -452,7 +406,7 @@ where
         };
         match operation {
             Operation::List => ready(match admin.view() {
-                Ok(info) => json_value(StatusCode::OK, &Vec::from_iter(resource(&info))),
+                Ok(info) => response::value(StatusCode::OK, &Vec::from_iter(resource(&info))),
                 Err(e) => refused(&e),
             }),
             Operation::View => ready(match admin.view() {
@@ -536,7 +490,12 @@ impl CarryOver {
 
 /// `204`, empty: the answer to a delete.
 fn deleted(_: &KeyInfo) -> Response<Full<Bytes>> {
-    with_headers(StatusCode::NO_CONTENT, Bytes::new(), false)
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = StatusCode::NO_CONTENT;
+    response
+        .headers_mut()
+        .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
 }
 
 /// `PUT /apiKeys/1`: read and check the body, then [`SessionKeyAdmin::edit`]; `Err` is the
@@ -551,56 +510,15 @@ where
     B::Data: Send,
     B::Error: std::error::Error + Send + Sync + 'static,
 {
-    if !is_json(request.headers().get(CONTENT_TYPE)) {
-        return Err(json_static(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            UNSUPPORTED_MEDIA_TYPE,
-        ));
-    }
-    let body = match Limited::new(request.into_body(), MAX_KEY_BODY)
-        .collect()
-        .await
-    {
-        Ok(collected) => Zeroizing::new(collected.to_bytes().to_vec()),
-        Err(error) => {
-            return if error.is::<http_body_util::LengthLimitError>() {
-                Err(json_static(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    PAYLOAD_TOO_LARGE,
-                ))
-            } else {
-                Err(bad_request("could not read the request body"))
-            };
-        }
-    };
-    // Parse into a `Value`, not a struct: that checks the whole body (serde skips unknown
-    // fields of a struct without validating their UTF-8 or escapes), refuses arrays (which
-    // serde would map onto the struct's fields by position), and moves the value out without
-    // copying it.
-    let value = match serde_json::from_slice::<serde_json::Value>(&body) {
-        Ok(serde_json::Value::Object(mut fields)) => match fields.remove("keyValue") {
-            Some(serde_json::Value::String(value)) => Zeroizing::new(value),
-            _ => {
-                return Err(bad_request(
-                    "the body must be a JSON object with a keyValue string",
-                ))
-            }
-        },
-        Ok(_) => {
-            return Err(bad_request(
-                "the body must be a JSON object with a keyValue string",
-            ))
-        }
-        Err(e) => {
-            return Err(bad_request(&format!(
-                "the body must be a JSON object with a keyValue string ({})",
-                json_error_class(&e)
-            )))
-        }
+    // Move the value out of the parsed object without copying it.
+    let (_raw, mut fields) = KEY_BODY.read(request).await?;
+    let value = match fields.remove("keyValue") {
+        Some(serde_json::Value::String(value)) => Zeroizing::new(value),
+        _ => return Err(response::bad_request(KEY_BODY.not_object)),
     };
     let key = match ApiKey::parse_with(&value, format) {
         Ok(key) => key,
-        Err(format) => return Err(bad_request(&format.to_string())),
+        Err(format) => return Err(response::bad_request(&format.to_string())),
     };
     Ok(admin.edit(key).await)
 }

@@ -10,10 +10,10 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::header::{HeaderValue, ALLOW, CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER, SET_COOKIE};
+use http::header::{HeaderValue, RETRY_AFTER, SET_COOKIE};
 use http::{Method, Request, Response, StatusCode};
 use http_body::Body;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use serde::Deserialize;
 use tower_service::Service;
 
@@ -25,14 +25,22 @@ use crate::session::{
 };
 use zeroize::Zeroizing;
 
+use crate::response::{self, JsonBody, AUTHENTICATION_FAILED, SESSION_NOT_VALID};
+
 /// Largest login body accepted, in bytes (PROTOCOL.md).
 pub const MAX_LOGIN_BODY: usize = 4096;
 
 /// The SessionInfo body of a successful login or probe.
 const SESSION_INFO: &str = r#"{"authType":"ADMIN_LOGIN","obfuscateApiKey":false,"passwordExpiryTime":0,"passwordExpiryDays":0}"#;
-const AUTHENTICATION_FAILED: &str =
-    r#"{"code":"AUTHENTICATION_FAILED","message":"Authentication failed"}"#;
-const SESSION_NOT_VALID: &str = r#"{"code":"SESSION_NOT_VALID","message":"Session is not valid"}"#;
+/// How the login body is read (PROTOCOL.md's limit, and its messages).
+const LOGIN_BODY: JsonBody = JsonBody {
+    limit: MAX_LOGIN_BODY,
+    too_large: r#"{"code":"PAYLOAD_TOO_LARGE","message":"login body larger than 4096 bytes"}"#,
+    not_object: "login body must be a JSON object",
+    invalid: "login body must be JSON with apiKey, username, password and timestamp",
+};
+
+/// A login with the right credentials by an admin without the `api` scope (A2's 403).
 const NOT_AUTHORIZED: &str =
     r#"{"code":"NOT_AUTHORIZED","message":"The admin lacks the API functional scope"}"#;
 const LOGGED_OUT: &str = r#"{"status":"ACTIVE"}"#;
@@ -141,46 +149,17 @@ impl Timestamp {
     }
 }
 
-fn json(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
-    *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    response
-        .headers_mut()
-        .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    response
-}
-
-fn bad_request(message: &str) -> Response<Full<Bytes>> {
-    let body =
-        serde_json::json!({"code": "INVALID_INPUT_ARGUMENT", "message": message}).to_string();
-    let mut response = json(StatusCode::BAD_REQUEST, "");
-    *response.body_mut() = Full::new(Bytes::from(body));
-    response
-}
-
 fn too_many_requests(retry_after_secs: u64) -> Response<Full<Bytes>> {
     let body = serde_json::json!({
         "message": "Rate Limit (1/SECOND) exceeded",
         "Retry-After": format!("{retry_after_secs} seconds"),
     })
     .to_string();
-    let mut response = json(StatusCode::TOO_MANY_REQUESTS, "");
-    *response.body_mut() = Full::new(Bytes::from(body));
+    let mut response = response::json(StatusCode::TOO_MANY_REQUESTS, body);
     response
         .headers_mut()
         .insert(RETRY_AFTER, HeaderValue::from(retry_after_secs));
     response
-}
-
-/// Whether a `Content-Type` is `application/json` (any parameters).
-pub(crate) fn is_json(content_type: Option<&HeaderValue>) -> bool {
-    content_type
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"))
 }
 
 /// The most `JSESSIONID` cookies one logout ends; a request naming more is refused (400)
@@ -212,9 +191,9 @@ where
                     _ => false,
                 };
                 let response = if live {
-                    json(StatusCode::OK, SESSION_INFO)
+                    response::fixed(StatusCode::OK, SESSION_INFO)
                 } else {
-                    json(StatusCode::UNAUTHORIZED, SESSION_NOT_VALID)
+                    response::fixed(StatusCode::UNAUTHORIZED, SESSION_NOT_VALID)
                 };
                 Box::pin(std::future::ready(Ok(response)))
             }
@@ -225,7 +204,7 @@ where
                     .map(|id| Zeroizing::new(id.to_vec()))
                     .collect();
                 if ids.len() > MAX_LOGOUT_IDS {
-                    return Box::pin(std::future::ready(Ok(json(
+                    return Box::pin(std::future::ready(Ok(response::fixed(
                         StatusCode::BAD_REQUEST,
                         r#"{"code":"INVALID_INPUT_ARGUMENT","message":"too many JSESSIONID cookies; nothing was ended"}"#,
                     ))));
@@ -235,13 +214,13 @@ where
                     for id in &ids {
                         if let Err(error) = sessions.logout(id).await {
                             tracing::warn!(target: "orgkey::session", %error, "logout could not be stored");
-                            return Ok(json(
+                            return Ok(response::fixed(
                                 StatusCode::SERVICE_UNAVAILABLE,
                                 r#"{"code":"SERVICE_UNAVAILABLE","message":"logout could not be completed; retry"}"#,
                             ));
                         }
                     }
-                    Ok(json(StatusCode::OK, LOGGED_OUT))
+                    Ok(response::fixed(StatusCode::OK, LOGGED_OUT))
                 })
             }
             Method::POST => {
@@ -257,16 +236,10 @@ where
                 let secure = sessions.config().secure_cookie;
                 Box::pin(async move { Ok(login(sessions, request, source, secure).await) })
             }
-            _ => {
-                let mut response = json(
-                    StatusCode::METHOD_NOT_ALLOWED,
-                    r#"{"code":"METHOD_NOT_ALLOWED","message":"use POST, GET or DELETE"}"#,
-                );
-                response
-                    .headers_mut()
-                    .insert(ALLOW, HeaderValue::from_static("POST, GET, DELETE"));
-                Box::pin(std::future::ready(Ok(response)))
-            }
+            _ => Box::pin(std::future::ready(Ok(response::method_not_allowed(
+                "POST, GET, DELETE",
+                r#"{"code":"METHOD_NOT_ALLOWED","message":"use POST, GET or DELETE"}"#,
+            )))),
         }
     }
 }
@@ -282,54 +255,19 @@ where
     B::Data: Send,
     B::Error: std::error::Error + Send + Sync + 'static,
 {
-    if !is_json(request.headers().get(CONTENT_TYPE)) {
-        return json(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            r#"{"code":"UNSUPPORTED_MEDIA_TYPE","message":"send Content-Type: application/json"}"#,
-        );
-    }
-    let body = match Limited::new(request.into_body(), MAX_LOGIN_BODY)
-        .collect()
-        .await
-    {
-        Ok(collected) => zeroize::Zeroizing::new(collected.to_bytes().to_vec()),
-        Err(error) => {
-            return if error.is::<http_body_util::LengthLimitError>() {
-                json(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    r#"{"code":"PAYLOAD_TOO_LARGE","message":"login body larger than 4096 bytes"}"#,
-                )
-            } else {
-                bad_request("could not read the request body")
-            };
-        }
+    let (raw, _) = match LOGIN_BODY.read(request).await {
+        Ok(read) => read,
+        Err(refused) => return refused,
     };
-    // serde_json skips unknown fields without checking their UTF-8 or escapes; validate the
-    // whole body first, so that what is accepted is JSON by any parser's standard (found by
-    // fuzzing: `"x":"\xff"` and `"x":"\ud800"` were accepted).
-    match serde_json::from_slice::<serde_json::Value>(&body) {
-        Ok(value) if value.is_object() => {}
-        // serde would map a top-level array onto the fields by position: refuse it.
-        Ok(_) => return bad_request("login body must be a JSON object"),
-        Err(e) => {
-            return bad_request(&format!(
-                "login body must be JSON with apiKey, username, password and timestamp ({})",
-                json_error_class(&e)
-            ))
-        }
-    }
-    let parsed: LoginBody = match serde_json::from_slice(&body) {
+    // The typed parse runs over the validated bytes (not from the `Value`, which would keep
+    // only the last of two `password` fields instead of refusing the body).
+    let parsed: LoginBody = match serde_json::from_slice(&raw) {
         Ok(parsed) => parsed,
-        // serde's message names the field and position, never a value.
-        Err(e) => {
-            return bad_request(&format!(
-                "login body must be JSON with apiKey, username, password and timestamp ({})",
-                json_error_class(&e)
-            ))
-        }
+        // Only the class of the error: serde's message could quote a value.
+        Err(e) => return LOGIN_BODY.invalid(&e),
     };
     let Some(timestamp_ms) = parsed.timestamp.millis() else {
-        return bad_request("timestamp must be milliseconds since the Unix epoch");
+        return response::bad_request("timestamp must be milliseconds since the Unix epoch");
     };
     let attempt = LoginRequest {
         api_key: Password::new(parsed.api_key),
@@ -340,31 +278,23 @@ where
     };
     match sessions.login(attempt).await {
         Ok(session) => {
-            let mut response = json(StatusCode::OK, SESSION_INFO);
+            let mut response = response::fixed(StatusCode::OK, SESSION_INFO);
             match set_cookie_value(&session.token, secure) {
                 Some(value) => {
                     response.headers_mut().insert(SET_COOKIE, value);
                     response
                 }
-                None => json(StatusCode::INTERNAL_SERVER_ERROR, AUTHENTICATION_FAILED),
+                None => response::fixed(StatusCode::INTERNAL_SERVER_ERROR, AUTHENTICATION_FAILED),
             }
         }
         Err(LoginFailure::Throttled { retry_after_secs }) => too_many_requests(retry_after_secs),
-        Err(LoginFailure::MissingApiScope) => json(StatusCode::FORBIDDEN, NOT_AUTHORIZED),
-        Err(LoginFailure::Internal) => json(
+        Err(LoginFailure::MissingApiScope) => {
+            response::fixed(StatusCode::FORBIDDEN, NOT_AUTHORIZED)
+        }
+        Err(LoginFailure::Internal) => response::fixed(
             StatusCode::INTERNAL_SERVER_ERROR,
             r#"{"code":"INTERNAL_ERROR","message":"login could not be completed"}"#,
         ),
-        Err(_) => json(StatusCode::UNAUTHORIZED, AUTHENTICATION_FAILED),
-    }
-}
-
-/// A fixed description of a JSON error's class: serde_json's own messages can quote input.
-fn json_error_class(e: &serde_json::Error) -> &'static str {
-    match e.classify() {
-        serde_json::error::Category::Io => "could not read",
-        serde_json::error::Category::Syntax => "not valid JSON",
-        serde_json::error::Category::Data => "a field is missing or has the wrong type",
-        serde_json::error::Category::Eof => "the JSON ends early",
+        Err(_) => response::fixed(StatusCode::UNAUTHORIZED, AUTHENTICATION_FAILED),
     }
 }

@@ -61,6 +61,7 @@ use tower_service::Service;
 use crate::http::csrf::token_for_session;
 use crate::identity::Scope;
 use crate::keys::KeyAdmin;
+use crate::response::{self, SESSION_NOT_VALID};
 use crate::session::{find_session_cookie, CookieLookup, Sessions};
 
 const INDEX_HTML: &str = include_str!("assets/index.html");
@@ -73,7 +74,6 @@ pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'
      style-src 'self'; img-src 'self'; connect-src 'self'; base-uri 'none'; \
      form-action 'none'; frame-ancestors 'none'";
 
-const SESSION_NOT_VALID: &str = r#"{"code":"SESSION_NOT_VALID","message":"Session is not valid"}"#;
 const NOT_FOUND: &str = r#"{"code":"RESOURCE_NOT_FOUND","message":"no such page"}"#;
 
 /// The admin page service. Cheap to clone.
@@ -291,12 +291,7 @@ impl Inner {
 }
 
 fn json(status: StatusCode, body: Bytes) -> Response<Full<Bytes>> {
-    let mut response = with_security_headers(Response::new(Full::new(body)));
-    *response.status_mut() = status;
-    let headers = response.headers_mut();
-    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    response
+    with_security_headers(response::json(status, body))
 }
 
 fn with_security_headers(mut response: Response<Full<Bytes>>) -> Response<Full<Bytes>> {
