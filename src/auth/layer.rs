@@ -14,10 +14,7 @@ use super::resolver::{HeaderOrgResolver, OrgResolver, RequestView};
 use super::service::OrgKeyAuth;
 use super::DEFAULT_KEY_HEADER;
 use crate::org::InlineOrgId;
-use crate::session::{
-    find_session_cookie, strip_session_cookie, CookieLookup, SessionIdentity, SessionRejection,
-    Sessions,
-};
+use crate::session::{strip_session_cookie, SessionCheck, SessionIdentity, Sessions};
 use crate::table::OrgTable;
 
 /// Layer that authenticates requests against an [`OrgTable`] (L1-L4).
@@ -161,13 +158,19 @@ impl Config {
         }
         let sessions_apply = match &self.sessions {
             Some(sessions) if !request.headers().contains_key(&self.key_header) => {
-                let checked = match find_session_cookie(request.headers()) {
-                    CookieLookup::One(id) => Some(sessions.validate(id)),
-                    CookieLookup::Several => return Err((RejectionReason::SessionAmbiguous, None)),
-                    CookieLookup::Absent => None,
-                };
-                if let Some(checked) = checked {
-                    return self.authenticate_session(request, checked);
+                // One check per request (shared with the CSRF guard and the endpoints); a
+                // request without any `Cookie` header skips it altogether.
+                if request.headers().contains_key(COOKIE) {
+                    match sessions.check_request(request) {
+                        SessionCheck::Absent => {}
+                        SessionCheck::Several => {
+                            return Err((RejectionReason::SessionAmbiguous, None))
+                        }
+                        SessionCheck::Dead(reason) => return Err((reason.into(), None)),
+                        SessionCheck::Live(live) => {
+                            return self.authenticate_session(request, &live.identity)
+                        }
+                    }
                 }
                 true
             }
@@ -235,9 +238,8 @@ impl Config {
     fn authenticate_session<B>(
         &self,
         request: &mut Request<B>,
-        checked: Result<SessionIdentity, SessionRejection>,
+        identity: &SessionIdentity,
     ) -> Result<Authenticated, (RejectionReason, Option<InlineOrgId>)> {
-        let identity = checked.map_err(|e| (e.into(), None))?;
         let org = InlineOrgId::copy(identity.org.as_str());
         if !identity.has_key && !self.keyless_sessions {
             // K5: the key this session could stand for was deleted. `SESSION_NOT_VALID`
@@ -261,7 +263,7 @@ impl Config {
             org,
             identity.generation,
             AuthMethod::Session {
-                admin: identity.admin,
+                admin: identity.admin.clone(),
                 scopes: identity.scopes,
             },
         )

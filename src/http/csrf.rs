@@ -99,56 +99,21 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::header::{HOST, ORIGIN};
+use http::header::{COOKIE, HOST, ORIGIN};
 use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode};
-use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tower_layer::Layer;
 use tower_service::Service;
-use zeroize::Zeroizing;
 
 use crate::auth::{ResponseBody, ResponseFuture};
 use crate::response;
-use crate::session::{find_session_cookie, raw_of_presented, secret_hex, CookieLookup, Sessions};
+pub use crate::session::{token_for_session, CsrfToken};
+use crate::session::{SessionCheck, Sessions};
 
 /// The request header that carries the token: `X-CSRF-Token`.
 pub const TOKEN_HEADER: &str = "x-csrf-token";
 
 const SEC_FETCH_SITE: &str = "sec-fetch-site";
-/// Domain separation: the token is not the digest the store keeps (S1).
-const TOKEN_LABEL: &[u8] = b"orgkey csrf token v1\0";
-
-/// A session's CSRF token: 64 hex characters.
-///
-/// Secret (it authorizes state changes together with the cookie): redacted `Debug`, no
-/// `Display`, no `PartialEq`, zeroized on drop.
-pub struct CsrfToken(Zeroizing<String>);
-
-impl CsrfToken {
-    /// The token, for the page that must send it back. Grep for this when auditing.
-    pub fn expose_secret(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for CsrfToken {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CsrfToken").finish_non_exhaustive()
-    }
-}
-
-/// The CSRF token of the session whose id (the `JSESSIONID` value) is `session_id`, or
-/// `None` if that is not a well-formed session id. The token does not say whether the
-/// session is alive: check that with [`Sessions::validate`].
-pub fn token_for_session(session_id: &[u8]) -> Option<CsrfToken> {
-    let raw = raw_of_presented(session_id)?;
-    let mut hasher = Sha256::new();
-    hasher.update(TOKEN_LABEL);
-    hasher.update(raw.as_ref());
-    let digest = Zeroizing::new(<[u8; 32]>::from(hasher.finalize()));
-    Some(CsrfToken(secret_hex(digest.as_ref())))
-}
-
 /// Which acceptance rule refused a request; placed in the `403` response's extensions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
@@ -271,13 +236,14 @@ pub struct Csrf<S> {
 }
 
 impl Config {
-    fn check<B>(&self, request: &Request<B>) -> Result<(), CsrfRejection> {
-        let headers = request.headers();
-        // Rule 0, when configured; the cookie lookup is kept for rule 5.
-        let cookie = self
-            .cookie_requests_only
-            .then(|| find_session_cookie(headers));
-        if cookie == Some(CookieLookup::Absent) {
+    fn check<B>(&self, request: &mut Request<B>) -> Result<(), CsrfRejection> {
+        // Rule 0, when configured: a request without a session cookie is not checked (and
+        // one without any `Cookie` header is let through without parsing anything: the
+        // direct-key hot path).
+        if self.cookie_requests_only
+            && (!request.headers().contains_key(COOKIE)
+                || matches!(self.sessions.check_request(request), SessionCheck::Absent))
+        {
             return Ok(());
         }
         // Rule 1.
@@ -287,6 +253,7 @@ impl Config {
         ) {
             return Ok(());
         }
+        let headers = request.headers();
         let origin = headers.get(ORIGIN);
         let fetch_site = headers.get(HeaderName::from_static(SEC_FETCH_SITE));
         // Rule 2.
@@ -305,20 +272,19 @@ impl Config {
                 return Err(CsrfRejection::ForeignOrigin);
             }
         }
-        // Rule 5.
-        match cookie.unwrap_or_else(|| find_session_cookie(headers)) {
-            CookieLookup::Absent => Ok(()),
-            CookieLookup::Several => Err(CsrfRejection::AmbiguousSession),
-            CookieLookup::One(id) => {
-                if self.sessions.validate(id).is_err() {
-                    return Ok(());
-                }
-                let expected = token_for_session(id).ok_or(CsrfRejection::TokenMismatch)?;
-                let presented = headers
+        // Rule 5: the session is checked once per request, here or by whoever came first;
+        // the layer and the endpoints behind reuse the answer.
+        match self.sessions.check_request(request) {
+            // No session, or a dead one (the layer refuses it): no token to compare.
+            SessionCheck::Absent | SessionCheck::Dead(_) => Ok(()),
+            SessionCheck::Several => Err(CsrfRejection::AmbiguousSession),
+            SessionCheck::Live(live) => {
+                let presented = request
+                    .headers()
                     .get(HeaderName::from_static(TOKEN_HEADER))
                     .map(HeaderValue::as_bytes)
                     .unwrap_or_default();
-                if bool::from(expected.expose_secret().as_bytes().ct_eq(presented)) {
+                if bool::from(live.csrf_token.expose_secret().as_bytes().ct_eq(presented)) {
                     Ok(())
                 } else {
                     Err(CsrfRejection::TokenMismatch)
@@ -386,9 +352,9 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+    fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
         // The inner service is called synchronously, on the instance `poll_ready` readied.
-        match self.config.check(&request) {
+        match self.config.check(&mut request) {
             Ok(()) => ResponseFuture::inner(self.inner.call(request)),
             Err(rejection) => {
                 tracing::warn!(

@@ -20,8 +20,7 @@ use tower_service::Service;
 use crate::auth::RequestView;
 use crate::password::Password;
 use crate::session::{
-    find_session_cookie, session_cookies, set_cookie_value, CookieLookup, LoginFailure,
-    LoginRequest, Sessions,
+    session_cookies, set_cookie_value, LoginFailure, LoginRequest, SessionCheck, Sessions,
 };
 use zeroize::Zeroizing;
 
@@ -184,10 +183,11 @@ where
         let sessions = self.sessions.clone();
         match *request.method() {
             Method::GET => {
-                let live = match find_session_cookie(request.headers()) {
+                let mut request = request;
+                let live = match sessions.check_request(&mut request) {
                     // K5: a session of an org without a key (carried over a delete, W2)
                     // is alive only for key management, not for the API's clients.
-                    CookieLookup::One(id) => sessions.validate(id).is_ok_and(|s| s.has_key),
+                    SessionCheck::Live(live) => live.identity.has_key,
                     _ => false,
                 };
                 let response = if live {

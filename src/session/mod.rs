@@ -34,17 +34,17 @@
 //! See [`throttle`]: per address 10 failures then one per 6 s; per username 5 failures then
 //! one per minute, not applied at addresses where that admin logged in before.
 
+mod check;
 mod cookie;
 pub mod obfuscate;
 mod sessions;
 pub mod throttle;
 
+pub(crate) use check::SessionCheck;
+pub use check::{token_for_session, CsrfToken};
 #[cfg(test)]
 pub(crate) use cookie::digest_of_presented;
-pub(crate) use cookie::{
-    find_session_cookie, raw_of_presented, secret_hex, session_cookies, set_cookie_value,
-    strip_session_cookie, CookieLookup,
-};
+pub(crate) use cookie::{session_cookies, set_cookie_value, strip_session_cookie};
 pub use cookie::{SessionToken, SESSION_COOKIE};
 pub(crate) use sessions::SessionDigest;
 pub use sessions::{

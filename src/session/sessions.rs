@@ -557,6 +557,12 @@ impl Sessions {
         })
     }
 
+    /// Names this table among others, for the per-request cache of
+    /// [`Sessions::check_request`]: clones share it.
+    pub(crate) fn identity_tag(&self) -> usize {
+        Arc::as_ptr(&self.inner) as usize
+    }
+
     /// Checks a presented session id (the `JSESSIONID` value) in full (S2) and marks it used.
     /// A dead session is removed.
     ///

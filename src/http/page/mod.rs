@@ -58,11 +58,10 @@ use http_body_util::Full;
 use serde::Serialize;
 use tower_service::Service;
 
-use crate::http::csrf::token_for_session;
 use crate::identity::Scope;
 use crate::keys::KeyAdmin;
 use crate::response::{self, SESSION_NOT_VALID};
-use crate::session::{find_session_cookie, CookieLookup, Sessions};
+use crate::session::{SessionCheck, Sessions};
 
 const INDEX_HTML: &str = include_str!("assets/index.html");
 const APP_JS: &str = include_str!("assets/app.js");
@@ -202,20 +201,14 @@ impl Inner {
         })
     }
 
-    fn session<B>(&self, request: &Request<B>) -> Response<Full<Bytes>> {
-        let CookieLookup::One(id) = find_session_cookie(request.headers()) else {
+    fn session<B>(&self, request: &mut Request<B>) -> Response<Full<Bytes>> {
+        let SessionCheck::Live(live) = self.sessions.check_request(request) else {
             return json(
                 StatusCode::UNAUTHORIZED,
                 Bytes::from_static(SESSION_NOT_VALID.as_bytes()),
             );
         };
-        let (Ok(identity), Some(token)) = (self.sessions.validate(id), token_for_session(id))
-        else {
-            return json(
-                StatusCode::UNAUTHORIZED,
-                Bytes::from_static(SESSION_NOT_VALID.as_bytes()),
-            );
-        };
+        let (identity, token) = (&live.identity, &live.csrf_token);
         let scopes = [Scope::Api, Scope::KeyAdmin]
             .into_iter()
             .filter(|scope| identity.scopes.contains(*scope))
@@ -246,7 +239,7 @@ impl Inner {
         }
     }
 
-    fn respond<B>(&self, request: &Request<B>) -> Response<Full<Bytes>> {
+    fn respond<B>(&self, request: &mut Request<B>) -> Response<Full<Bytes>> {
         let Some(asset) = self.asset(request.uri().path()) else {
             return json(
                 StatusCode::NOT_FOUND,
@@ -320,8 +313,8 @@ impl<B> Service<Request<B>> for AdminPage {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: Request<B>) -> Self::Future {
-        let mut response = self.inner.respond(&request);
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
+        let mut response = self.inner.respond(&mut request);
         if request.method() == Method::HEAD {
             *response.body_mut() = Full::default();
         }
