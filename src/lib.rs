@@ -33,6 +33,7 @@ pub mod org;
 pub mod password;
 mod response;
 pub mod session;
+pub mod stack;
 pub mod store;
 pub mod table;
 
@@ -47,6 +48,7 @@ pub use keys::{KeyAdmin, KeyError, KeyInfo, SessionKeyAdmin};
 pub use org::{Actor, Generation, OrgId};
 pub use password::Password;
 pub use session::{SessionConfig, Sessions};
+pub use stack::OrgKey;
 pub use table::OrgTable;
 
 /// The README's Rust examples, compiled as doc tests so they stay true.

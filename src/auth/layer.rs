@@ -34,6 +34,9 @@ pub(crate) struct Config {
     resolver: Arc<dyn OrgResolver>,
     key_header: HeaderName,
     pub(crate) challenge: HeaderValue,
+    /// What must live as long as the services built from this layer (the composition
+    /// root's change feed).
+    keep_alive: Option<crate::stack::KeepAlive>,
 }
 
 impl OrgKeyLayer {
@@ -47,6 +50,7 @@ impl OrgKeyLayer {
                 resolver: Arc::new(HeaderOrgResolver::default()),
                 key_header: HeaderName::from_static(DEFAULT_KEY_HEADER),
                 challenge: challenge_for("orgkey", DEFAULT_KEY_HEADER),
+                keep_alive: None,
             }),
         }
     }
@@ -94,6 +98,12 @@ impl OrgKeyLayer {
     /// `session_key_changed`): K5, no request for an org without a key succeeds.
     pub fn allow_keyless_sessions(mut self) -> Self {
         self.config_mut().keyless_sessions = true;
+        self
+    }
+
+    /// Keeps `handle` alive as long as any service built from this layer.
+    pub(crate) fn keep_alive(mut self, handle: crate::stack::KeepAlive) -> Self {
+        self.config_mut().keep_alive = Some(handle);
         self
     }
 

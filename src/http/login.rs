@@ -106,6 +106,12 @@ impl SessionEndpoint {
         }
     }
 
+    /// Uses `f` (shared) to find the client's address for throttling.
+    pub(crate) fn client_addr_fn(mut self, f: ClientAddrFn) -> Self {
+        self.client_addr = f;
+        self
+    }
+
     /// Uses `f` to find the client's address for throttling.
     pub fn client_addr(
         mut self,
