@@ -20,11 +20,13 @@
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use orgkey::store::SqliteStore;
 use orgkey::{ApiKey, KeyFormat, OrgId, Password, Username};
 
 mod app;
+mod serve;
 
 const HELP: &str = "\
 orgkey gateway: an API protected by per-organization API keys
@@ -47,13 +49,34 @@ OPTIONS:
                        x-orgkey-auth set [default: the demo API answers them]
     --postgres URL     keep the state in PostgreSQL instead (schema \"orgkey\"; needs the
                        `postgres` feature: cargo run --features postgres --example gateway)
+    --header-read-timeout SECS
+                       close a connection whose request head (request line and headers) is
+                       not in SECS after it opened, or after the first byte of a further
+                       request on it [default: 10]
+    --body-read-timeout SECS
+                       a request body must arrive in full within SECS of its head, else the
+                       answer is 408 and the connection is closed; raise it for clients that
+                       upload large or slow bodies [default: 30]
+    --idle-timeout SECS
+                       close a keep-alive connection after SECS without a request [default: 60]
+    --max-connections N
+                       connections open at once; further clients wait until one closes
+                       [default: the open-file soft limit less a reserve (64, or a quarter
+                       of a limit under 256), halved with --upstream (a proxied request holds
+                       a second socket), at most 4096; 960 under the usual limit of 1024]
     -h, --help         print this help
+
+SECS may have a fraction (0.5); each is more than 0 and at most 86400.
 
 On the first start (a new state) the gateway creates the org, its key and the admin, and
 prints the key (and a generated password) once; later starts reuse the state, ignore
 --api-key and --password, and print no secret. The key is printed once on stdout at start. Send it in X-API-Key with the org in X-Org-Id:
     curl -H 'X-Org-Id: acme' -H 'X-API-Key: <key>' http://127.0.0.1:8080/api/v1/whoami
 or log in as the admin through POST /api/v1/authenticatedSession (see the README).
+
+Logs go to stderr, at info by default. RUST_LOG changes the levels of the targets it names
+(RUST_LOG=orgkey=debug shows every decision); the others stay at info unless it also gives a
+bare level (RUST_LOG=warn,orgkey=debug).
 ";
 
 struct Options {
@@ -66,6 +89,21 @@ struct Options {
     state: std::path::PathBuf,
     postgres: Option<String>,
     upstream: Option<axum::http::Uri>,
+    header_read_timeout: Duration,
+    body_read_timeout: Duration,
+    idle_timeout: Duration,
+    /// `None`: [`serve::default_max_connections`].
+    max_connections: Option<usize>,
+}
+
+/// A flag's value in seconds: a positive number, fractions allowed, at most a day.
+fn seconds(flag: &str, value: &str) -> Result<Duration, String> {
+    value
+        .parse::<f64>()
+        .ok()
+        .filter(|secs| secs.is_finite() && *secs > 0.0 && *secs <= 86_400.0)
+        .map(Duration::from_secs_f64)
+        .ok_or_else(|| format!("{flag} {value:?}: expected seconds, more than 0 and at most 86400"))
 }
 
 fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Options>, String> {
@@ -79,6 +117,10 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Options>,
         state: std::path::PathBuf::from("orgkey.db"),
         postgres: None,
         upstream: None,
+        header_read_timeout: serve::DEFAULT_HEADER_READ_TIMEOUT,
+        body_read_timeout: serve::DEFAULT_BODY_READ_TIMEOUT,
+        idle_timeout: serve::DEFAULT_IDLE_TIMEOUT,
+        max_connections: None,
     };
     while let Some(flag) = args.next() {
         let mut value = |name: &str| {
@@ -126,6 +168,27 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Options>,
                 }
                 options.upstream = Some(uri);
             }
+            "--header-read-timeout" => {
+                let v = value("--header-read-timeout")?;
+                options.header_read_timeout = seconds("--header-read-timeout", &v)?;
+            }
+            "--body-read-timeout" => {
+                let v = value("--body-read-timeout")?;
+                options.body_read_timeout = seconds("--body-read-timeout", &v)?;
+            }
+            "--idle-timeout" => {
+                let v = value("--idle-timeout")?;
+                options.idle_timeout = seconds("--idle-timeout", &v)?;
+            }
+            "--max-connections" => {
+                let v = value("--max-connections")?;
+                options.max_connections = Some(
+                    v.parse()
+                        .ok()
+                        .filter(|n| (1..=1_000_000).contains(n))
+                        .ok_or_else(|| format!("--max-connections {v:?}: expected 1 to 1000000"))?,
+                );
+            }
             other => return Err(format!("unknown option {other:?} (see --help)")),
         }
     }
@@ -137,9 +200,7 @@ async fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(log_filter())
         .init();
     let options = match parse_args(std::env::args().skip(1)) {
         Ok(Some(options)) => options,
@@ -233,16 +294,44 @@ async fn run(options: Options) -> Result<(), String> {
     tracing::info!(%local, "gateway listening");
     // Keep the change feed (PostgreSQL) running while serving.
     let _follower = built.gateway.follower;
-    let service = built
-        .gateway
-        .router
-        .into_make_service_with_connect_info::<SocketAddr>();
-    axum::serve(listener, service)
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .map_err(|e| format!("server error: {e}"))?;
+    let limits = serve::Limits {
+        header_read_timeout: options.header_read_timeout,
+        body_read_timeout: options.body_read_timeout,
+        idle_timeout: options.idle_timeout,
+        max_connections: options
+            .max_connections
+            .unwrap_or_else(|| serve::default_max_connections(options.upstream.is_some())),
+    };
+    tracing::info!(
+        header_read_timeout = ?limits.header_read_timeout,
+        body_read_timeout = ?limits.body_read_timeout,
+        idle_timeout = ?limits.idle_timeout,
+        max_connections = limits.max_connections,
+        "limits"
+    );
+    serve::serve(listener, built.gateway.router, limits, shutdown_signal()).await;
     tracing::info!("gateway stopped");
     Ok(())
+}
+
+/// `RUST_LOG`, with info for every target it does not name unless it gives a bare level
+/// itself. (`EnvFilter`'s default directive applies only when `RUST_LOG` is empty, so
+/// `RUST_LOG=orgkey=debug` alone would silence the gateway's own info lines.)
+fn log_filter() -> tracing_subscriber::EnvFilter {
+    use tracing_subscriber::filter::LevelFilter;
+    let directives = std::env::var("RUST_LOG").unwrap_or_default();
+    let filter = tracing_subscriber::EnvFilter::builder().parse_lossy(&directives);
+    let bare_level = directives
+        .split(',')
+        .map(str::trim)
+        // ("" would parse as a level, ERROR.)
+        .filter(|directive| !directive.is_empty())
+        .any(|directive| directive.parse::<LevelFilter>().is_ok());
+    if bare_level {
+        filter
+    } else {
+        filter.add_directive(LevelFilter::INFO.into())
+    }
 }
 
 #[cfg(feature = "postgres")]
