@@ -15,7 +15,7 @@ use std::task::{Context, Poll};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use http::header::{HeaderValue, ALLOW, CACHE_CONTROL, SET_COOKIE, WWW_AUTHENTICATE};
+use http::header::{HeaderValue, ALLOW, CACHE_CONTROL, WWW_AUTHENTICATE};
 use http::{Method, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::Full;
@@ -27,7 +27,7 @@ use zeroize::Zeroizing;
 use crate::key::{ApiKey, KeyFormat};
 use crate::keys::{KeyAdmin, KeyError, KeyInfo, SessionKeyAdmin};
 use crate::response::{self, JsonBody, SESSION_NOT_VALID};
-use crate::session::{set_cookie_value, Sessions};
+use crate::session::{KeyChange, Sessions};
 use crate::Authenticated;
 
 /// Largest `PUT /apiKeys/1` body accepted, in bytes.
@@ -467,22 +467,14 @@ impl CarryOver {
             Err(e) => return refused(&e),
         };
         let mut response = respond(&info);
-        let Some(sessions) = self.sessions else {
-            return response;
-        };
-        match sessions.carry_over(&self.auth, &info).await {
-            Ok(Some(token)) => {
-                if let Some(cookie) = set_cookie_value(&token, sessions.config().secure_cookie) {
-                    response.headers_mut().insert(SET_COOKIE, cookie);
-                }
-            }
-            // A later change already came, or the session is gone: the admin logs in again.
-            Ok(None) => {}
-            Err(error) => tracing::warn!(
-                target: "orgkey::http::keys",
-                %error,
-                "the change was made, but the session could not be carried over"
-            ),
+        if let (Some(sessions), Some(session)) = (self.sessions, self.auth.session_digest()) {
+            let change = KeyChange {
+                session,
+                checked_at: self.auth.generation(),
+                changed_to: info.generation(),
+                by: info.last_modified_by(),
+            };
+            sessions.carry_over_onto(&change, &mut response).await;
         }
         response
     }

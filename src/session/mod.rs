@@ -46,7 +46,7 @@ pub use check::{token_for_session, CsrfToken};
 pub(crate) use cookie::digest_of_presented;
 pub(crate) use cookie::{session_cookies, set_cookie_value, strip_session_cookie};
 pub use cookie::{SessionToken, SESSION_COOKIE};
-pub(crate) use sessions::SessionDigest;
+pub(crate) use sessions::{KeyChange, SessionDigest};
 pub use sessions::{
     LoginFailure, LoginRequest, NewSession, SessionConfig, SessionIdentity, SessionRejection,
     Sessions,

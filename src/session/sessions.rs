@@ -8,6 +8,10 @@ use std::time::{Duration, SystemTime};
 
 use dashmap::DashMap;
 
+mod carry;
+
+pub(crate) use carry::KeyChange;
+
 use super::cookie::{digest_of_presented, SessionToken};
 use super::obfuscate;
 use super::throttle::{Throttle, ThrottlePolicy};
@@ -638,100 +642,6 @@ impl Sessions {
             .then_some(admin.scopes)
     }
 
-    /// Carries the session that made a key change over the change (W2): the session that
-    /// authenticated `auth` is ended, and a successor for the same admin, stamped with the
-    /// org's generation `changed_to`, is created and returned (its id is for the client's
-    /// cookie). The successor keeps the predecessor's login time, so the absolute lifetime
-    /// (S2) still counts from the login; every other session of the org stays dead (K6).
-    ///
-    /// Only [`KeyManagementEndpoint`](crate::KeyManagementEndpoint) calls this, right after
-    /// a change that [`SessionKeyAdmin`](crate::SessionKeyAdmin) made from exactly the
-    /// generation `auth` was checked under: that is what proves the change was this
-    /// session's. Returns `Ok(None)`, and leaves no successor, unless all of these hold:
-    /// `auth` came from a session of this table that still exists and was not logged out
-    /// meanwhile; `change` was made by that session's admin and moved the org to the
-    /// generation right after the one the request was authenticated under; the org is still
-    /// at that generation (no later change); and the admin is still enabled, with the same
-    /// password and the `api` scope.
-    ///
-    /// # Errors
-    ///
-    /// [`StoreError`] if the successor cannot be stored; nothing is created then (the
-    /// predecessor is dead anyway, by its generation).
-    pub(crate) async fn carry_over(
-        &self,
-        auth: &crate::Authenticated,
-        change: &crate::KeyInfo,
-    ) -> Result<Option<SessionToken>, StoreError> {
-        let changed_to = change.generation();
-        let Some(SessionDigest(old_digest)) = auth.session_digest() else {
-            return Ok(None);
-        };
-        let Some(old) = self
-            .inner
-            .sessions
-            .get(&old_digest)
-            .map(|r| Arc::clone(r.value()))
-        else {
-            return Ok(None);
-        };
-        let current = self
-            .inner
-            .orgs
-            .state(old.org.as_str())
-            .map(|state| state.generation());
-        let admin_ok = self.admin_scopes(&old).is_some();
-        let made_by_this_admin = change
-            .last_modified_by()
-            .is_some_and(|actor| actor.as_str() == old.admin.as_str());
-        if old.generation != auth.generation()
-            || changed_to != auth.generation().next()
-            || !made_by_this_admin
-            || current != Some(changed_to)
-            || !admin_ok
-            || old.logged_out.load(Ordering::SeqCst)
-        {
-            return Ok(None);
-        }
-        let (token, digest) = match SessionToken::generate() {
-            Ok(generated) => generated,
-            Err(error) => {
-                tracing::warn!(target: "orgkey::session", %error, "no session id for a carry-over");
-                return Ok(None);
-            }
-        };
-        let successor = SessionRecord::new(
-            old.org.clone(),
-            old.admin.clone(),
-            changed_to,
-            old.credential_version,
-            old.created_ms,
-            self.now_ms(),
-        );
-        if let Some(store) = &self.inner.store {
-            store.put_session(&successor.stored(digest)).await?;
-        }
-        self.inner.sessions.insert(digest, Arc::new(successor));
-        // Remove the predecessor, then look for a logout: a logout flags the record before
-        // removing it, so one that got in first is seen here and wins (the admin asked to be
-        // signed out: the successor goes too). A logout that comes later finds the
-        // predecessor gone and reports that it ended nothing.
-        self.inner.sessions.remove(&old_digest);
-        self.forget(vec![old_digest]);
-        if old.logged_out.load(Ordering::SeqCst) {
-            self.inner.sessions.remove(&digest);
-            self.forget(vec![digest]);
-            return Ok(None);
-        }
-        tracing::info!(
-            target: "orgkey::session",
-            org = %old.org,
-            admin = %old.admin,
-            "session carried over a key change"
-        );
-        Ok(Some(token))
-    }
-
     /// Ends a session (logout, S3): deleted from the store first (if any), then from memory.
     /// Returns whether it existed.
     ///
@@ -797,6 +707,23 @@ mod tests {
 
     const KEY: &str = "AbCdEf123456";
     const PASSWORD: &str = "CorrectHorse12!";
+
+    impl Sessions {
+        /// The carry-over as the key-management endpoint asks for it.
+        async fn carry_over_after(
+            &self,
+            auth: &Authenticated,
+            info: &crate::KeyInfo,
+        ) -> Result<Option<SessionToken>, StoreError> {
+            let change = KeyChange {
+                session: auth.session_digest().expect("a session's request"),
+                checked_at: auth.generation(),
+                changed_to: info.generation(),
+                by: info.last_modified_by(),
+            };
+            self.carry_over(&change).await
+        }
+    }
 
     struct Fixture {
         keys: KeyAdmin,
@@ -917,7 +844,7 @@ mod tests {
         let change = f.regenerate_as(&auth).await;
         let successor = f
             .sessions
-            .carry_over(&auth, &change)
+            .carry_over_after(&auth, &change)
             .await
             .unwrap()
             .unwrap();
@@ -926,7 +853,7 @@ mod tests {
         // Once: the predecessor is gone, so a second carry-over makes nothing.
         assert!(f
             .sessions
-            .carry_over(&auth, &change)
+            .carry_over_after(&auth, &change)
             .await
             .unwrap()
             .is_none());
@@ -943,7 +870,7 @@ mod tests {
         let before = f.sessions.len();
         assert!(f
             .sessions
-            .carry_over(&auth, &theirs)
+            .carry_over_after(&auth, &theirs)
             .await
             .unwrap()
             .is_none());
@@ -956,7 +883,12 @@ mod tests {
         let (_, auth) = f.login().await;
         let mine = f.regenerate_as(&auth).await;
         f.regenerate_by_ops().await;
-        assert!(f.sessions.carry_over(&auth, &mine).await.unwrap().is_none());
+        assert!(f
+            .sessions
+            .carry_over_after(&auth, &mine)
+            .await
+            .unwrap()
+            .is_none());
     }
 
     #[tokio::test]
@@ -968,7 +900,12 @@ mod tests {
             .change_password(&f.alice, &Password::new("another-long-password-1"))
             .await
             .unwrap();
-        assert!(f.sessions.carry_over(&auth, &mine).await.unwrap().is_none());
+        assert!(f
+            .sessions
+            .carry_over_after(&auth, &mine)
+            .await
+            .unwrap()
+            .is_none());
     }
 
     #[tokio::test]
@@ -981,7 +918,12 @@ mod tests {
             .logout(old.expose_secret().as_bytes())
             .await
             .unwrap());
-        assert!(f.sessions.carry_over(&auth, &mine).await.unwrap().is_none());
+        assert!(f
+            .sessions
+            .carry_over_after(&auth, &mine)
+            .await
+            .unwrap()
+            .is_none());
     }
 
     #[cfg(feature = "sqlite")]
@@ -1003,7 +945,7 @@ mod tests {
             let mine = f.regenerate_as(&auth).await;
             let carry = tokio::spawn({
                 let f = Arc::clone(&f);
-                async move { f.sessions.carry_over(&auth, &mine).await }
+                async move { f.sessions.carry_over_after(&auth, &mine).await }
             });
             let id = old.expose_secret().as_bytes().to_vec();
             let logout = tokio::spawn({
