@@ -23,6 +23,8 @@ pub mod audit;
 pub mod auth;
 pub mod clock;
 pub mod directory;
+#[cfg(feature = "gateway")]
+pub mod gateway;
 pub mod http;
 pub mod identity;
 pub mod key;

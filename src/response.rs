@@ -123,7 +123,7 @@ impl JsonBody {
     >
     where
         B: Body,
-        B::Error: std::error::Error + Send + Sync + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
         R: From<Bytes>,
     {
         if !is_json(request.headers().get(CONTENT_TYPE)) {

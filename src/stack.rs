@@ -479,7 +479,7 @@ impl<B> Service<Request<B>> for AdminSurface
 where
     B: Body + Send + 'static,
     B::Data: Send,
-    B::Error: std::error::Error + Send + Sync + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     type Response = Response<SurfaceBody>;
     type Error = Infallible;
@@ -561,7 +561,7 @@ where
     S: Service<Request<B>, Response = Response<ResBody>>,
     B: Body + Send + 'static,
     B::Data: Send,
-    B::Error: std::error::Error + Send + Sync + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     type Response = Response<WithOrgKeyBody<ResBody>>;
     type Error = S::Error;

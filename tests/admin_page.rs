@@ -13,10 +13,6 @@
 
 mod common;
 
-#[path = "../examples/gateway/app.rs"]
-#[allow(unreachable_pub)]
-mod app;
-
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -102,36 +98,21 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// A running gateway (the example's own service) on a SQLite file.
+/// A running gateway (the gateway's own service, `orgkey::gateway::Site`) on a SQLite file.
 struct Gateway {
     addr: SocketAddr,
-    gateway: app::Gateway,
-    server: tokio::task::JoinHandle<()>,
+    gateway: common::served::Served,
     _state: common::TempDb,
 }
 
 impl Gateway {
     async fn start(name: &str) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let state = common::TempDb::new(name);
         let store = SqliteStore::open(&state.0, KeyFormat::default()).unwrap();
-        let built = app::build(
-            app::Bootstrap {
-                org: OrgId::new("acme").unwrap(),
-                api_key: Some(ApiKey::parse(KEY).unwrap()),
-                admin: Username::new(ADMIN).unwrap(),
-                password: Some(Password::new(PASSWORD)),
-                base_url: format!("http://{addr}/api/v1"),
-                upstream: None,
-            },
-            store,
-        )
-        .await
-        .unwrap();
-        built
-            .gateway
-            .admins
+        let gateway = common::served::serve_gateway(store, KEY, ADMIN, PASSWORD).await;
+        gateway
+            .orgkey
+            .admins()
             .create(
                 &Username::new(READER).unwrap(),
                 &OrgId::new("acme").unwrap(),
@@ -140,18 +121,9 @@ impl Gateway {
             )
             .await
             .unwrap();
-        let service = built
-            .gateway
-            .router
-            .clone()
-            .into_make_service_with_connect_info::<SocketAddr>();
-        let server = tokio::spawn(async move {
-            axum::serve(listener, service).await.unwrap();
-        });
         Self {
-            addr,
-            gateway: built.gateway,
-            server,
+            addr: gateway.addr,
+            gateway,
             _state: state,
         }
     }
@@ -163,7 +135,8 @@ impl Gateway {
     /// The key the gateway holds now (`None` after a delete).
     fn key(&self) -> Option<String> {
         self.gateway
-            .keys
+            .orgkey
+            .keys()
             .view(&OrgId::new("acme").unwrap())
             .unwrap()
             .key()
@@ -172,7 +145,8 @@ impl Gateway {
 
     fn info(&self) -> orgkey::KeyInfo {
         self.gateway
-            .keys
+            .orgkey
+            .keys()
             .view(&OrgId::new("acme").unwrap())
             .unwrap()
     }
@@ -188,12 +162,6 @@ impl Gateway {
             .body(http_body_util::Empty::new())
             .unwrap();
         client.request(request).await.unwrap().status().as_u16()
-    }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        self.server.abort();
     }
 }
 
@@ -575,7 +543,8 @@ async fn an_admin_manages_the_key_from_the_page() {
     // nothing.
     let admin = Username::new(ADMIN).unwrap();
     gw.gateway
-        .admins
+        .orgkey
+        .admins()
         .revoke(&admin, Scope::KeyAdmin)
         .await
         .unwrap();
@@ -593,7 +562,8 @@ async fn an_admin_manages_the_key_from_the_page() {
     assert_eq!(gw.key().as_deref(), Some(regenerated.as_str()));
     b.shot("08-edit-refused-by-the-server").await;
     gw.gateway
-        .admins
+        .orgkey
+        .admins()
         .grant(&admin, Scope::KeyAdmin)
         .await
         .unwrap();
@@ -754,7 +724,8 @@ async fn an_admin_manages_the_key_from_the_page() {
     assert_no_key_in_page(&b, &added).await;
     assert_eq!(
         gw.gateway
-            .sessions
+            .orgkey
+            .sessions()
             .validate(session_ids[0].as_bytes())
             .err(),
         Some(orgkey::session::SessionRejection::NotFound)
@@ -772,15 +743,22 @@ async fn a_foreign_page_is_refused_tabs_stay_consistent_and_readers_see_the_page
     // A second org with its own key-admin, for the identity check below.
     let globex = OrgId::new("globex").unwrap();
     let ops = orgkey::Actor::new("ops@example.com").unwrap();
-    gw.gateway.keys.create_org(&globex).await.unwrap();
-    gw.gateway.keys.subscribe(&globex, &ops).await.unwrap();
+    gw.gateway.orgkey.keys().create_org(&globex).await.unwrap();
     gw.gateway
-        .keys
+        .orgkey
+        .keys()
+        .subscribe(&globex, &ops)
+        .await
+        .unwrap();
+    gw.gateway
+        .orgkey
+        .keys()
         .edit(&globex, ApiKey::parse(GLOBEX_KEY).unwrap(), &ops)
         .await
         .unwrap();
     gw.gateway
-        .admins
+        .orgkey
+        .admins()
         .create(
             &Username::new(BOB).unwrap(),
             &globex,
@@ -791,7 +769,8 @@ async fn a_foreign_page_is_refused_tabs_stay_consistent_and_readers_see_the_page
         .unwrap();
     let globex_key = || {
         gw.gateway
-            .keys
+            .orgkey
+            .keys()
             .view(&globex)
             .unwrap()
             .key()
@@ -1023,7 +1002,12 @@ Promise.allSettled([
         .find(|c| c.name() == "JSESSIONID")
         .map(|c| c.value().to_owned())
         .unwrap();
-    assert!(gw.gateway.sessions.validate(idle_id.as_bytes()).is_err());
+    assert!(gw
+        .gateway
+        .orgkey
+        .sessions()
+        .validate(idle_id.as_bytes())
+        .is_err());
     // The clock back to the real one: the login's timestamp must be fresh.
     b.eval("(() => { Date.now = window.realNow; return true; })()")
         .await;

@@ -10,18 +10,11 @@ use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
-/// `cargo test` builds the examples before running tests; find the gateway beside this test.
-/// (`cargo test --test gateway` alone does not rebuild the example: run
-/// `cargo build --all-features --example gateway` first, or the whole `cargo test`.)
+/// The gateway binary (`orgkey-gateway`, the same program as the example), which Cargo builds
+/// for this test, also for `cargo test --test gateway` alone.
 fn gateway_binary() -> PathBuf {
-    let mut dir = std::env::current_exe().unwrap();
-    dir.pop(); // the test binary
-    if dir.ends_with("deps") {
-        dir.pop();
-    }
-    let path = dir.join("examples").join("gateway");
-    assert!(path.exists(), "{} not built", path.display());
-    path
+    // Cargo builds the binary for this test and says where it is.
+    PathBuf::from(env!("CARGO_BIN_EXE_orgkey-gateway"))
 }
 
 struct Gateway {

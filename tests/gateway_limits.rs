@@ -20,16 +20,10 @@ use std::time::{Duration, Instant};
 /// Slack on top of a limit before a test calls it broken.
 const SLACK: Duration = Duration::from_secs(5);
 
-/// The gateway example beside this test binary (see tests/gateway.rs).
+/// The gateway binary, which Cargo builds for this test (see tests/gateway.rs).
 fn gateway_binary() -> PathBuf {
-    let mut dir = std::env::current_exe().unwrap();
-    dir.pop();
-    if dir.ends_with("deps") {
-        dir.pop();
-    }
-    let path = dir.join("examples").join("gateway");
-    assert!(path.exists(), "{} not built", path.display());
-    path
+    // Cargo builds the binary for this test and says where it is.
+    PathBuf::from(env!("CARGO_BIN_EXE_orgkey-gateway"))
 }
 
 struct Gateway {

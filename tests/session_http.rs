@@ -1,16 +1,14 @@
-//! The gateway's own service (examples/gateway/app.rs) over real HTTP: log in with the
+//! The gateway's own service (`orgkey::gateway::Site`) over real HTTP: log in with the
 //! obfuscated key, call with the cookie, regenerate through the admin handle, and the old
 //! cookie is answered 401.
 #![allow(clippy::unwrap_used)]
 
-#[path = "../examples/gateway/app.rs"]
-#[allow(unreachable_pub)]
-mod app;
+mod common;
 
 use std::net::SocketAddr;
 
 use orgkey::session::obfuscate::obfuscate;
-use orgkey::{Actor, ApiKey, OrgId, Password, Username};
+use orgkey::{Actor, OrgId};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const PASSWORD: &str = "CorrectHorse12!";
@@ -69,27 +67,15 @@ fn cookie_of(head: &str) -> String {
 
 #[tokio::test]
 async fn login_call_regenerate_and_the_old_cookie_is_rejected_over_http() {
-    let built = app::build(
-        app::Bootstrap {
-            org: OrgId::new("acme").unwrap(),
-            api_key: Some(ApiKey::parse("AbCdEf123456").unwrap()),
-            admin: Username::new("admin@acme.example").unwrap(),
-            password: Some(Password::new(PASSWORD)),
-            base_url: "http://127.0.0.1/api/v1".into(),
-            upstream: None,
-        },
+    let gateway = common::served::serve_gateway(
         orgkey::store::MemoryStore::new(),
+        "AbCdEf123456",
+        "admin@acme.example",
+        PASSWORD,
     )
-    .await
-    .unwrap();
-    let keys = built.gateway.keys.clone();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let service = built
-        .gateway
-        .router
-        .into_make_service_with_connect_info::<SocketAddr>();
-    let server = tokio::spawn(async move { axum::serve(listener, service).await });
+    .await;
+    let keys = gateway.orgkey.keys().clone();
+    let addr = gateway.addr;
 
     let (status, head, body) = login(addr, "AbCdEf123456").await;
     assert_eq!(status, 200, "{head}\n{body}");
@@ -185,5 +171,5 @@ async fn login_call_regenerate_and_the_old_cookie_is_rejected_over_http() {
     ] {
         assert!(!metrics.contains(secret), "metrics mention {secret:?}");
     }
-    server.abort();
+    drop(gateway);
 }

@@ -360,7 +360,7 @@ impl<B> Service<Request<B>> for KeyManagementEndpoint
 where
     B: Body + Send + 'static,
     B::Data: Send,
-    B::Error: std::error::Error + Send + Sync + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     type Response = Response<Full<Bytes>>;
     type Error = Infallible;
@@ -500,7 +500,7 @@ async fn edit<B>(
 where
     B: Body + Send + 'static,
     B::Data: Send,
-    B::Error: std::error::Error + Send + Sync + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     // Move the value out of the parsed object without copying it.
     let (_raw, mut fields) = KEY_BODY.read(request).await?;

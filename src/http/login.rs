@@ -175,7 +175,7 @@ impl<B> Service<Request<B>> for SessionEndpoint
 where
     B: Body + Send + 'static,
     B::Data: Send,
-    B::Error: std::error::Error + Send + Sync + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     type Response = Response<Full<Bytes>>;
     type Error = Infallible;
@@ -259,7 +259,7 @@ async fn login<B>(
 where
     B: Body + Send + 'static,
     B::Data: Send,
-    B::Error: std::error::Error + Send + Sync + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let (raw, _) = match LOGIN_BODY.read(request).await {
         Ok(read) => read,

@@ -1,7 +1,7 @@
 //! The gateway's HTTP/1.1 server loop (G2): header-read, body-read and idle timeouts, a cap on
 //! the connections open at once, and accept errors that back off instead of spinning or
-//! flooding the log. It replaces `axum::serve`, which has none of these: a slow or idle client
-//! kept its connection (and a file descriptor) for as long as it liked.
+//! flooding the log (G2). A slow or idle client cannot keep a connection (and a file
+//! descriptor) for as long as it likes, and a flood of them cannot take the process down.
 //!
 //! Per connection, a watchdog follows one of three phases:
 //!
@@ -25,29 +25,30 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::body::Body;
-use axum::extract::ConnectInfo;
-use axum::Router;
 use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use http_body::{Frame, SizeHint};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify, Semaphore};
 use tokio::time::{sleep, sleep_until, Instant, Sleep};
-use tower::ServiceExt;
+use tower_service::Service;
+
+use super::{BoxError, GatewayBody};
+use crate::http::ClientAddr;
 
 /// Default `--header-read-timeout`.
-pub(crate) const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default `--body-read-timeout`.
-pub(crate) const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default `--idle-timeout`.
-pub(crate) const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// The default connection cap never exceeds this: each open connection costs buffers and a
 /// task in the process and in the kernel, and a single gateway process needs no more.
-pub(crate) const MAX_DEFAULT_CONNECTIONS: usize = 4096;
+pub const MAX_DEFAULT_CONNECTIONS: usize = 4096;
 /// Descriptors kept back from the default cap for everything that is not a client connection
 /// (stdio, the listener, the runtime's epoll and wakers, the SQLite file and its WAL, the
 /// PostgreSQL connections); a quarter of the limit when that is smaller.
@@ -64,22 +65,22 @@ const LOG_PERIOD: Duration = Duration::from_secs(10);
 
 /// What one client may hold, and for how long.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct Limits {
+pub struct Limits {
     /// A request head must arrive in full within this, counted from the connection's start
     /// or from the first byte of a further request on it.
-    pub(crate) header_read_timeout: Duration,
+    pub header_read_timeout: Duration,
     /// A request body must arrive in full within this, counted from its head.
-    pub(crate) body_read_timeout: Duration,
+    pub body_read_timeout: Duration,
     /// A keep-alive connection with no request in flight is closed after this.
-    pub(crate) idle_timeout: Duration,
+    pub idle_timeout: Duration,
     /// Connections open at once; further clients wait (in the listen backlog).
-    pub(crate) max_connections: usize,
+    pub max_connections: usize,
 }
 
 /// The default connection cap: the process's open-file soft limit minus a reserve, halved
 /// when proxying (each request forwarded upstream can hold a second socket), at most
 /// [`MAX_DEFAULT_CONNECTIONS`], at least 1.
-pub(crate) fn default_max_connections(proxying: bool) -> usize {
+pub fn default_max_connections(proxying: bool) -> usize {
     let limit = open_files_soft_limit().unwrap_or(ASSUMED_OPEN_FILES);
     let reserve = DESCRIPTOR_RESERVE.min(limit / 4);
     let per_connection = if proxying { 2 } else { 1 };
@@ -100,15 +101,26 @@ fn open_files_soft_limit() -> Option<usize> {
     soft.parse().ok()
 }
 
-/// Serves `router` on `listener` within `limits` until `shutdown` completes; then stops
-/// accepting, lets requests in flight finish (up to [`DRAIN_TIMEOUT`]) and returns.
-/// Handlers find the client's address as `ConnectInfo<SocketAddr>` in the request extensions.
-pub(crate) async fn serve(
+/// Serves `service` on `listener` within `limits` until `shutdown` completes; then stops
+/// accepting, lets requests in flight finish (up to 30 s) and returns.
+///
+/// Each request carries the client's address in its extensions, as a [`ClientAddr`] (which
+/// the login throttle reads, A3) and as a `SocketAddr`, and its body as a [`GatewayBody`]
+/// under the body-read timeout.
+pub async fn serve<S, B>(
     listener: TcpListener,
-    router: Router,
+    service: S,
     limits: Limits,
     shutdown: impl Future<Output = ()>,
-) {
+) where
+    S: Service<Request<GatewayBody>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let (stop, stopping) = watch::channel(());
     let mut shutdown = pin!(shutdown);
@@ -145,10 +157,10 @@ pub(crate) async fn serve(
         match accepted {
             Ok((stream, remote)) => {
                 accept_errors.succeeded();
-                let router = router.clone();
+                let service = service.clone();
                 let stopping = stopping.clone();
                 tokio::spawn(async move {
-                    connection(stream, remote, router, limits, stopping).await;
+                    connection(stream, remote, service, limits, stopping).await;
                     drop(permit);
                 });
             }
@@ -317,13 +329,21 @@ impl Drop for InFlight {
 }
 
 /// Serves one connection until it ends, a limit closes it, or shutdown has let it finish.
-async fn connection(
+async fn connection<S, B>(
     stream: TcpStream,
     remote: SocketAddr,
-    router: Router,
+    service: S,
     limits: Limits,
     mut stopping: watch::Receiver<()>,
-) {
+) where
+    S: Service<Request<GatewayBody>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
     let activity = Arc::new(Activity {
         phase: Mutex::new(Phase::Head {
             since: Instant::now(),
@@ -338,7 +358,7 @@ async fn connection(
         let activity = Arc::clone(&activity);
         hyper::service::service_fn(move |request: Request<Incoming>| {
             let in_flight = InFlight::start(Arc::clone(&activity));
-            handle(request, remote, router.clone(), limits, in_flight)
+            handle(request, remote, service.clone(), limits, in_flight)
         })
     };
     let mut http = hyper::server::conn::http1::Builder::new();
@@ -388,15 +408,21 @@ async fn connection(
 
 /// One request: the client's address in the extensions, the body under the body-read
 /// timeout, and a 408 that closes the connection when the body did not arrive in time.
-async fn handle(
+async fn handle<S, B>(
     request: Request<Incoming>,
     remote: SocketAddr,
-    router: Router,
+    mut service: S,
     limits: Limits,
     in_flight: InFlight,
-) -> Result<Response<Tracked>, Infallible> {
+) -> Result<Response<Tracked>, Infallible>
+where
+    S: Service<Request<GatewayBody>, Response = Response<B>, Error = Infallible>,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
     let (mut parts, body) = request.into_parts();
-    parts.extensions.insert(ConnectInfo(remote));
+    parts.extensions.insert(ClientAddr(remote.ip()));
+    parts.extensions.insert(remote);
     let expired = Arc::new(AtomicBool::new(false));
     let body = TimedBody {
         inner: body,
@@ -404,16 +430,21 @@ async fn handle(
         timer: None,
         expired: Arc::clone(&expired),
     };
-    let response = match router
-        .oneshot(Request::from_parts(parts, Body::new(body)))
-        .await
-    {
-        Ok(response) => response,
+    let request = Request::from_parts(parts, GatewayBody(body));
+    let response = match std::future::poll_fn(|cx| service.poll_ready(cx)).await {
+        Ok(()) => match service.call(request).await {
+            Ok(response) => response.map(|body| body.map_err(Into::into).boxed_unsync()),
+            Err(never) => match never {},
+        },
         Err(never) => match never {},
     };
     let response = if expired.load(Ordering::Relaxed) {
         tracing::debug!(%remote, "request body not received within the body-read timeout");
-        let mut timeout = Response::new(Body::from("request body not received in time\n"));
+        let mut timeout = Response::new(
+            Full::new(Bytes::from_static(b"request body not received in time\n"))
+                .map_err(|never| match never {})
+                .boxed_unsync(),
+        );
         *timeout.status_mut() = StatusCode::REQUEST_TIMEOUT;
         let headers = timeout.headers_mut();
         headers.insert(
@@ -446,7 +477,7 @@ impl std::error::Error for BodyTimeout {}
 
 /// A request body that fails once its deadline passes before it ended; the timer is only set
 /// up when the body actually has to wait.
-struct TimedBody {
+pub(super) struct TimedBody {
     inner: Incoming,
     deadline: Option<Instant>,
     timer: Option<Pin<Box<Sleep>>>,
@@ -489,13 +520,13 @@ impl http_body::Body for TimedBody {
 
 /// A response body that keeps its request in flight until it is done or dropped.
 struct Tracked {
-    inner: Body,
+    inner: http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>,
     _in_flight: InFlight,
 }
 
 impl http_body::Body for Tracked {
     type Data = Bytes;
-    type Error = axum::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,

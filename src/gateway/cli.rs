@@ -1,0 +1,396 @@
+//! The gateway's command line: flags, the first start's provisioning, and serving.
+//!
+//! On a first start (a state without the org) the gateway creates the org with an API
+//! subscription (key: `--api-key` or random) and an admin with the `api` and `key-admin`
+//! scopes (password: `--password`, else `ORGKEY_ADMIN_PASSWORD`, else random), and prints on
+//! stdout `base url:`, `org id:`, `api key:`, `admin:`, `admin password:` (only when
+//! generated) and `admin page:`. Later starts reuse the state and print no key.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+
+use super::serve::{self, Limits};
+use super::{Site, Upstream};
+use crate::store::{SqliteStore, Store};
+use crate::{Actor, ApiKey, KeyFormat, OrgId, OrgKey, Password, Scopes, Username};
+
+/// orgkey gateway: an API protected by per-organization API keys and ZIA admin sessions.
+///
+/// On the first start (a new state) the gateway creates the org, its key and the admin, and
+/// prints the key (and a generated password) once; later starts reuse the state, ignore
+/// --api-key and --password, and print no secret. Send the key in X-API-Key with the org in
+/// X-Org-Id:
+///     curl -H 'X-Org-Id: acme' -H 'X-API-Key: <key>' http://127.0.0.1:8080/api/v1/whoami
+/// or log in as the admin through POST /api/v1/authenticatedSession (see the README).
+///
+/// Logs go to stderr, at info by default. RUST_LOG changes the levels of the targets it names
+/// (RUST_LOG=orgkey=debug shows every decision); the others stay at info unless it also gives
+/// a bare level (RUST_LOG=warn,orgkey=debug). SECS may have a fraction (0.5); each is more
+/// than 0 and at most 86400.
+#[derive(Parser, Debug)]
+#[command(name = "orgkey-gateway", version, verbatim_doc_comment)]
+pub struct Options {
+    /// Address to listen on.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Id of the organization to create on the first start.
+    #[arg(long = "org-id", value_name = "ID", default_value = "acme", value_parser = parse_org)]
+    org_id: OrgId,
+    /// The organization's key on the first start (12 ASCII letters/digits) [default: random].
+    #[arg(long = "api-key", value_name = "KEY")]
+    api_key: Option<String>,
+    /// The admin to create, name@domain [default: admin@<org-id>.example].
+    #[arg(long, value_name = "USER", value_parser = parse_username)]
+    admin: Option<Username>,
+    /// The admin's password (12+ characters) [default: $ORGKEY_ADMIN_PASSWORD, else random,
+    /// printed once].
+    #[arg(long, value_name = "PW")]
+    password: Option<String>,
+    /// Base URL to advertise; https:// makes the session cookie Secure
+    /// [default: http://<listen>/api/v1].
+    #[arg(long = "base-url", value_name = "URL")]
+    base_url: Option<String>,
+    /// The SQLite state file (created on first start; one gateway per file).
+    #[arg(long, value_name = "PATH", default_value = "orgkey.db")]
+    state: PathBuf,
+    /// Keep the state in PostgreSQL instead (schema "orgkey"; needs the `postgres` feature:
+    /// cargo run --features postgres --example gateway).
+    #[arg(long, value_name = "URL")]
+    postgres: Option<String>,
+    /// Forward authenticated requests to URL (http://host:port), without orgkey's credentials,
+    /// with x-orgkey-org, x-orgkey-admin and x-orgkey-auth set [default: the demo API answers].
+    #[arg(long, value_name = "URL")]
+    upstream: Option<String>,
+    /// Close a connection whose request head is not in SECS after it opened, or after the
+    /// first byte of a further request on it.
+    #[arg(long = "header-read-timeout", value_name = "SECS", default_value = "10", value_parser = parse_seconds)]
+    header_read_timeout: Duration,
+    /// A request body must arrive in full within SECS of its head, else 408 and the connection
+    /// is closed; raise it for clients that upload large or slow bodies.
+    #[arg(long = "body-read-timeout", value_name = "SECS", default_value = "30", value_parser = parse_seconds)]
+    body_read_timeout: Duration,
+    /// Close a keep-alive connection after SECS without a request.
+    #[arg(long = "idle-timeout", value_name = "SECS", default_value = "60", value_parser = parse_seconds)]
+    idle_timeout: Duration,
+    /// Connections open at once; further clients wait until one closes [default: the
+    /// open-file soft limit less a reserve (64, or a quarter of a limit under 256), halved with
+    /// --upstream, at most 4096; 960 under the usual limit of 1024].
+    #[arg(long = "max-connections", value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    max_connections: Option<u32>,
+}
+
+fn parse_org(value: &str) -> Result<OrgId, String> {
+    OrgId::new(value).map_err(|e| e.to_string())
+}
+
+fn parse_username(value: &str) -> Result<Username, String> {
+    Username::new(value).map_err(|e| e.to_string())
+}
+
+/// A flag's value in seconds: a positive number, fractions allowed, at most a day.
+fn parse_seconds(value: &str) -> Result<Duration, String> {
+    value
+        .parse::<f64>()
+        .ok()
+        .filter(|secs| secs.is_finite() && *secs > 0.0 && *secs <= 86_400.0)
+        .map(Duration::from_secs_f64)
+        .ok_or_else(|| "expected seconds, more than 0 and at most 86400".to_owned())
+}
+
+/// What the gateway was asked for, checked: the secrets parsed without ever echoing them.
+struct Checked {
+    options: Options,
+    api_key: Option<ApiKey>,
+    password: Option<Password>,
+    upstream: Option<Upstream>,
+}
+
+/// Checks the flags that carry secrets (their errors never repeat the value).
+fn check(mut options: Options) -> Result<Checked, String> {
+    let api_key = options
+        .api_key
+        .take()
+        .map(|key| {
+            ApiKey::parse(&zeroize::Zeroizing::new(key)).map_err(|e| format!("--api-key: {e}"))
+        })
+        .transpose()?;
+    let password = match options.password.take() {
+        Some(password) => Some(checked_password(password, "--password")?),
+        None => match std::env::var("ORGKEY_ADMIN_PASSWORD") {
+            Ok(from_env) => Some(checked_password(from_env, "ORGKEY_ADMIN_PASSWORD")?),
+            Err(_) => None,
+        },
+    };
+    let upstream = options
+        .upstream
+        .as_deref()
+        .map(|url| Upstream::new(url).map_err(|e| format!("--upstream {e}")))
+        .transpose()?;
+    Ok(Checked {
+        options,
+        api_key,
+        password,
+        upstream,
+    })
+}
+
+fn checked_password(password: String, source: &str) -> Result<Password, String> {
+    let password = Password::new(password);
+    password
+        .check_policy()
+        .map_err(|e| format!("{source}: {e}"))?;
+    Ok(password)
+}
+
+/// Runs the gateway as `cargo run --example gateway` or `orgkey-gateway` do: parses the
+/// command line, sets up logging, serves until Ctrl-C or SIGTERM. Exit code 2 for bad flags,
+/// 1 when the gateway cannot start.
+pub fn main() -> ExitCode {
+    let options = match Options::try_parse() {
+        Ok(options) => options,
+        Err(error) => {
+            // --help and --version print to stdout and succeed; errors exit 2. clap's errors
+            // may quote a value: the secret-carrying flags are plain strings here, checked
+            // below with messages that never repeat them.
+            let _ = error.print();
+            return ExitCode::from(u8::try_from(error.exit_code()).unwrap_or(2));
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(log_filter())
+        .init();
+    let checked = match check(options) {
+        Ok(checked) => checked,
+        Err(message) => {
+            eprintln!("error: {message}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(checked)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `RUST_LOG`, with info for every target it does not name unless it gives a bare level
+/// itself. (`EnvFilter`'s default directive applies only when `RUST_LOG` is empty, so
+/// `RUST_LOG=orgkey=debug` alone would silence the gateway's own info lines.)
+fn log_filter() -> tracing_subscriber::EnvFilter {
+    use tracing_subscriber::filter::LevelFilter;
+    let directives = std::env::var("RUST_LOG").unwrap_or_default();
+    let filter = tracing_subscriber::EnvFilter::builder().parse_lossy(&directives);
+    let bare_level = directives
+        .split(',')
+        .map(str::trim)
+        // ("" would parse as a level, ERROR.)
+        .filter(|directive| !directive.is_empty())
+        .any(|directive| directive.parse::<LevelFilter>().is_ok());
+    if bare_level {
+        filter
+    } else {
+        filter.add_directive(LevelFilter::INFO.into())
+    }
+}
+
+/// What a first start created, to print once.
+struct Provisioned {
+    new_key: Option<ApiKey>,
+    generated_password: Option<Password>,
+}
+
+async fn run(checked: Checked) -> Result<(), String> {
+    let Checked {
+        options,
+        api_key,
+        password,
+        upstream,
+    } = checked;
+    let listener = tokio::net::TcpListener::bind(options.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", options.listen))?;
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    let base_url = options
+        .base_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{local}/api/v1"));
+    let admin = match options.admin.clone() {
+        Some(admin) => admin,
+        None => Username::new(&format!("admin@{}.example", options.org_id))
+            .map_err(|e| format!("default admin name: {e}"))?,
+    };
+    let builder = OrgKey::builder(&base_url).map_err(|e| format!("--base-url: {e}"))?;
+    let orgkey = match &options.postgres {
+        Some(url) => builder.open(postgres(url).await?).await,
+        None => {
+            let store = SqliteStore::open(&options.state, KeyFormat::default()).map_err(|e| {
+                format!(
+                    "state file {}: {e}{}",
+                    options.state.display(),
+                    std::error::Error::source(&e)
+                        .map(|s| format!(" ({s})"))
+                        .unwrap_or_default()
+                )
+            })?;
+            tracing::info!(state = %options.state.display(), "state file opened");
+            builder.open(store).await
+        }
+    }
+    .map_err(|e| {
+        format!(
+            "state: {e}{}",
+            std::error::Error::source(&e)
+                .map(|s| format!(" ({s})"))
+                .unwrap_or_default()
+        )
+    })?;
+    let provisioned = provision(&orgkey, &options.org_id, api_key, &admin, password).await?;
+
+    println!("base url: {base_url}");
+    println!("org id: {}", options.org_id);
+    match &provisioned.new_key {
+        Some(key) => println!("api key: {}", key.expose_secret()),
+        None => eprintln!(
+            "note: using the stored state; its key is not printed again (and --api-key, if \
+             given, was ignored)"
+        ),
+    }
+    println!("admin: {admin}");
+    if let Some(password) = &provisioned.generated_password {
+        println!("admin password: {}", password.expose_secret());
+    }
+    let site = base_url
+        .strip_suffix("/api/v1")
+        .map_or_else(|| format!("http://{local}"), str::to_owned);
+    println!("admin page: {site}/admin");
+
+    let limits = Limits {
+        header_read_timeout: options.header_read_timeout,
+        body_read_timeout: options.body_read_timeout,
+        idle_timeout: options.idle_timeout,
+        max_connections: options.max_connections.map_or_else(
+            || serve::default_max_connections(upstream.is_some()),
+            |n| n as usize,
+        ),
+    };
+    tracing::info!(
+        header_read_timeout = ?limits.header_read_timeout,
+        body_read_timeout = ?limits.body_read_timeout,
+        idle_timeout = ?limits.idle_timeout,
+        max_connections = limits.max_connections,
+        "limits"
+    );
+    tracing::info!(%local, "gateway listening");
+    serve::serve(
+        listener,
+        Site::new(&orgkey, upstream),
+        limits,
+        shutdown_signal(),
+    )
+    .await;
+    tracing::info!("gateway stopped");
+    Ok(())
+}
+
+/// On a first start (the org is not in the store), creates the org, its subscription and
+/// key, and the admin with both scopes; later starts create nothing but a missing admin.
+async fn provision(
+    orgkey: &OrgKey,
+    org: &OrgId,
+    api_key: Option<ApiKey>,
+    admin: &Username,
+    password: Option<Password>,
+) -> Result<Provisioned, String> {
+    let keys = orgkey.keys();
+    let mut new_key = None;
+    if keys.table().state(org.as_str()).is_none() {
+        let provisioning = Actor::new("provisioning").map_err(|e| e.to_string())?;
+        keys.create_org(org).await.map_err(|e| e.to_string())?;
+        let mut info = keys
+            .subscribe(org, &provisioning)
+            .await
+            .map_err(|e| e.to_string())?;
+        if let Some(key) = api_key {
+            info = keys
+                .edit(org, key, &provisioning)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        new_key = Some(info.key().ok_or("the org has no key")?.clone());
+    }
+    let mut generated_password = None;
+    if orgkey.admins().get(admin).is_none() {
+        let password = match password {
+            Some(password) => password,
+            None => {
+                let password = Password::generate(20).map_err(|e| e.to_string())?;
+                generated_password = Some(password.clone());
+                password
+            }
+        };
+        orgkey
+            .admins()
+            .create(admin, org, &password, Scopes::ALL)
+            .await
+            .map_err(|e| format!("admin: {e}"))?;
+    }
+    Ok(Provisioned {
+        new_key,
+        generated_password,
+    })
+}
+
+#[cfg(feature = "postgres")]
+async fn postgres(url: &str) -> Result<impl Store, String> {
+    crate::store::PostgresStore::connect(url, "orgkey", KeyFormat::default())
+        .await
+        .map_err(|e| format!("--postgres: {e}"))
+}
+
+#[cfg(not(feature = "postgres"))]
+async fn postgres(_: &str) -> Result<SqliteStore, String> {
+    Err(
+        "--postgres needs the postgres feature: cargo run --features postgres --example gateway"
+            .into(),
+    )
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+    tracing::info!("shutdown signal received");
+}

@@ -1,0 +1,64 @@
+//! The deployable gateway (feature `gateway`): the main job, as `cargo run --example gateway`
+//! or the `orgkey-gateway` binary.
+//!
+//! It is the composition root ([`OrgKey`](crate::OrgKey)) on a store, served by a server with
+//! limits, in front of either a built-in demo API or an upstream it proxies to:
+//!
+//! - [`cli`]: the command line (flags, the first start's provisioning, what it prints);
+//! - [`serve`](serve::serve): the HTTP/1.1 server with header-read, body-read and idle
+//!   timeouts, a connection cap and accept back-off (G2);
+//! - [`Upstream`]: the reverse proxy (G1), with [`ProxyHeaders`](crate::http::proxy::ProxyHeaders);
+//! - [`Site`]: what the gateway serves: `/metrics` (O2), the demo API or the upstream behind
+//!   [`OrgKey::wrap`](crate::OrgKey::wrap), and a redirect to the admin page for a browser
+//!   that opens `/` (demo) or `/admin/`.
+
+pub mod cli;
+pub mod serve;
+mod site;
+mod upstream;
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
+
+pub use cli::main;
+pub use site::{DemoApi, Site};
+pub use upstream::Upstream;
+
+/// A boxed error, as hyper and tower use them.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The body of every request the gateway's server hands on: the client's bytes, failing with an
+/// error once the body-read timeout passes (G2).
+pub struct GatewayBody(serve::TimedBody);
+
+impl std::fmt::Debug for GatewayBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewayBody").finish_non_exhaustive()
+    }
+}
+
+impl http_body::Body for GatewayBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.get_mut().0).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.0.size_hint()
+    }
+}
+
+/// The body of every answer the gateway gives.
+pub type SiteBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
