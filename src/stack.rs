@@ -243,11 +243,11 @@ impl OrgKeyBuilder {
         let table = keys.table().clone();
         let protect = OrgKeyLayer::new(table.clone())
             .with_sessions(sessions.clone())
-            .keep_alive(Arc::clone(&keep_alive));
+            .keep_alive(Arc::clone(&keep_alive) as _);
         let management = OrgKeyLayer::new(table)
             .with_sessions(sessions.clone())
             .allow_keyless_sessions()
-            .keep_alive(Arc::clone(&keep_alive));
+            .keep_alive(Arc::clone(&keep_alive) as _);
         let login = SessionEndpoint::new(sessions.clone()).client_addr_fn(self.client_addr);
         let surface =
             AdminSurface {
@@ -280,7 +280,7 @@ impl OrgKeyBuilder {
 }
 
 /// Keeps the change feed running while anything built from the stack lives.
-pub(crate) type KeepAlive = Arc<Option<ChangeFollower>>;
+type KeepAlive = Arc<Option<ChangeFollower>>;
 
 /// `scheme://authority` and the path of an absolute http(s) URL.
 fn split_url(url: &str) -> Result<(String, String), StackError> {

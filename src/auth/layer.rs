@@ -17,6 +17,10 @@ use crate::org::InlineOrgId;
 use crate::session::{strip_session_cookie, SessionCheck, SessionIdentity, Sessions};
 use crate::table::OrgTable;
 
+/// Something that must live as long as the services built from a layer (the composition
+/// root's change feed).
+pub(crate) type KeepAlive = Arc<dyn std::any::Any + Send + Sync>;
+
 /// Layer that authenticates requests against an [`OrgTable`] (L1-L4).
 ///
 /// Defaults: the org from header `X-Org-Id`, the key from header `X-API-Key`, realm `orgkey`.
@@ -36,7 +40,7 @@ pub(crate) struct Config {
     pub(crate) challenge: HeaderValue,
     /// What must live as long as the services built from this layer (the composition
     /// root's change feed).
-    keep_alive: Option<crate::stack::KeepAlive>,
+    keep_alive: Option<KeepAlive>,
 }
 
 impl OrgKeyLayer {
@@ -102,7 +106,7 @@ impl OrgKeyLayer {
     }
 
     /// Keeps `handle` alive as long as any service built from this layer.
-    pub(crate) fn keep_alive(mut self, handle: crate::stack::KeepAlive) -> Self {
+    pub(crate) fn keep_alive(mut self, handle: KeepAlive) -> Self {
         self.config_mut().keep_alive = Some(handle);
         self
     }
