@@ -219,7 +219,8 @@ impl fmt::Debug for SessionDigest {
     }
 }
 
-struct SessionRecord {
+/// One entry of the session table (the stored form is [`crate::store::SessionRecord`]).
+struct SessionEntry {
     org: OrgId,
     admin: Username,
     generation: Generation,
@@ -231,7 +232,7 @@ struct SessionRecord {
     logged_out: AtomicBool,
 }
 
-impl SessionRecord {
+impl SessionEntry {
     /// A live record, last used at `last_seen_ms`.
     fn new(
         org: OrgId,
@@ -279,7 +280,7 @@ struct Inner {
     orgs: OrgTable,
     directory: Arc<dyn AdminDirectory>,
     store: Option<Arc<dyn Store>>,
-    sessions: DashMap<[u8; 32], Arc<SessionRecord>>,
+    sessions: DashMap<[u8; 32], Arc<SessionEntry>>,
     clock: SharedClock,
     config: SessionConfig,
     throttle: Throttle,
@@ -347,7 +348,7 @@ impl Sessions {
             let created = millis_u64(record.created);
             inner.sessions.insert(
                 record.digest,
-                Arc::new(SessionRecord::new(
+                Arc::new(SessionEntry::new(
                     record.org,
                     record.admin,
                     record.generation,
@@ -535,7 +536,7 @@ impl Sessions {
             return Err(LoginFailure::MissingApiScope);
         }
         let (token, digest) = SessionToken::generate().map_err(|_| LoginFailure::Internal)?;
-        let record = SessionRecord::new(
+        let record = SessionEntry::new(
             admin.org.clone(),
             username.clone(),
             state.generation(),
@@ -593,7 +594,7 @@ impl Sessions {
 
     fn check(
         &self,
-        record: &SessionRecord,
+        record: &SessionEntry,
         digest: [u8; 32],
     ) -> Result<SessionIdentity, SessionRejection> {
         let now_ms = self.now_ms();
@@ -633,7 +634,7 @@ impl Sessions {
 
     /// The admin's scopes now, if the admin of `record` may still hold it (S2): still
     /// there, enabled, in the same org, with the same password and the `api` scope.
-    fn admin_scopes(&self, record: &SessionRecord) -> Option<Scopes> {
+    fn admin_scopes(&self, record: &SessionEntry) -> Option<Scopes> {
         let admin = self.inner.directory.status(&record.admin)?;
         (admin.enabled
             && admin.credential_version == record.credential_version

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use http::header::SET_COOKIE;
 use http::Response;
 
-use super::{SessionDigest, SessionRecord, Sessions};
+use super::{SessionDigest, SessionEntry, Sessions};
 use crate::org::{Actor, Generation};
 use crate::session::cookie::{set_cookie_value, SessionToken};
 use crate::store::StoreError;
@@ -92,7 +92,7 @@ impl Sessions {
                 return Ok(None);
             }
         };
-        let successor = SessionRecord::new(
+        let successor = SessionEntry::new(
             old.org.clone(),
             old.admin.clone(),
             changed_to,
