@@ -281,7 +281,7 @@ impl Admins {
             password_hash,
         };
         self.save(username, account).await?;
-        tracing::info!(target: "orgkey::keys", admin = %username, org = %org, scopes = ?scopes, "admin created");
+        tracing::info!(target: "orgkey::directory", admin = %username, org = %org, scopes = ?scopes, "admin created");
         Ok(())
     }
 
@@ -328,7 +328,7 @@ impl Admins {
         }
         match self.inner.accounts.remove(username) {
             Some(_) => {
-                tracing::info!(target: "orgkey::keys", admin = %username, "admin deleted");
+                tracing::info!(target: "orgkey::directory", admin = %username, "admin deleted");
                 Ok(())
             }
             None => Err(AccountError::UnknownAdmin),
@@ -410,7 +410,7 @@ impl Admins {
             account.status.credential_version = new_credential_version();
         }
         self.save(username, account).await?;
-        tracing::info!(target: "orgkey::keys", admin = %username, change = what, "admin changed");
+        tracing::info!(target: "orgkey::directory", admin = %username, change = what, "admin changed");
         Ok(())
     }
 }

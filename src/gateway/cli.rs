@@ -15,7 +15,7 @@ use clap::Parser;
 
 use super::serve::{self, Limits};
 use super::{Site, Upstream};
-use crate::store::{SqliteStore, Store};
+use crate::store::SqliteStore;
 use crate::{Actor, ApiKey, KeyFormat, OrgId, OrgKey, Password, Scopes, Username};
 
 /// orgkey gateway: an API protected by per-organization API keys and ZIA admin sessions.
@@ -359,7 +359,7 @@ async fn provision(
 }
 
 #[cfg(feature = "postgres")]
-async fn postgres(url: &str) -> Result<impl Store, String> {
+async fn postgres(url: &str) -> Result<impl crate::store::Store, String> {
     crate::store::PostgresStore::connect(url, "orgkey", KeyFormat::default())
         .await
         .map_err(|e| format!("--postgres: {e}"))
