@@ -63,6 +63,18 @@ pub(crate) fn bad_request<B: From<Bytes>>(message: &str) -> Response<B> {
     error(StatusCode::BAD_REQUEST, "INVALID_INPUT_ARGUMENT", message)
 }
 
+/// The orgs cannot be vouched for right now (a change feed is reconnecting or stalled, F3).
+pub(crate) const UNAVAILABLE: &str = r#"{"code":"SERVICE_UNAVAILABLE","message":"authentication state is reloading; retry shortly"}"#;
+
+/// 503 [`UNAVAILABLE`] with `Retry-After: 1`: fail closed (F1, F3).
+pub(crate) fn unavailable<B: From<Bytes>>() -> Response<B> {
+    let mut response = fixed(StatusCode::SERVICE_UNAVAILABLE, UNAVAILABLE);
+    response
+        .headers_mut()
+        .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+    response
+}
+
 /// 500 `INTERNAL_ERROR`.
 pub(crate) fn internal_error<B: From<Bytes>>() -> Response<B> {
     fixed(StatusCode::INTERNAL_SERVER_ERROR, INTERNAL_ERROR)

@@ -86,6 +86,10 @@ use crate::store::{ChangeFollower, Store, StoreError};
 use crate::table::OrgTable;
 use crate::OrgKeyLayer;
 
+/// How long [`OrgKeyBuilder::open`] waits for a change feed's first reload.
+#[cfg(feature = "postgres")]
+const FIRST_FOLLOW_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The body of the admin surface's answers.
 pub type SurfaceBody = BoxBody<Bytes, Infallible>;
 
@@ -223,8 +227,22 @@ impl OrgKeyBuilder {
         )
         .await
         .map_err(StackError::Store)?;
-        // Last: the feed follows from the state just loaded (it reloads after LISTEN).
+        // Last: the feed follows from the state just loaded (it reloads after LISTEN). Until
+        // its first reload the table is untrusted (503, F3); give it a moment, so that a
+        // healthy start serves at once.
         let follower = store.follow_changes(table.clone());
+        #[cfg(feature = "postgres")]
+        if follower.is_some() {
+            let waited = tokio::time::Instant::now();
+            while !table.is_trusted() && waited.elapsed() < FIRST_FOLLOW_WAIT {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            if !table.is_trusted() {
+                tracing::warn!(
+                    "the change feed does not follow yet; failing closed (503) until it does"
+                );
+            }
+        }
         Ok(self.assemble(keys, admins, sessions, follower))
     }
 
@@ -587,5 +605,75 @@ where
                 },
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::Full;
+
+    async fn status(surface: &AdminSurface, method: http::Method, path: &str) -> u16 {
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .body(Full::<Bytes>::default())
+            .unwrap();
+        let mut surface = surface.clone();
+        let response = surface.call(request).await.unwrap();
+        if response.status() == http::StatusCode::SERVICE_UNAVAILABLE {
+            assert_eq!(response.headers()[http::header::RETRY_AFTER], "1");
+        }
+        response.status().as_u16()
+    }
+
+    /// F3: while the orgs cannot be vouched for, the login, the session probe and the page's
+    /// session resource fail closed with 503 like the layer (they answered 200 and 500), a
+    /// logout still ends sessions, and the page's static files are still served.
+    #[tokio::test]
+    async fn an_untrusted_table_fails_the_login_the_probe_and_the_page_session_closed() {
+        let orgkey = OrgKey::builder("http://gw.example/api/v1")
+            .unwrap()
+            .open(crate::store::MemoryStore::new())
+            .await
+            .unwrap();
+        let surface = orgkey.admin_surface();
+        let login = "/api/v1/authenticatedSession";
+        assert_eq!(status(&surface, http::Method::GET, login).await, 401);
+        orgkey.table().set_trusted(false);
+        assert_eq!(status(&surface, http::Method::GET, login).await, 503);
+        assert_eq!(status(&surface, http::Method::POST, login).await, 503);
+        assert_eq!(status(&surface, http::Method::DELETE, login).await, 200);
+        assert_eq!(
+            status(&surface, http::Method::GET, "/api/v1/apiKeys").await,
+            503
+        );
+        assert_eq!(
+            status(&surface, http::Method::GET, "/api/v1/auditLog").await,
+            503
+        );
+        #[cfg(feature = "admin-page")]
+        {
+            assert_eq!(
+                status(&surface, http::Method::GET, "/admin/session").await,
+                503
+            );
+            assert_eq!(status(&surface, http::Method::GET, "/admin").await, 200);
+        }
+        orgkey.table().set_trusted(true);
+        assert_eq!(status(&surface, http::Method::GET, login).await, 401);
+    }
+
+    #[test]
+    fn base_urls_must_be_absolute_http_without_a_query() {
+        for bad in [
+            "gw.example/api",
+            "ftp://gw.example/",
+            "https://gw.example/api?x=1",
+            "/api/v1",
+        ] {
+            assert!(OrgKey::builder(bad).is_err(), "{bad}");
+        }
+        assert!(OrgKey::builder("https://GW.example:8443/api/v1/").is_ok());
     }
 }

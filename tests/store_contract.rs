@@ -905,6 +905,93 @@ async fn postgres_change_feed_propagates_and_recovers_after_losing_its_connectio
     drop(_follower);
 }
 
+/// F3: a follower whose LISTEN backend is stopped (SIGSTOP, as a half-open connection would
+/// be) hears nothing, and no error either; its heartbeat stops coming back and it fails closed
+/// within the published bound (2 s; measured and printed here, asserted with slack for a
+/// loaded machine), reconnects while the old backend is still stopped, and catches up with a
+/// change made meanwhile.
+#[cfg(all(feature = "postgres", unix))]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_stalled_feed_fails_closed_within_the_bound_and_recovers() {
+    use orgkey::{KeyAdmin, OrgTable};
+    use std::time::{Duration, Instant};
+    let Some(schema) = TempSchema::new() else {
+        return;
+    };
+    let a = KeyAdmin::open(OrgTable::default(), schema.connect().await)
+        .await
+        .unwrap();
+    let actor = Actor::new("ops@acme.example").unwrap();
+    a.create_org(&org("acme")).await.unwrap();
+    let first = a.subscribe(&org("acme"), &actor).await.unwrap();
+    let first = first.key().unwrap().expose_secret().to_owned();
+    let b_store = schema.connect().await;
+    let b = KeyAdmin::open(OrgTable::default(), b_store.clone())
+        .await
+        .unwrap();
+    let follower = b_store.follow(b.table().clone());
+    let until = |what: &'static str, done: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !done() {
+            assert!(Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    until("B never followed", &|| b.table().is_trusted());
+    assert!(b.table().verify("acme", first.as_bytes()).is_ok());
+
+    let raw = schema.raw().await;
+    let pid: i32 = raw
+        .query_one(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = $1",
+            &[&format!("orgkey-follow:{}", schema.name)],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let signal = |which: &str| {
+        std::process::Command::new("kill")
+            .args([which, &pid.to_string()])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !signal("-STOP") {
+        common::skip::announce(
+            "tests/store_contract.rs",
+            "postgres_a_stalled_feed_fails_closed_within_the_bound_and_recovers",
+            "this process may not signal the PostgreSQL server's processes (run as root or as the server's user)",
+        );
+        return;
+    }
+    struct Resume<F: Fn(&str) -> bool>(F);
+    impl<F: Fn(&str) -> bool> Drop for Resume<F> {
+        fn drop(&mut self) {
+            (self.0)("-CONT");
+        }
+    }
+    let resume = Resume(signal);
+    let stopped = Instant::now();
+    until("the stalled feed was never detected", &|| {
+        !b.table().is_trusted()
+    });
+    let detected = stopped.elapsed();
+    println!("stall detected after {detected:?} (bound: 2 s)");
+    assert!(
+        detected < Duration::from_secs(5),
+        "detection took {detected:?}"
+    );
+    // A change while B's old backend is still stopped: B reconnects on a new backend,
+    // reloads, and follows again.
+    let during = a.regenerate(&org("acme"), &actor).await.unwrap();
+    let during = during.key().unwrap().expose_secret().to_owned();
+    until("B never recovered", &|| {
+        b.table().is_trusted() && b.table().verify("acme", during.as_bytes()).is_ok()
+    });
+    assert!(b.table().verify("acme", first.as_bytes()).is_err());
+    drop(resume);
+    drop(follower);
+}
+
 /// P1 on PostgreSQL through `KeyAdmin`: eight writers, each with its own connection and its
 /// own table (as separate replicas would be), regenerate one org from the same generation:
 /// exactly one wins, seven get `Conflict`, and the stored key is the winner's.

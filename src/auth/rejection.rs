@@ -121,9 +121,7 @@ impl RejectionReason {
             | Self::SessionAdminChanged
             | Self::SessionAmbiguous
             | Self::SessionMissing => SESSION_NOT_VALID,
-            Self::Unavailable => {
-                r#"{"code":"SERVICE_UNAVAILABLE","message":"authentication state is reloading; retry shortly"}"#
-            }
+            Self::Unavailable => response::UNAVAILABLE,
         }
     }
 }

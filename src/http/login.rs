@@ -187,6 +187,12 @@ where
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
         let sessions = self.sessions.clone();
+        // F3: a login or a session probe is a decision about who gets in; while the orgs
+        // cannot be vouched for, it fails closed like every authenticating route. (A logout
+        // only ends sessions, and goes ahead.)
+        if !sessions.can_vouch() && matches!(*request.method(), Method::GET | Method::POST) {
+            return Box::pin(std::future::ready(Ok(response::unavailable())));
+        }
         match *request.method() {
             Method::GET => {
                 let mut request = request;

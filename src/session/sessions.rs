@@ -562,6 +562,13 @@ impl Sessions {
         })
     }
 
+    /// Whether the org table can be vouched for now: false while a change feed that keeps
+    /// it in step with other replicas is reconnecting or stalled (F1, F3). Logins and session
+    /// checks answer 503 meanwhile, like the layer.
+    pub fn can_vouch(&self) -> bool {
+        self.inner.orgs.is_trusted()
+    }
+
     /// Names this table among others, for the per-request cache of
     /// [`Sessions::check_request`]: clones share it.
     pub(crate) fn identity_tag(&self) -> usize {

@@ -53,7 +53,7 @@ mod sqlite;
 
 pub use memory::MemoryStore;
 #[cfg(feature = "postgres")]
-pub use postgres::PostgresStore;
+pub use postgres::{PostgresStore, HEARTBEAT_INTERVAL, STALL_BOUND};
 #[cfg(feature = "sqlite")]
 pub use sqlite::SqliteStore;
 

@@ -130,9 +130,29 @@ fn state_of(record: OrgRecord) -> (OrgId, OrgState) {
     )
 }
 
+/// How often a follower sends itself a heartbeat through the database (F3).
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(250);
+/// A follower that has heard nothing of its own heartbeats for this long stops vouching for
+/// its table (fails closed) and reconnects. Checked at every heartbeat, so a stall is
+/// detected within this plus one [`HEARTBEAT_INTERVAL`] (1.25 s), inside DESIGN.md's bound of
+/// 2 s for a stalled, half-open or silently dropped feed.
+pub const STALL_BOUND: Duration = Duration::from_millis(1000);
+/// A connection that followed for this long is healthy: the next failure starts the
+/// reconnect back-off from the beginning again.
+const HEALTHY_PERIOD: Duration = Duration::from_secs(5);
+
+/// The payload prefix of heartbeats; a change is `org:generation` and org ids have no `~`.
+const HEARTBEAT_PREFIX: &str = "~hb:";
+
 /// One life of the follower's connection: LISTEN, reload everything, then apply each change
-/// until the connection fails.
-async fn follow_once(inner: &Inner, table: &OrgTable) -> Result<(), StoreError> {
+/// until the connection fails or its heartbeats stop coming back (F3).
+///
+/// The heartbeat goes out through the store's other connection (`pg_notify` on this schema's
+/// channel) and must come back on this one: a LISTEN backend that is stopped, a half-open
+/// connection, or a pooler that silently drops LISTEN (PgBouncer in transaction mode) all
+/// stop it, and within [`STALL_BOUND`] the table is no longer trusted.
+async fn follow_once(store: &PostgresStore, table: &OrgTable) -> Result<(), StoreError> {
+    let inner = &*store.inner;
     let mut config = inner.config.clone();
     config.application_name(format!("orgkey-follow:{}", inner.schema));
     let (client, mut connection) = config.connect(NoTls).await.map_err(backend)?;
@@ -173,7 +193,42 @@ async fn follow_once(inner: &Inner, table: &OrgTable) -> Result<(), StoreError> 
         }
         table.set_trusted(true);
         tracing::info!(schema = %inner.schema, orgs = rows.len(), "change feed following");
-        while let Some(payload) = rx.recv().await {
+        // This follower's heartbeats: a random tag, so that other replicas' are not taken for
+        // ours.
+        let mut tag = [0u8; 8];
+        crate::key::fill_random(&mut tag).map_err(|_| corrupt("no randomness for the heartbeat"))?;
+        let tag: String = tag.iter().map(|b| format!("{b:02x}")).collect();
+        let mut last_heard = tokio::time::Instant::now();
+        let mut ticker = tokio::time::interval(HEARTBEAT_INTERVAL);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let payload = tokio::select! {
+                payload = rx.recv() => match payload {
+                    Some(payload) => payload,
+                    None => break,
+                },
+                _ = ticker.tick() => {
+                    if last_heard.elapsed() > STALL_BOUND {
+                        return Err(corrupt("the change feed is stalled: its heartbeat did not come back"));
+                    }
+                    // Sent on the other connection, in the background: a slow send must not
+                    // hold up the changes arriving here.
+                    let sender = store.clone();
+                    let beat = format!("{HEARTBEAT_PREFIX}{tag}");
+                    tokio::spawn(async move {
+                        if let Err(error) = sender.notify(&beat).await {
+                            tracing::debug!(%error, "heartbeat not sent");
+                        }
+                    });
+                    continue;
+                }
+            };
+            if let Some(beat) = payload.strip_prefix(HEARTBEAT_PREFIX) {
+                if beat == tag {
+                    last_heard = tokio::time::Instant::now();
+                }
+                continue;
+            }
             let Some((org, generation)) = payload.rsplit_once(':') else {
                 continue;
             };
@@ -292,21 +347,46 @@ impl PostgresStore {
         &self.inner.schema
     }
 
+    /// Sends `payload` to every follower of this schema, on the shared connection.
+    async fn notify(&self, payload: &str) -> Result<(), StoreError> {
+        let conn = self.shared().await?;
+        let channel = channel(&self.inner.schema);
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&channel, &payload];
+        let send = conn.client.execute("SELECT pg_notify($1, $2)", &params);
+        match tokio::time::timeout(STALL_BOUND, send).await {
+            Ok(result) => result.map(|_| ()).map_err(backend),
+            Err(_) => Err(corrupt("the heartbeat could not be sent in time")),
+        }
+    }
+
     /// Keeps `table` in step with every change committed to this schema, by any replica
     /// (F1): a dedicated connection `LISTEN`s for the `org:generation` notifications that
-    /// commits send (never key material), and reloads each changed org. When that connection
-    /// is lost, `table` is marked untrusted at once (the layer answers 503, fail closed); the
-    /// follower reconnects, `LISTEN`s again, reloads every org, and marks the table trusted.
-    /// Stops when the returned handle is dropped.
+    /// commits send (never key material), and reloads each changed org.
+    ///
+    /// The table is untrusted (the layer answers 503, fail closed) from this call until the
+    /// first reload, and again at once whenever the connection is lost or its heartbeat
+    /// stops coming back (F3: one every [`HEARTBEAT_INTERVAL`], a stall is detected within
+    /// [`STALL_BOUND`] plus one interval, 1.25 s); the follower reconnects with a
+    /// back-off (50 ms doubling to 2 s, back to 50 ms after 5 s of health), `LISTEN`s again,
+    /// reloads every org, and trusts the table again. Stops when the returned handle is
+    /// dropped.
     pub fn follow(&self, table: OrgTable) -> ChangeFollower {
-        let inner = Arc::clone(&self.inner);
+        let store = self.clone();
+        // Not trusted until the first reload: no request is judged before the feed follows.
+        table.set_trusted(false);
         let task = tokio::spawn(async move {
-            let mut backoff = Duration::from_millis(50);
+            const FIRST_BACKOFF: Duration = Duration::from_millis(50);
+            let mut backoff = FIRST_BACKOFF;
             loop {
-                let result = follow_once(&inner, &table).await;
+                let started = tokio::time::Instant::now();
+                let result = follow_once(&store, &table).await;
                 table.set_trusted(false);
                 if let Err(error) = result {
-                    tracing::warn!(schema = %inner.schema, %error, "change feed lost; failing closed until reloaded");
+                    tracing::warn!(schema = %store.inner.schema, %error, "change feed lost; failing closed until reloaded");
+                }
+                if started.elapsed() >= HEALTHY_PERIOD {
+                    // It had been following fine: this is a new failure, not the same one.
+                    backoff = FIRST_BACKOFF;
                 }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(2));

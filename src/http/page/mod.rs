@@ -202,6 +202,10 @@ impl Inner {
     }
 
     fn session<B>(&self, request: &mut Request<B>) -> Response<Full<Bytes>> {
+        if !self.sessions.can_vouch() {
+            // F3: fail closed, like the layer and the login.
+            return with_security_headers(response::unavailable());
+        }
         let SessionCheck::Live(live) = self.sessions.check_request(request) else {
             return json(
                 StatusCode::UNAUTHORIZED,
