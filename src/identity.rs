@@ -32,12 +32,6 @@ impl Username {
         Ok(Self(Arc::from(name.to_lowercase())))
     }
 
-    /// A name that skipped validation, for internal placeholders that must not collide
-    /// with real usernames.
-    pub(crate) fn unchecked(name: &str) -> Self {
-        Self(Arc::from(name))
-    }
-
     /// The normalized (lowercase) username.
     pub fn as_str(&self) -> &str {
         &self.0

@@ -648,7 +648,10 @@ mod tests {
 
     use super::*;
     use crate::identity::Username;
-    use crate::store::{AdminRecord, AuditRecord, MemoryStore, SessionRecord, StoreFuture};
+    use crate::store::{
+        AdminRecord, AuditRecord, MemoryStore, SessionRecord, StoreFuture, ThrottleKeys,
+        ThrottlePolicy, ThrottleVerdict,
+    };
 
     /// A store whose change feed always wins the race: right after each commit, before the
     /// writer sees the commit return, it installs the committed state in the table, exactly
@@ -732,6 +735,27 @@ mod tests {
         }
         fn delete_session<'a>(&'a self, digest: &'a [u8; 32]) -> StoreFuture<'a, ()> {
             self.inner.delete_session(digest)
+        }
+        fn throttle_take<'a>(
+            &'a self,
+            keys: &'a ThrottleKeys,
+            policy: &'a ThrottlePolicy,
+            now_ms: u64,
+        ) -> StoreFuture<'a, ThrottleVerdict> {
+            self.inner.throttle_take(keys, policy, now_ms)
+        }
+        fn throttle_succeeded<'a>(
+            &'a self,
+            keys: &'a ThrottleKeys,
+            username_charged: bool,
+            policy: &'a ThrottlePolicy,
+            now_ms: u64,
+        ) -> StoreFuture<'a, ()> {
+            self.inner
+                .throttle_succeeded(keys, username_charged, policy, now_ms)
+        }
+        fn throttle_collect(&self, now_ms: u64) -> StoreFuture<'_, u64> {
+            self.inner.throttle_collect(now_ms)
         }
     }
 

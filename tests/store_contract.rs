@@ -394,9 +394,311 @@ async fn sessions_are_stored_by_digest_and_deleted(store: Arc<dyn Store>) {
     assert_eq!(store.load_sessions().await.unwrap(), vec![session(2)]);
 }
 
+/// The failed-login throttle's store contract (A3, F2).
+mod throttle {
+    use super::*;
+    pub(super) use orgkey::store::{ThrottleKeys, ThrottlePolicy, ThrottleVerdict};
+    use orgkey::Username;
+    use std::net::{IpAddr, Ipv4Addr};
+
+    pub(super) const T: u64 = 1_795_651_200_000;
+
+    pub(super) fn ip(n: u32) -> Option<IpAddr> {
+        Some(IpAddr::V4(Ipv4Addr::from(0xc633_6400 + n))) // 198.51.100.0 + n
+    }
+
+    pub(super) fn keys(address: u32, user: &str) -> ThrottleKeys {
+        ThrottleKeys::new(ip(address), Some(&Username::new(user).unwrap()))
+    }
+
+    pub(super) fn charged(username_charged: bool) -> ThrottleVerdict {
+        ThrottleVerdict::Charged { username_charged }
+    }
+
+    pub(super) fn wait(ms: u64) -> ThrottleVerdict {
+        ThrottleVerdict::Wait { ms }
+    }
+
+    pub(super) async fn take(store: &dyn Store, keys: &ThrottleKeys, now: u64) -> ThrottleVerdict {
+        take_with(store, keys, &ThrottlePolicy::default(), now).await
+    }
+
+    pub(super) async fn take_with(
+        store: &dyn Store,
+        keys: &ThrottleKeys,
+        policy: &ThrottlePolicy,
+        now: u64,
+    ) -> ThrottleVerdict {
+        store.throttle_take(keys, policy, now).await.unwrap()
+    }
+
+    pub(super) async fn succeed(store: &dyn Store, keys: &ThrottleKeys, charged: bool, now: u64) {
+        succeed_with(store, keys, charged, &ThrottlePolicy::default(), now).await;
+    }
+
+    pub(super) async fn succeed_with(
+        store: &dyn Store,
+        keys: &ThrottleKeys,
+        charged: bool,
+        policy: &ThrottlePolicy,
+        now: u64,
+    ) {
+        store
+            .throttle_succeeded(keys, charged, policy, now)
+            .await
+            .unwrap();
+    }
+
+    /// `user{i}@acme.example`
+    pub(super) fn user(i: u32) -> String {
+        format!("user{i}@acme.example")
+    }
+}
+
+async fn throttle_takes_a_burst_then_says_how_long_to_wait(store: Arc<dyn Store>) {
+    use throttle::*;
+    let s = &*store;
+    // The address bucket: ten attempts for ten usernames, then one every 6 s.
+    for i in 0..10 {
+        assert_eq!(take(s, &keys(1, &user(i)), T).await, charged(true), "{i}");
+    }
+    assert_eq!(take(s, &keys(1, &user(10)), T).await, wait(6_000));
+    assert_eq!(take(s, &keys(1, &user(11)), T + 3_000).await, wait(3_000));
+    assert_eq!(take(s, &keys(1, &user(12)), T + 6_000).await, charged(true));
+    assert_eq!(take(s, &keys(1, &user(13)), T + 6_000).await, wait(6_000));
+    // Another address is not affected.
+    assert_eq!(take(s, &keys(2, &user(14)), T).await, charged(true));
+    // The username bucket: five attempts from five addresses, then one a minute.
+    for a in 10..15 {
+        assert_eq!(
+            take(s, &keys(a, "alice@acme.example"), T).await,
+            charged(true)
+        );
+    }
+    assert_eq!(
+        take(s, &keys(20, "alice@acme.example"), T).await,
+        wait(60_000)
+    );
+    assert_eq!(
+        take(s, &keys(21, "alice@acme.example"), T + 59_999).await,
+        wait(1)
+    );
+    assert_eq!(
+        take(s, &keys(22, "alice@acme.example"), T + 60_000).await,
+        charged(true)
+    );
+    // Unknown addresses share a bucket, and so do strings that are not usernames.
+    let unknown = ThrottleKeys::new(None, None);
+    for _ in 0..5 {
+        assert_eq!(take(s, &unknown, T).await, charged(true));
+    }
+    assert_eq!(take(s, &unknown, T).await, wait(60_000));
+}
+
+async fn throttle_refuses_without_charging_either_bucket(store: Arc<dyn Store>) {
+    use throttle::*;
+    let s = &*store;
+    // alice's username bucket is empty...
+    for a in 10..15 {
+        assert_eq!(
+            take(s, &keys(a, "alice@acme.example"), T).await,
+            charged(true)
+        );
+    }
+    // ... so attempts for her from address 1 are refused, and cost address 1 nothing:
+    for _ in 0..20 {
+        assert_eq!(
+            take(s, &keys(1, "alice@acme.example"), T).await,
+            wait(60_000)
+        );
+    }
+    for i in 0..10 {
+        assert_eq!(take(s, &keys(1, &user(i)), T).await, charged(true), "{i}");
+    }
+    assert_eq!(take(s, &keys(1, &user(10)), T).await, wait(6_000));
+    // Address 1 is empty now: refused attempts from it cost bob's bucket nothing either.
+    for _ in 0..20 {
+        assert_eq!(take(s, &keys(1, "bob@acme.example"), T).await, wait(6_000));
+    }
+    for a in 30..35 {
+        assert_eq!(
+            take(s, &keys(a, "bob@acme.example"), T).await,
+            charged(true)
+        );
+    }
+    assert_eq!(
+        take(s, &keys(40, "bob@acme.example"), T).await,
+        wait(60_000)
+    );
+}
+
+async fn throttle_success_refunds_and_remembers_the_address(store: Arc<dyn Store>) {
+    use throttle::*;
+    let s = &*store;
+    // Successes are refunded: any number of them, from one address.
+    for i in 0..30 {
+        let k = keys(7, "alice@acme.example");
+        let expected = charged(i == 0); // from the second on, address 7 is known for alice
+        assert_eq!(take(s, &k, T).await, expected, "{i}");
+        succeed(s, &k, i == 0, T).await;
+    }
+    // An attacker empties alice's username bucket from five other addresses...
+    for a in 100..105 {
+        assert_eq!(
+            take(s, &keys(a, "alice@acme.example"), T).await,
+            charged(true)
+        );
+    }
+    assert_eq!(
+        take(s, &keys(200, "alice@acme.example"), T).await,
+        wait(60_000)
+    );
+    // ... and alice, at her known address, is charged only to the address bucket.
+    assert_eq!(
+        take(s, &keys(7, "alice@acme.example"), T).await,
+        charged(false)
+    );
+    // The address bucket still counts there: ten failures (the one above included).
+    for _ in 0..9 {
+        assert_eq!(
+            take(s, &keys(7, "alice@acme.example"), T).await,
+            charged(false)
+        );
+    }
+    assert_eq!(
+        take(s, &keys(7, "alice@acme.example"), T).await,
+        wait(6_000)
+    );
+
+    // A known address is known for its time only.
+    let policy = ThrottlePolicy {
+        username_refill: Duration::from_secs(24 * 3600),
+        known_address_ttl: Duration::from_secs(3600),
+        ..ThrottlePolicy::default()
+    };
+    let carol = |a: u32| keys(a, "carol@acme.example");
+    assert_eq!(take_with(s, &carol(8), &policy, T).await, charged(true));
+    succeed_with(s, &carol(8), true, &policy, T).await;
+    for a in 100..105 {
+        assert_eq!(take_with(s, &carol(a), &policy, T).await, charged(true));
+    }
+    let hour = 3_600_000;
+    assert_eq!(
+        take_with(s, &carol(8), &policy, T + hour - 1).await,
+        charged(false)
+    );
+    assert!(matches!(
+        take_with(s, &carol(8), &policy, T + hour).await,
+        ThrottleVerdict::Wait { .. }
+    ));
+
+    // At most eight known addresses per admin: the most recent.
+    let dave = |a: u32| keys(a, "dave@acme.example");
+    for (i, a) in (50..59).enumerate() {
+        let now = T + i as u64 * 1_000;
+        assert_eq!(take(s, &dave(a), now).await, charged(true));
+        succeed(s, &dave(a), true, now).await;
+    }
+    let now = T + 10_000;
+    for a in 100..105 {
+        assert_eq!(take(s, &dave(a), now).await, charged(true));
+    }
+    assert_eq!(take(s, &dave(50), now).await, wait(60_000));
+    for a in 51..59 {
+        assert_eq!(take(s, &dave(a), now).await, charged(false), "{a}");
+    }
+}
+
+async fn throttle_collect_deletes_only_what_no_longer_matters(store: Arc<dyn Store>) {
+    use throttle::*;
+    let s = &*store;
+    // Nothing to collect in an empty store.
+    assert_eq!(store.throttle_collect(T).await.unwrap(), 0);
+    // Alice logs in from 7; an attacker empties her username bucket and address 1.
+    assert_eq!(
+        take(s, &keys(7, "alice@acme.example"), T).await,
+        charged(true)
+    );
+    succeed(s, &keys(7, "alice@acme.example"), true, T).await;
+    for a in 100..105 {
+        assert_eq!(
+            take(s, &keys(a, "alice@acme.example"), T).await,
+            charged(true)
+        );
+    }
+    for i in 0..10 {
+        assert_eq!(take(s, &keys(1, &user(i)), T).await, charged(true));
+    }
+    // While the buckets are not full again, collecting changes nothing.
+    store.throttle_collect(T + 1_000).await.unwrap();
+    assert_eq!(take(s, &keys(1, &user(50)), T + 1_000).await, wait(5_000));
+    assert_eq!(
+        take(s, &keys(200, "alice@acme.example"), T + 1_000).await,
+        wait(59_000)
+    );
+    // An hour later every bucket is full: they go, and alice's known address stays.
+    let later = T + 3_600_000;
+    assert!(store.throttle_collect(later).await.unwrap() > 0);
+    assert_eq!(store.throttle_collect(later).await.unwrap(), 0);
+    for a in 100..105 {
+        assert_eq!(
+            take(s, &keys(a, "alice@acme.example"), later).await,
+            charged(true)
+        );
+    }
+    assert_eq!(
+        take(s, &keys(7, "alice@acme.example"), later).await,
+        charged(false)
+    );
+    // Thirty days on, the known address goes too.
+    let month = T + 31 * 24 * 3_600_000;
+    assert!(store.throttle_collect(month).await.unwrap() > 0);
+    for a in 100..105 {
+        assert_eq!(
+            take(s, &keys(a, "alice@acme.example"), month).await,
+            charged(true)
+        );
+    }
+    assert_eq!(
+        take(s, &keys(7, "alice@acme.example"), month).await,
+        wait(60_000)
+    );
+}
+
+async fn throttle_concurrent_takes_never_exceed_the_burst(store: Arc<dyn Store>) {
+    use throttle::*;
+    let barrier = Arc::new(tokio::sync::Barrier::new(40));
+    let tasks: Vec<_> = (0..40u32)
+        .map(|i| {
+            let (store, barrier) = (Arc::clone(&store), Arc::clone(&barrier));
+            tokio::spawn(async move {
+                barrier.wait().await;
+                // Twenty for one username from twenty addresses, twenty from one address.
+                let k = if i % 2 == 0 {
+                    keys(1_000 + i, "alice@acme.example")
+                } else {
+                    keys(1, &user(i))
+                };
+                take(&*store, &k, T).await
+            })
+        })
+        .collect();
+    let mut charged_count = [0, 0];
+    for (i, task) in tasks.into_iter().enumerate() {
+        if matches!(task.await.unwrap(), ThrottleVerdict::Charged { .. }) {
+            charged_count[i % 2] += 1;
+        }
+    }
+    assert_eq!(
+        charged_count,
+        [5, 10],
+        "[username, address] attempts charged"
+    );
+}
+
 /// How many schema migrations orgkey has (one row each in `orgkey_schema_version`).
 #[cfg(feature = "postgres")]
-const PG_MIGRATIONS: i64 = 3;
+const PG_MIGRATIONS: i64 = 4;
 
 macro_rules! contract {
     ($($name:ident),* $(,)?) => {
@@ -443,6 +745,11 @@ contract!(
     racing_commits_from_one_generation_have_exactly_one_winner,
     admins_are_stored_replaced_and_deleted,
     sessions_are_stored_by_digest_and_deleted,
+    throttle_takes_a_burst_then_says_how_long_to_wait,
+    throttle_refuses_without_charging_either_bucket,
+    throttle_success_refunds_and_remembers_the_address,
+    throttle_collect_deletes_only_what_no_longer_matters,
+    throttle_concurrent_takes_never_exceed_the_burst,
 );
 
 #[tokio::test]
@@ -1022,4 +1329,81 @@ async fn postgres_racing_regenerates_through_key_admin_have_exactly_one_winner()
     assert_eq!((winners.len(), conflicts), (1, 7));
     let stored = find(&schema.connect().await, "acme").await;
     assert_eq!(stored.key.unwrap().expose_secret(), winners[0]);
+}
+
+/// F2 at the store: takes racing on three connections (as three replicas would) never take
+/// more tokens than the buckets hold; and what one take and one success cost, measured.
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_throttle_takes_racing_on_three_connections_never_exceed_the_burst() {
+    use std::time::Instant;
+    use throttle::*;
+    let Some(schema) = TempSchema::new() else {
+        return;
+    };
+    let stores: Vec<Arc<dyn Store>> = vec![
+        Arc::new(schema.connect().await),
+        Arc::new(schema.connect().await),
+        Arc::new(schema.connect().await),
+    ];
+    for round in 0..5u32 {
+        let now = T + u64::from(round) * 3_600_000; // every bucket full again
+        let barrier = Arc::new(tokio::sync::Barrier::new(60));
+        let tasks: Vec<_> = (0..60u32)
+            .map(|i| {
+                let store = Arc::clone(&stores[i as usize % 3]);
+                let barrier = Arc::clone(&barrier);
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    let k = if i % 2 == 0 {
+                        keys(1_000 + i, "alice@acme.example")
+                    } else {
+                        keys(1, &user(i))
+                    };
+                    take(&*store, &k, now).await
+                })
+            })
+            .collect();
+        let mut charged_count = [0, 0];
+        for (i, task) in tasks.into_iter().enumerate() {
+            if matches!(task.await.unwrap(), ThrottleVerdict::Charged { .. }) {
+                charged_count[i % 2] += 1;
+            }
+        }
+        assert_eq!(
+            charged_count,
+            [5, 10],
+            "round {round}: [username, address] attempts charged"
+        );
+    }
+
+    let s = &*stores[0];
+    let mut takes = Vec::new();
+    let mut successes = Vec::new();
+    for i in 0..200u32 {
+        let k = keys(5_000 + i, "bob@acme.example");
+        let now = T + 10 * 3_600_000 + u64::from(i) * 60_000;
+        let started = Instant::now();
+        let verdict = take(s, &k, now).await;
+        takes.push(started.elapsed());
+        let started = Instant::now();
+        succeed(s, &k, verdict == charged(true), now).await;
+        successes.push(started.elapsed());
+    }
+    let raw = schema.raw().await;
+    let select = raw.prepare("SELECT 1").await.unwrap();
+    let mut round_trips = Vec::new();
+    for _ in 0..200 {
+        let started = Instant::now();
+        raw.query_one(&select, &[]).await.unwrap();
+        round_trips.push(started.elapsed());
+    }
+    takes.sort();
+    successes.sort();
+    round_trips.sort();
+    println!(
+        "throttle on PostgreSQL, one connection, 200 logins: take p50 {:?} p99 {:?}; \
+         success p50 {:?} p99 {:?}; a bare round trip (SELECT 1) p50 {:?}",
+        takes[100], takes[197], successes[100], successes[197], round_trips[100]
+    );
 }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use orgkey::store::{
     AdminRecord, AuditRecord, BackendError, MemoryStore, OrgRecord, SqliteStore, Store, StoreError,
-    StoreFuture,
+    StoreFuture, ThrottleKeys, ThrottlePolicy, ThrottleVerdict,
 };
 use orgkey::{
     Actor, AuditEvent, Generation, KeyAction, KeyAdmin, KeyError, KeyFormat, OrgId, OrgTable,
@@ -78,6 +78,27 @@ impl Store for Flaky {
     }
     fn delete_session<'a>(&'a self, digest: &'a [u8; 32]) -> StoreFuture<'a, ()> {
         self.inner.delete_session(digest)
+    }
+    fn throttle_take<'a>(
+        &'a self,
+        keys: &'a ThrottleKeys,
+        policy: &'a ThrottlePolicy,
+        now_ms: u64,
+    ) -> StoreFuture<'a, ThrottleVerdict> {
+        self.inner.throttle_take(keys, policy, now_ms)
+    }
+    fn throttle_succeeded<'a>(
+        &'a self,
+        keys: &'a ThrottleKeys,
+        username_charged: bool,
+        policy: &'a ThrottlePolicy,
+        now_ms: u64,
+    ) -> StoreFuture<'a, ()> {
+        self.inner
+            .throttle_succeeded(keys, username_charged, policy, now_ms)
+    }
+    fn throttle_collect(&self, now_ms: u64) -> StoreFuture<'_, u64> {
+        self.inner.throttle_collect(now_ms)
     }
 }
 

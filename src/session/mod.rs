@@ -32,7 +32,8 @@
 //! # Throttling (A3)
 //!
 //! See [`throttle`]: per address 10 failures then one per 6 s; per username 5 failures then
-//! one per minute, not applied at addresses where that admin logged in before.
+//! one per minute, not applied at addresses where that admin logged in before. With a store
+//! ([`Sessions::open`]) the buckets are the store's, shared by every replica (F2).
 
 mod check;
 mod cookie;

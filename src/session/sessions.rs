@@ -14,7 +14,7 @@ pub(crate) use carry::KeyChange;
 
 use super::cookie::{digest_of_presented, SessionToken};
 use super::obfuscate;
-use super::throttle::{Throttle, ThrottlePolicy};
+use super::throttle::{Refusal, Throttle, ThrottlePolicy};
 use crate::clock::{Clock, SharedClock};
 use crate::directory::{AdminDirectory, PasswordRejection};
 use crate::identity::{Scope, Scopes, Username};
@@ -75,8 +75,8 @@ pub struct LoginRequest {
     pub password: Password,
     /// Milliseconds since the Unix epoch, as the client claims.
     pub timestamp_ms: u64,
-    /// The client's address, for throttling; `None` if unknown (then only the username
-    /// bucket applies).
+    /// The client's address, for throttling; `None` if unknown (then the attempt draws from
+    /// the one address bucket all unknown addresses share).
     pub source: Option<IpAddr>,
 }
 
@@ -329,6 +329,11 @@ impl Sessions {
     /// after a restart the idle timer of a loaded session counts from its login, so sessions
     /// idle or older than the idle timeout need a new login.
     ///
+    /// The failed-login throttle (A3) is kept in `store` as well, shared with every process
+    /// that shares it (F2, see [`throttle`](super::throttle)): a login asks the store once
+    /// before the password check and, if it succeeds, once after; if the store cannot be
+    /// asked, the login fails closed.
+    ///
     /// # Errors
     ///
     /// [`StoreError`] if the sessions cannot be read.
@@ -358,6 +363,7 @@ impl Sessions {
                 )),
             );
         }
+        inner.throttle = Throttle::shared(inner.config.throttle.clone(), Arc::clone(&store));
         inner.store = Some(store);
         Ok(sessions)
     }
@@ -398,7 +404,7 @@ impl Sessions {
                 directory,
                 store: None,
                 sessions: DashMap::new(),
-                throttle: Throttle::new(config.throttle.clone()),
+                throttle: Throttle::local(config.throttle.clone()),
                 clock,
                 config,
                 created: AtomicU64::new(0),
@@ -466,7 +472,15 @@ impl Sessions {
             .inner
             .throttle
             .begin(request.source, username.as_ref(), self.now_ms())
-            .map_err(|retry_after_secs| LoginFailure::Throttled { retry_after_secs })?;
+            .await
+            .map_err(|refusal| match refusal {
+                Refusal::Wait(retry_after_secs) => LoginFailure::Throttled { retry_after_secs },
+                Refusal::Store(error) => {
+                    // Fail closed: never a password check the throttle did not charge.
+                    tracing::warn!(target: "orgkey::session", %error, "the login throttle's store failed; login refused");
+                    LoginFailure::Internal
+                }
+            })?;
 
         // The password check always runs (a dummy one for unknown users), so every failure
         // below costs one argon2 verification (A1).
@@ -530,8 +544,11 @@ impl Sessions {
         ) {
             return Err(LoginFailure::WrongKey);
         }
-        // The credentials were right: not a guess, so not charged to the throttle.
-        self.inner.throttle.succeeded(reservation, now_ms);
+        // The credentials were right: not a guess, so not charged to the throttle. If the
+        // store cannot be told, the login stands (the charge just stays).
+        if let Err(error) = self.inner.throttle.succeeded(&reservation, now_ms).await {
+            tracing::warn!(target: "orgkey::session", %error, "could not refund a successful login's throttle charge");
+        }
         if !admin.scopes.contains(Scope::Api) {
             return Err(LoginFailure::MissingApiScope);
         }

@@ -5,17 +5,20 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use super::{
-    millis, AdminRecord, AuditRecord, BackendError, OrgRecord, SessionRecord, Store, StoreError,
-    StoreFuture,
+    millis, AdminRecord, AuditRecord, BackendError, MemoryThrottle, OrgRecord, SessionRecord,
+    Store, StoreError, StoreFuture, ThrottleKeys, ThrottlePolicy, ThrottleVerdict,
 };
 use crate::audit::AuditEvent;
 use crate::identity::Username;
 use crate::org::{Generation, OrgId};
 
-/// A [`Store`] in memory. Nothing survives the process.
+/// A [`Store`] in memory. Nothing survives the process. The failed-login throttle is kept
+/// as `Sessions` without a store keeps it (bounded by
+/// [`ThrottlePolicy::max_entries`]), shared by everything that shares this store.
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     state: Mutex<State>,
+    throttle: MemoryThrottle,
 }
 
 #[derive(Debug, Default)]
@@ -157,5 +160,33 @@ impl Store for MemoryStore {
             Ok(())
         });
         Box::pin(std::future::ready(result))
+    }
+
+    fn throttle_take<'a>(
+        &'a self,
+        keys: &'a ThrottleKeys,
+        policy: &'a ThrottlePolicy,
+        now_ms: u64,
+    ) -> StoreFuture<'a, ThrottleVerdict> {
+        Box::pin(std::future::ready(self.throttle.take(keys, policy, now_ms)))
+    }
+
+    fn throttle_succeeded<'a>(
+        &'a self,
+        keys: &'a ThrottleKeys,
+        username_charged: bool,
+        policy: &'a ThrottlePolicy,
+        now_ms: u64,
+    ) -> StoreFuture<'a, ()> {
+        Box::pin(std::future::ready(self.throttle.succeeded(
+            keys,
+            username_charged,
+            policy,
+            now_ms,
+        )))
+    }
+
+    fn throttle_collect(&self, now_ms: u64) -> StoreFuture<'_, u64> {
+        Box::pin(std::future::ready(self.throttle.collect(now_ms)))
     }
 }

@@ -26,6 +26,14 @@
 //!   accounts (passwords only as argon2id PHC strings).
 //! - [`Store::put_session`] / [`Store::delete_session`] / [`Store::load_sessions`] keep
 //!   sessions by the SHA-256 digest of their id (never the id).
+//! - [`Store::throttle_take`] / [`Store::throttle_succeeded`] / [`Store::throttle_collect`]
+//!   keep the failed-login throttle (A3) where every process sharing the store sees it (F2):
+//!   token buckets per source address and per username, and the addresses each admin logged
+//!   in from (see [`ThrottleKeys`], and the arithmetic in [`ThrottleBucket`]). A take is
+//!   atomic across every process sharing the store: it checks both buckets and charges both
+//!   or neither, so N processes allow no more attempts than one; the state is as durable as
+//!   the store (a restart refills nothing, except in memory). Usernames and addresses are
+//!   stored, never a password or a key.
 //! - [`Store::follow_changes`] is the change feed for stores that several processes share
 //!   (PostgreSQL): org id and generation only, never key material.
 //! - [`Store::audit_page`] reads an org's audit log newest first, `limit` records before a
@@ -50,12 +58,17 @@ mod memory;
 mod postgres;
 #[cfg(feature = "sqlite")]
 mod sqlite;
+mod throttle;
 
 pub use memory::MemoryStore;
 #[cfg(feature = "postgres")]
 pub use postgres::{PostgresStore, HEARTBEAT_INTERVAL, STALL_BOUND};
 #[cfg(feature = "sqlite")]
 pub use sqlite::SqliteStore;
+pub(crate) use throttle::MemoryThrottle;
+pub use throttle::{
+    ThrottleBucket, ThrottleKeys, ThrottlePolicy, ThrottleVerdict, KNOWN_ADDRESSES_PER_ADMIN,
+};
 
 /// The future a [`Store`] method returns.
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
@@ -257,6 +270,38 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes a session (logout, expiry); deleting one that is not there is not an error.
     fn delete_session<'a>(&'a self, digest: &'a [u8; 32]) -> StoreFuture<'a, ()>;
 
+    /// Charges one login attempt to the failed-login throttle (A3), atomically across every
+    /// process sharing the store (F2), before its password is checked: if the bucket of
+    /// `keys.address()` has no token, answers [`ThrottleVerdict::Wait`] and charges nothing;
+    /// else, unless the address is known for `keys.username()` (a success from it within
+    /// [`ThrottlePolicy::known_address_ttl`]), if the username's bucket has no token, the
+    /// same; else takes one token from the address bucket and (unless known) one from the
+    /// username bucket. Concurrent takes never take more tokens than the buckets hold.
+    fn throttle_take<'a>(
+        &'a self,
+        keys: &'a ThrottleKeys,
+        policy: &'a ThrottlePolicy,
+        now_ms: u64,
+    ) -> StoreFuture<'a, ThrottleVerdict>;
+
+    /// The login charged by [`Store::throttle_take`] with `keys` succeeded: gives the address
+    /// bucket its token back (and the username bucket, if `username_charged`), and remembers
+    /// the address as known for the username until `now_ms` plus the policy's
+    /// `known_address_ttl`, keeping the [`KNOWN_ADDRESSES_PER_ADMIN`] most recent.
+    fn throttle_succeeded<'a>(
+        &'a self,
+        keys: &'a ThrottleKeys,
+        username_charged: bool,
+        policy: &'a ThrottlePolicy,
+        now_ms: u64,
+    ) -> StoreFuture<'a, ()>;
+
+    /// Deletes the throttle state that can no longer change a decision at or after `now_ms`
+    /// (buckets that are full again, known addresses past their time); returns how many
+    /// entries went. Decisions are the same before and after. [`Sessions`](crate::Sessions)
+    /// calls it in the background at most once a minute.
+    fn throttle_collect(&self, now_ms: u64) -> StoreFuture<'_, u64>;
+
     /// The change feed (F1): keeps `table` in step with changes that *other* processes commit
     /// to this store, hearing only org id and generation (never key material) and reloading
     /// the org; `None` for a store no other process can write (memory, an SQLite file owned
@@ -329,6 +374,26 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
     }
     fn delete_session<'a>(&'a self, digest: &'a [u8; 32]) -> StoreFuture<'a, ()> {
         (**self).delete_session(digest)
+    }
+    fn throttle_take<'a>(
+        &'a self,
+        keys: &'a ThrottleKeys,
+        policy: &'a ThrottlePolicy,
+        now_ms: u64,
+    ) -> StoreFuture<'a, ThrottleVerdict> {
+        (**self).throttle_take(keys, policy, now_ms)
+    }
+    fn throttle_succeeded<'a>(
+        &'a self,
+        keys: &'a ThrottleKeys,
+        username_charged: bool,
+        policy: &'a ThrottlePolicy,
+        now_ms: u64,
+    ) -> StoreFuture<'a, ()> {
+        (**self).throttle_succeeded(keys, username_charged, policy, now_ms)
+    }
+    fn throttle_collect(&self, now_ms: u64) -> StoreFuture<'_, u64> {
+        (**self).throttle_collect(now_ms)
     }
     fn follow_changes(&self, table: OrgTable) -> Option<ChangeFollower> {
         (**self).follow_changes(table)

@@ -4,6 +4,12 @@
 //! on disk, and survives a crash of the process or the machine. Schema migrations run at open
 //! (`PRAGMA user_version`). One connection, used from tokio's blocking pool.
 //!
+//! The failed-login throttle (A3) lives in the file too (tables `throttle_buckets` and
+//! `throttle_known`), so a restart refills nothing. Its writes commit with
+//! `synchronous=NORMAL` (the WAL is not fsynced for them): an attempt must not wait for a
+//! disk flush, and they survive a crash or restart of the process; an OS crash or power loss
+//! may lose the last moments of charges, which only refills those buckets a little early.
+//!
 //! # One state, one truth (P5)
 //!
 //! A state file serves one process at a time. [`SqliteStore::open`] takes an exclusive lock on
@@ -21,7 +27,8 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use super::{
     admin_record, backend, corrupt, from_millis, millis, org_record, session_record, AdminRecord,
-    AuditRecord, OrgRecord, SessionRecord, Store, StoreError, StoreFuture,
+    AuditRecord, OrgRecord, SessionRecord, Store, StoreError, StoreFuture, ThrottleKeys,
+    ThrottlePolicy, ThrottleVerdict, KNOWN_ADDRESSES_PER_ADMIN,
 };
 use crate::audit::{AuditEvent, KeyAction};
 use crate::identity::Username;
@@ -66,6 +73,18 @@ const MIGRATIONS: &[&str] = &[
          credential_version  INTEGER NOT NULL,
          created_ms          INTEGER NOT NULL
      );",
+    // 4: the failed-login throttle (A3): buckets by key ('a:<address>', 'u:<username>') as
+    // the time each is full again, and the addresses each admin logged in from.
+    "CREATE TABLE throttle_buckets (
+         key                 TEXT PRIMARY KEY,
+         full_at_ms          INTEGER NOT NULL
+     ) WITHOUT ROWID;
+     CREATE TABLE throttle_known (
+         username            TEXT NOT NULL,
+         address             TEXT NOT NULL,
+         expires_ms          INTEGER NOT NULL,
+         PRIMARY KEY (username, address)
+     ) WITHOUT ROWID;",
 ];
 
 /// A [`Store`] in one SQLite file. Cheap to clone (shared connection). See the
@@ -213,6 +232,55 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
         tx.commit().map_err(backend)?;
     }
     Ok(())
+}
+
+/// Runs `f` in an immediate transaction committed with `synchronous=NORMAL` (not fsynced:
+/// for the throttle's writes, see the module docs), then puts `synchronous=FULL` back.
+fn relaxed_transaction<T>(
+    conn: &mut Connection,
+    f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    conn.pragma_update(None, "synchronous", "NORMAL")
+        .map_err(backend)?;
+    let result = (|| {
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(backend)?;
+        let value = f(&tx)?;
+        tx.commit().map_err(backend)?;
+        Ok(value)
+    })();
+    // Every other write must stay durable when it returns (P1): if FULL cannot be put back,
+    // the connection is not to be trusted.
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(backend)?;
+    result
+}
+
+/// A throttle bucket's `full_at_ms`, if it has a row.
+fn bucket_full_at(tx: &rusqlite::Transaction<'_>, key: &str) -> Result<Option<u64>, StoreError> {
+    let full_at: Option<i64> = tx
+        .prepare_cached("SELECT full_at_ms FROM throttle_buckets WHERE key = ?1")
+        .and_then(|mut s| s.query_row(params![key], |row| row.get(0)).optional())
+        .map_err(backend)?;
+    full_at
+        .map(|t| u64::try_from(t).map_err(|_| corrupt("stored throttle time is negative")))
+        .transpose()
+}
+
+fn put_bucket(tx: &rusqlite::Transaction<'_>, key: &str, full_at: u64) -> Result<(), StoreError> {
+    let full_at = i64::try_from(full_at).map_err(|_| corrupt("throttle time out of range"))?;
+    tx.prepare_cached(
+        "INSERT INTO throttle_buckets (key, full_at_ms) VALUES (?1, ?2)
+         ON CONFLICT (key) DO UPDATE SET full_at_ms = excluded.full_at_ms",
+    )
+    .and_then(|mut s| s.execute(params![key, full_at]))
+    .map_err(backend)?;
+    Ok(())
+}
+
+fn ms(value: u64) -> Result<i64, StoreError> {
+    i64::try_from(value).map_err(|_| corrupt("throttle time out of range"))
 }
 
 fn org_from_row(row: &rusqlite::Row<'_>, format: KeyFormat) -> Result<OrgRecord, StoreError> {
@@ -482,6 +550,127 @@ impl Store for SqliteStore {
             )
             .map_err(backend)?;
             Ok(())
+        })
+    }
+
+    fn throttle_take<'a>(
+        &'a self,
+        keys: &'a ThrottleKeys,
+        policy: &'a ThrottlePolicy,
+        now_ms: u64,
+    ) -> StoreFuture<'a, ThrottleVerdict> {
+        let (keys, address, username) = (
+            keys.clone(),
+            policy.address_bucket(),
+            policy.username_bucket(),
+        );
+        // One connection, one process (P5): the transaction makes the check and both charges
+        // one atomic write.
+        self.run(move |conn, _| {
+            let now = ms(now_ms)?;
+            relaxed_transaction(conn, |tx| {
+                let address_key = format!("a:{}", keys.address());
+                let address_next = match address.take(bucket_full_at(tx, &address_key)?, now_ms) {
+                    Ok(next) => next,
+                    Err(ms) => return Ok(ThrottleVerdict::Wait { ms }),
+                };
+                let known: bool = tx
+                    .prepare_cached(
+                        "SELECT EXISTS (SELECT 1 FROM throttle_known
+                             WHERE username = ?1 AND address = ?2 AND expires_ms > ?3)",
+                    )
+                    .and_then(|mut s| {
+                        s.query_row(params![keys.username(), keys.address(), now], |row| {
+                            row.get(0)
+                        })
+                    })
+                    .map_err(backend)?;
+                if !known {
+                    let username_key = format!("u:{}", keys.username());
+                    match username.take(bucket_full_at(tx, &username_key)?, now_ms) {
+                        Ok(next) => put_bucket(tx, &username_key, next)?,
+                        Err(ms) => return Ok(ThrottleVerdict::Wait { ms }),
+                    }
+                }
+                put_bucket(tx, &address_key, address_next)?;
+                Ok(ThrottleVerdict::Charged {
+                    username_charged: !known,
+                })
+            })
+        })
+    }
+
+    fn throttle_succeeded<'a>(
+        &'a self,
+        keys: &'a ThrottleKeys,
+        username_charged: bool,
+        policy: &'a ThrottlePolicy,
+        now_ms: u64,
+    ) -> StoreFuture<'a, ()> {
+        let (keys, address, username) = (
+            keys.clone(),
+            policy.address_bucket(),
+            policy.username_bucket(),
+        );
+        let until = now_ms.saturating_add(policy.known_address_ttl_ms());
+        self.run(move |conn, _| {
+            let (now, until) = (ms(now_ms)?, ms(until)?);
+            let refills = (ms(address.refill_ms)?, ms(username.refill_ms)?);
+            relaxed_transaction(conn, |tx| {
+                let refund = "UPDATE throttle_buckets SET full_at_ms = max(full_at_ms - ?2, ?3)
+                              WHERE key = ?1";
+                tx.prepare_cached(refund)
+                    .and_then(|mut s| {
+                        s.execute(params![format!("a:{}", keys.address()), refills.0, now])
+                    })
+                    .map_err(backend)?;
+                if username_charged {
+                    tx.prepare_cached(refund)
+                        .and_then(|mut s| {
+                            s.execute(params![format!("u:{}", keys.username()), refills.1, now])
+                        })
+                        .map_err(backend)?;
+                }
+                tx.prepare_cached(
+                    "INSERT INTO throttle_known (username, address, expires_ms)
+                     VALUES (?1, ?2, ?3)
+                     ON CONFLICT (username, address)
+                     DO UPDATE SET expires_ms = max(expires_ms, excluded.expires_ms)",
+                )
+                .and_then(|mut s| s.execute(params![keys.username(), keys.address(), until]))
+                .map_err(backend)?;
+                tx.prepare_cached(
+                    "DELETE FROM throttle_known WHERE username = ?1 AND address NOT IN (
+                         SELECT address FROM throttle_known WHERE username = ?1
+                         ORDER BY expires_ms DESC, address LIMIT ?2)",
+                )
+                .and_then(|mut s| {
+                    s.execute(params![keys.username(), KNOWN_ADDRESSES_PER_ADMIN as i64])
+                })
+                .map_err(backend)?;
+                Ok(())
+            })
+        })
+    }
+
+    fn throttle_collect(&self, now_ms: u64) -> StoreFuture<'_, u64> {
+        self.run(move |conn, _| {
+            let now = ms(now_ms)?;
+            relaxed_transaction(conn, |tx| {
+                let buckets = tx
+                    .execute(
+                        "DELETE FROM throttle_buckets WHERE full_at_ms <= ?1",
+                        params![now],
+                    )
+                    .map_err(backend)?;
+                let known = tx
+                    .execute(
+                        "DELETE FROM throttle_known WHERE expires_ms <= ?1",
+                        params![now],
+                    )
+                    .map_err(backend)?;
+                Ok((buckets + known) as u64)
+            })
         })
     }
 }

@@ -1,6 +1,8 @@
 //! Shared fixtures for the session tests: orgs, admins, a settable clock, and HTTP helpers.
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
+#[cfg(feature = "postgres")]
+pub mod pg;
 #[cfg(feature = "gateway")]
 pub mod served;
 pub mod skip;

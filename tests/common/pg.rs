@@ -1,0 +1,73 @@
+//! A fresh PostgreSQL schema per test, dropped (`CASCADE`) when the test ends, also when it
+//! panicked (as `tests/store_contract.rs` makes them).
+
+use orgkey::store::PostgresStore;
+use orgkey::KeyFormat;
+
+pub struct TempSchema {
+    pub url: String,
+    pub name: String,
+}
+
+impl TempSchema {
+    /// `None` (after saying so on stderr, once, in the name of `file`) if no PostgreSQL is
+    /// configured or answers at the default URL; panics if `ORGKEY_TEST_POSTGRES_URL` is set
+    /// and does not answer (see `skip::postgres_url`).
+    pub fn new(file: &str, what: &str) -> Option<Self> {
+        let url = super::skip::postgres_url(file, what)?;
+        let mut bytes = [0u8; 8];
+        getrandom::fill(&mut bytes).unwrap();
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        Some(Self {
+            url,
+            name: format!("orgkey_test_{hex}"),
+        })
+    }
+
+    /// A new store (its own connection) on this schema.
+    pub async fn connect(&self) -> PostgresStore {
+        PostgresStore::connect(&self.url, &self.name, KeyFormat::default())
+            .await
+            .unwrap()
+    }
+
+    /// A plain driver connection to the test database, for what the store does not offer.
+    pub async fn raw(&self) -> tokio_postgres::Client {
+        let (client, connection) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        client
+    }
+}
+
+impl Drop for TempSchema {
+    fn drop(&mut self) {
+        // Drop runs outside async (and maybe while unwinding): use a runtime of its own on a
+        // thread of its own.
+        let url = self.url.clone();
+        let sql = format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", self.name);
+        let dropped = std::thread::spawn(move || -> Result<(), String> {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            runtime.block_on(async {
+                let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                tokio::spawn(connection);
+                client
+                    .batch_execute(&format!("SET lock_timeout = '10s'; {sql}"))
+                    .await
+                    .map_err(|e| e.to_string())
+            })
+        })
+        .join();
+        match dropped {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!("warning: could not drop test schema {}: {e}", self.name),
+            Err(_) => eprintln!("warning: dropping test schema {} panicked", self.name),
+        }
+    }
+}
