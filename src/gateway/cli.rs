@@ -32,6 +32,7 @@ use crate::{Actor, ApiKey, KeyFormat, OrgId, OrgKey, Password, Scopes, Username}
 /// a bare level (RUST_LOG=warn,orgkey=debug). SECS may have a fraction (0.5); each is more
 /// than 0 and at most 86400.
 #[derive(Parser, Debug)]
+#[allow(rustdoc::invalid_html_tags)] // the doc comments are the --help text, verbatim
 #[command(name = "orgkey-gateway", version, verbatim_doc_comment)]
 pub struct Options {
     /// Address to listen on.

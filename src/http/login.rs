@@ -77,7 +77,7 @@ pub fn default_client_addr(request: &RequestView<'_>) -> Option<IpAddr> {
 ///   413), `{"apiKey","username","password","timestamp"}` with the timestamp as a number or
 ///   a string of digits, unknown fields ignored (malformed: 400). 200 with SessionInfo and
 ///   `Set-Cookie: JSESSIONID=<id>; Path=/; HttpOnly; SameSite=Strict` (`; Secure` per
-///   [`SessionConfig::secure_cookie`](super::SessionConfig::secure_cookie)); 401
+///   [`SessionConfig::secure_cookie`](crate::SessionConfig::secure_cookie)); 401
 ///   `AUTHENTICATION_FAILED` for every failure but a missing `api` scope (403) and
 ///   throttling (429 with an integer `Retry-After`).
 /// - `GET`: 200 with SessionInfo for a live session, else 401 `SESSION_NOT_VALID`.

@@ -2,7 +2,7 @@
 //!
 //! - [`Sessions`]: log in (`Sessions::login`), check a session (`Sessions::validate`), log
 //!   out; failed-login throttling; the session table (digests only).
-//! - [`SessionEndpoint`]: the `/api/v1/authenticatedSession` tower service existing Zscaler
+//! - [`SessionEndpoint`](crate::http::SessionEndpoint): the `/api/v1/authenticatedSession` tower service existing Zscaler
 //!   clients talk to.
 //! - [`OrgKeyLayer::with_sessions`](crate::OrgKeyLayer::with_sessions): accept the
 //!   `JSESSIONID` cookie on protected routes.

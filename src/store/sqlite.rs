@@ -87,8 +87,12 @@ const MIGRATIONS: &[&str] = &[
      ) WITHOUT ROWID;",
 ];
 
-/// A [`Store`] in one SQLite file. Cheap to clone (shared connection). See the
-/// [module docs](self) for durability and for the one-process rule (P5).
+/// A [`Store`] in one SQLite file. Cheap to clone (shared connection).
+///
+/// Opened in WAL mode with `synchronous=FULL`, both asserted: a commit that returned is on
+/// disk. One state, one truth (P5): the file serves one process at a time, through an
+/// exclusive OS lock on `<file>.lock` held while any clone lives; a second open gets
+/// [`StoreError::InUse`] naming the holder's pid. Replicas that share state use PostgreSQL.
 #[derive(Clone)]
 pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
