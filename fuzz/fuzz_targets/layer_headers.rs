@@ -179,16 +179,34 @@ fn decode(data: &[u8]) -> (Uri, Vec<(HeaderName, HeaderValue)>) {
     (uri, headers)
 }
 
-/// Independent re-statement of "the query string seems to carry a key".
+/// Independent re-statement of "the query string seems to carry a key": a parameter whose
+/// name, percent-decoded (`+` as a space) and with `-`, `_` and `.` ignored in any case, is
+/// `apikey`, `key` or the key header's `xapikey`.
 fn model_query_has_key(uri: &Uri) -> bool {
+    fn decoded(name: &str) -> Vec<u8> {
+        let bytes = name.as_bytes();
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < bytes.len() {
+            let hex = |b: u8| char::from(b).to_digit(16);
+            if bytes[i] == b'%' && i + 2 < bytes.len() {
+                if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                    out.push((h * 16 + l) as u8);
+                    i += 3;
+                    continue;
+                }
+            }
+            out.push(if bytes[i] == b'+' { b' ' } else { bytes[i] });
+            i += 1;
+        }
+        out
+    }
     uri.query().is_some_and(|q| {
         q.split('&').any(|pair| {
-            let name: String = pair
-                .split('=')
-                .next()
-                .unwrap_or("")
+            let raw = decoded(pair.split('=').next().unwrap_or(""));
+            let name: String = String::from_utf8_lossy(&raw)
                 .chars()
-                .filter(|c| !matches!(c, '-' | '_'))
+                .filter(|c| !matches!(c, '-' | '_' | '.'))
                 .map(|c| c.to_ascii_lowercase())
                 .collect();
             matches!(name.as_str(), "apikey" | "key" | "xapikey")
