@@ -224,9 +224,11 @@ impl OrgTable {
 
     /// Checks a presented key for an org: the hot path of the layer.
     ///
-    /// Order of checks: the presented value's format (length first, so a value of the wrong
-    /// length is never compared), then the org, then its subscription and key, then one
-    /// constant-time compare against the key of one snapshot.
+    /// Order of checks: the presented value's length (a value of the wrong length is never
+    /// compared), then the org, then its subscription and key, then one constant-time compare
+    /// against the key of one snapshot; a failure is reported as `MalformedKey` whenever the
+    /// value is not of the key format (its characters are checked only then: a value equal
+    /// to a key has the format).
     ///
     /// # Errors
     ///
@@ -247,9 +249,25 @@ impl OrgTable {
         presented: &[u8],
         accept: impl FnOnce(&OrgId, Generation) -> T,
     ) -> Result<T, VerifyError> {
-        if self.inner.format.validate(presented).is_err() {
+        // A value of another length is never compared (the length is public, L4).
+        if presented.len() != self.inner.format.len() {
             return Err(VerifyError::MalformedKey);
         }
+        let result = self.lookup_and_compare(org, presented, accept);
+        // A value equal to a stored key has the format, so the character check only has to
+        // run on a failure, to name it: a malformed value still wins over every other reason.
+        if result.is_err() && self.inner.format.validate(presented).is_err() {
+            return Err(VerifyError::MalformedKey);
+        }
+        result
+    }
+
+    fn lookup_and_compare<T>(
+        &self,
+        org: &str,
+        presented: &[u8],
+        accept: impl FnOnce(&OrgId, Generation) -> T,
+    ) -> Result<T, VerifyError> {
         let entry = self.inner.orgs.get(org).ok_or(VerifyError::UnknownOrg)?;
         let snapshot = entry.value().load();
         if !snapshot.subscribed {

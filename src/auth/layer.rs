@@ -170,26 +170,23 @@ impl Config {
         if !self.table.is_trusted() {
             return Err((RejectionReason::Unavailable, None));
         }
-        let sessions_apply = match &self.sessions {
-            Some(sessions) if !request.headers().contains_key(&self.key_header) => {
-                // One check per request (shared with the CSRF guard and the endpoints); a
-                // request without any `Cookie` header skips it altogether.
-                if request.headers().contains_key(COOKIE) {
-                    match sessions.check_request(request) {
-                        SessionCheck::Absent => {}
-                        SessionCheck::Several => {
-                            return Err((RejectionReason::SessionAmbiguous, None))
-                        }
-                        SessionCheck::Dead(reason) => return Err((reason.into(), None)),
-                        SessionCheck::Live(live) => {
-                            return self.authenticate_session(request, &live.identity)
-                        }
+        // One `Cookie` lookup serves the session decision and L2's removal below; the key
+        // header is looked up here only when there is a cookie (measured: the gateway's
+        // direct-key requests, docs/hot-path-profile.md).
+        let has_cookie = self.sessions.is_some() && request.headers().contains_key(COOKIE);
+        if let Some(sessions) = &self.sessions {
+            if has_cookie && !request.headers().contains_key(&self.key_header) {
+                // One check per request, shared with the CSRF guard and the endpoints.
+                match sessions.check_request(request) {
+                    SessionCheck::Absent => {}
+                    SessionCheck::Several => return Err((RejectionReason::SessionAmbiguous, None)),
+                    SessionCheck::Dead(reason) => return Err((reason.into(), None)),
+                    SessionCheck::Live(live) => {
+                        return self.authenticate_session(request, &live.identity)
                     }
                 }
-                true
             }
-            _ => false,
-        };
+        }
         let view = RequestView::new(
             request.method(),
             request.uri(),
@@ -198,51 +195,81 @@ impl Config {
         );
         let Some(claimed) = self.resolver.resolve(&view) else {
             // Neither a key nor a session: a ZIA client's session is what is missing.
-            let reason = if sessions_apply {
-                RejectionReason::SessionMissing
-            } else {
-                RejectionReason::MissingOrg
-            };
+            let reason =
+                if self.sessions.is_some() && !request.headers().contains_key(&self.key_header) {
+                    RejectionReason::SessionMissing
+                } else {
+                    RejectionReason::MissingOrg
+                };
             return Err((reason, None));
         };
         // A copy on the stack: ends the borrow of the headers, and is what the inner service
         // will see. `None` for ids too long to exist: refused below, before any lookup.
         let org = InlineOrgId::copy(&claimed);
         drop(claimed);
-        // One lookup of the key header serves the check and the removal (L2).
         let headers = request.headers_mut();
-        let Entry::Occupied(entry) = headers.entry(&self.key_header) else {
-            let reason = if query_has_key(request.uri().query(), &self.key_header) {
-                RejectionReason::KeyInQuery
-            } else {
-                RejectionReason::MissingKey
+        // `HeaderMap::entry` makes room for an insert first: on a full map (hyper reserves
+        // exactly the headers it parsed, so 6, 12 or 24 headers fill it) that reallocates the
+        // whole map. Then read with `get_all` and remove with a second lookup instead.
+        let generation = if headers.len() >= headers.capacity() {
+            let mut values = headers.get_all(&self.key_header).iter();
+            let key = match (values.next(), values.next()) {
+                (Some(key), None) => key,
+                (None, _) => return Err((self.missing_key(request.uri()), org)),
+                // Present more than once: ambiguous.
+                (Some(_), Some(_)) => return Err((RejectionReason::MalformedKey, org)),
             };
-            return Err((reason, org));
+            let (org, generation) = self.check_key(org, key.as_bytes())?;
+            headers.remove(&self.key_header);
+            (org, generation)
+        } else {
+            // One lookup of the key header serves the check and the removal (L2).
+            let Entry::Occupied(entry) = headers.entry(&self.key_header) else {
+                return Err((self.missing_key(request.uri()), org));
+            };
+            let mut values = entry.iter();
+            let (Some(key), None) = (values.next(), values.next()) else {
+                // Present more than once: ambiguous.
+                return Err((RejectionReason::MalformedKey, org));
+            };
+            let checked = self.check_key(org, key.as_bytes())?;
+            entry.remove();
+            checked
         };
-        let mut values = entry.iter();
-        let (Some(key), None) = (values.next(), values.next()) else {
-            // Present more than once: ambiguous.
-            return Err((RejectionReason::MalformedKey, org));
-        };
+        let (org, generation) = generation;
+        // L2: the inner service never sees orgkey's credentials, whichever one
+        // authenticated: a session cookie sent beside the key goes too.
+        if has_cookie {
+            strip_session_cookie(request.headers_mut());
+        }
+        Ok(Authenticated::new(org, generation, AuthMethod::ApiKey))
+    }
+
+    /// No key header: `KeyInQuery` if the query seems to carry one (never accepted, L1).
+    fn missing_key(&self, uri: &http::Uri) -> RejectionReason {
+        if query_has_key(uri.query(), &self.key_header) {
+            RejectionReason::KeyInQuery
+        } else {
+            RejectionReason::MissingKey
+        }
+    }
+
+    /// The org's key against `presented` (one snapshot, constant time, L4).
+    fn check_key(
+        &self,
+        org: Option<InlineOrgId>,
+        presented: &[u8],
+    ) -> Result<(InlineOrgId, crate::org::Generation), (RejectionReason, Option<InlineOrgId>)> {
         let Some(org) = org else {
             // Same order of checks as `OrgTable::verify`: the key's format first.
-            let reason = match self.table.format().validate(key.as_bytes()) {
+            let reason = match self.table.format().validate(presented) {
                 Ok(()) => RejectionReason::UnknownOrg,
                 Err(_) => RejectionReason::MalformedKey,
             };
             return Err((reason, None));
         };
-        match self.table.check(org.as_str(), key.as_bytes(), |_, g| g) {
-            Ok(generation) => {
-                entry.remove();
-                // L2: the inner service never sees orgkey's credentials, whichever one
-                // authenticated: a session cookie sent beside the key goes too (one header
-                // lookup when there is no cookie).
-                if self.sessions.is_some() && headers.contains_key(COOKIE) {
-                    strip_session_cookie(headers);
-                }
-                Ok(Authenticated::new(org, generation, AuthMethod::ApiKey))
-            }
+        match self.table.check(org.as_str(), presented, |_, g| g) {
+            Ok(generation) => Ok((org, generation)),
             Err(e) => Err((e.into(), Some(org))),
         }
     }
