@@ -18,81 +18,20 @@ use orgkey::store::PostgresStore;
 use orgkey::store::{MemoryStore, OrgRecord, SqliteStore, Store, StoreError};
 use orgkey::{Actor, ApiKey, AuditEvent, Generation, KeyAction, KeyFormat, OrgId};
 
-/// A fresh PostgreSQL schema name in the test database, dropped (`CASCADE`) when this is
-/// dropped, also when the test panicked.
+/// A fresh PostgreSQL schema per test (`tests/common/pg.rs`), in this file's name.
 #[cfg(feature = "postgres")]
-struct TempSchema {
-    url: String,
-    name: String,
-}
+struct TempSchema;
 
 #[cfg(feature = "postgres")]
 impl TempSchema {
     /// `None` (after saying so on stderr, once) if no PostgreSQL is configured or answers at the
     /// default URL; panics if `ORGKEY_TEST_POSTGRES_URL` is set and does not answer.
-    fn new() -> Option<Self> {
-        let url = common::skip::postgres_url(
+    #[allow(clippy::new_ret_no_self)]
+    fn new() -> Option<common::pg::TempSchema> {
+        common::pg::TempSchema::new(
             "tests/store_contract.rs",
             "the tests that need a PostgreSQL server (postgres::* and postgres_*) pass without running",
-        )?;
-        let mut bytes = [0u8; 8];
-        getrandom::fill(&mut bytes).unwrap();
-        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-        Some(Self {
-            url,
-            name: format!("orgkey_test_{hex}"),
-        })
-    }
-
-    async fn connect(&self) -> PostgresStore {
-        self.connect_with(KeyFormat::default()).await
-    }
-
-    async fn connect_with(&self, format: KeyFormat) -> PostgresStore {
-        PostgresStore::connect(&self.url, &self.name, format)
-            .await
-            .unwrap()
-    }
-
-    /// A plain driver connection to the test database, for what the store does not offer.
-    async fn raw(&self) -> tokio_postgres::Client {
-        let (client, connection) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(connection);
-        client
-    }
-}
-
-#[cfg(feature = "postgres")]
-impl Drop for TempSchema {
-    fn drop(&mut self) {
-        // Drop runs outside async (and maybe while unwinding): use a runtime of its own on a
-        // thread of its own.
-        let url = self.url.clone();
-        let sql = format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", self.name);
-        let dropped = std::thread::spawn(move || -> Result<(), String> {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(|e| e.to_string())?;
-            runtime.block_on(async {
-                let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                tokio::spawn(connection);
-                client
-                    .batch_execute(&format!("SET lock_timeout = '10s'; {sql}"))
-                    .await
-                    .map_err(|e| e.to_string())
-            })
-        })
-        .join();
-        match dropped {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => eprintln!("warning: could not drop test schema {}: {e}", self.name),
-            Err(_) => eprintln!("warning: dropping test schema {} panicked", self.name),
-        }
+        )
     }
 }
 

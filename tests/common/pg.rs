@@ -26,7 +26,12 @@ impl TempSchema {
 
     /// A new store (its own connection) on this schema.
     pub async fn connect(&self) -> PostgresStore {
-        PostgresStore::connect(&self.url, &self.name, KeyFormat::default())
+        self.connect_with(KeyFormat::default()).await
+    }
+
+    /// A new store for keys of `format` on this schema.
+    pub async fn connect_with(&self, format: KeyFormat) -> PostgresStore {
+        PostgresStore::connect(&self.url, &self.name, format)
             .await
             .unwrap()
     }
