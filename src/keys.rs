@@ -669,13 +669,13 @@ mod tests {
         fn feed(&self, record: &OrgRecord) {
             self.table.install_if_newer(
                 record.org.clone(),
-                OrgState::from_record(
+                Arc::new(OrgState::from_record(
                     record.subscribed,
                     record.key.clone(),
                     record.generation,
                     record.last_modified_by.clone(),
                     record.last_modified_on,
-                ),
+                )),
             );
         }
     }

@@ -184,13 +184,11 @@ impl OrgTable {
     /// (a change feed may deliver a change after a reload already brought it).
     // Used by the PostgreSQL change feed.
     #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
-    pub(crate) fn install_if_newer(&self, org: OrgId, state: OrgState) {
+    pub(crate) fn install_if_newer(&self, org: OrgId, state: Arc<OrgState>) {
         match self.inner.orgs.entry(org) {
-            Entry::Occupied(slot) => {
-                install_monotonic(slot.get(), Arc::new(state));
-            }
+            Entry::Occupied(slot) => install_monotonic(slot.get(), state),
             Entry::Vacant(slot) => {
-                slot.insert(ArcSwap::from_pointee(state));
+                slot.insert(ArcSwap::new(state));
             }
         }
     }
@@ -200,12 +198,7 @@ impl OrgTable {
     /// installed the same commit first, or a later one. Either way the committed change is in
     /// force when this returns, so the writer reports it as done.
     pub(crate) fn install_committed(&self, org: &OrgId, next: Arc<OrgState>) {
-        match self.inner.orgs.entry(org.clone()) {
-            Entry::Occupied(slot) => install_monotonic(slot.get(), next),
-            Entry::Vacant(slot) => {
-                slot.insert(ArcSwap::new(next));
-            }
-        }
+        self.install_if_newer(org.clone(), next);
     }
 
     /// The key format of this table (K1).
@@ -372,7 +365,7 @@ mod tests {
             let feed = scope.spawn(|| {
                 // The feed delivers the same commits, late and out of order.
                 for g in (1..=20_000u64).rev().step_by(3) {
-                    table.install_if_newer(org.clone(), at(g));
+                    table.install_if_newer(org.clone(), Arc::new(at(g)));
                 }
             });
             writer.join().unwrap();

@@ -211,32 +211,29 @@ impl Config {
         // `HeaderMap::entry` makes room for an insert first: on a full map (hyper reserves
         // exactly the headers it parsed, so 6, 12 or 24 headers fill it) that reallocates the
         // whole map. Then read with `get_all` and remove with a second lookup instead.
-        let generation = if headers.len() >= headers.capacity() {
-            let mut values = headers.get_all(&self.key_header).iter();
-            let key = match (values.next(), values.next()) {
-                (Some(key), None) => key,
-                (None, _) => return Err((self.missing_key(request.uri()), org)),
-                // Present more than once: ambiguous.
-                (Some(_), Some(_)) => return Err((RejectionReason::MalformedKey, org)),
+        let (org, generation) = if headers.len() >= headers.capacity() {
+            let key = match one_value(headers.get_all(&self.key_header).iter()) {
+                Ok(key) => key,
+                Err(None) => return Err((self.missing_key(request.uri()), org)),
+                Err(Some(ambiguous)) => return Err((ambiguous, org)),
             };
-            let (org, generation) = self.check_key(org, key.as_bytes())?;
+            let checked = self.check_key(org, key.as_bytes())?;
             headers.remove(&self.key_header);
-            (org, generation)
+            checked
         } else {
             // One lookup of the key header serves the check and the removal (L2).
             let Entry::Occupied(entry) = headers.entry(&self.key_header) else {
                 return Err((self.missing_key(request.uri()), org));
             };
-            let mut values = entry.iter();
-            let (Some(key), None) = (values.next(), values.next()) else {
-                // Present more than once: ambiguous.
-                return Err((RejectionReason::MalformedKey, org));
+            let key = match one_value(entry.iter()) {
+                Ok(key) => key,
+                Err(None) => return Err((self.missing_key(request.uri()), org)),
+                Err(Some(ambiguous)) => return Err((ambiguous, org)),
             };
             let checked = self.check_key(org, key.as_bytes())?;
             entry.remove();
             checked
         };
-        let (org, generation) = generation;
         // L2: the inner service never sees orgkey's credentials, whichever one
         // authenticated: a session cookie sent beside the key goes too.
         if has_cookie {
@@ -246,6 +243,7 @@ impl Config {
     }
 
     /// No key header: `KeyInQuery` if the query seems to carry one (never accepted, L1).
+    /// (A key header present twice is ambiguous: `MalformedKey`, from [`one_value`].)
     fn missing_key(&self, uri: &http::Uri) -> RejectionReason {
         if query_has_key(uri.query(), &self.key_header) {
             RejectionReason::KeyInQuery
@@ -313,6 +311,18 @@ impl Config {
 
     pub(crate) fn key_header(&self) -> &HeaderName {
         &self.key_header
+    }
+}
+
+/// The only value of a header: `Err(None)` when there is none, `Err(Some(MalformedKey))`
+/// when there are several (ambiguous).
+fn one_value<'a>(
+    mut values: http::header::ValueIter<'a, HeaderValue>,
+) -> Result<&'a HeaderValue, Option<RejectionReason>> {
+    match (values.next(), values.next()) {
+        (Some(value), None) => Ok(value),
+        (None, _) => Err(None),
+        (Some(_), Some(_)) => Err(Some(RejectionReason::MalformedKey)),
     }
 }
 

@@ -62,3 +62,20 @@ impl http_body::Body for GatewayBody {
 
 /// The body of every answer the gateway gives.
 pub type SiteBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+
+/// A body the gateway writes itself, as a [`SiteBody`].
+fn full(body: impl Into<Bytes>) -> SiteBody {
+    boxed(http_body_util::Full::new(body.into()))
+}
+
+/// One of orgkey's own JSON answers (`crate::response`), as a gateway answer.
+fn site_response(
+    response: http::Response<http_body_util::Full<Bytes>>,
+) -> http::Response<SiteBody> {
+    response.map(boxed)
+}
+
+fn boxed(body: http_body_util::Full<Bytes>) -> SiteBody {
+    use http_body_util::BodyExt;
+    body.map_err(|never| match never {}).boxed_unsync()
+}

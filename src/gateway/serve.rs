@@ -28,7 +28,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use http_body::{Frame, SizeHint};
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -440,11 +440,9 @@ where
     };
     let response = if expired.load(Ordering::Relaxed) {
         tracing::debug!(%remote, "request body not received within the body-read timeout");
-        let mut timeout = Response::new(
-            Full::new(Bytes::from_static(b"request body not received in time\n"))
-                .map_err(|never| match never {})
-                .boxed_unsync(),
-        );
+        let mut timeout = Response::new(super::full(Bytes::from_static(
+            b"request body not received in time\n",
+        )));
         *timeout.status_mut() = StatusCode::REQUEST_TIMEOUT;
         let headers = timeout.headers_mut();
         headers.insert(

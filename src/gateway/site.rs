@@ -9,23 +9,16 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE, LOCATION};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use serde_json::json;
 use tower_service::Service;
 
-use super::{GatewayBody, SiteBody, Upstream};
+use super::{full, site_response, GatewayBody, SiteBody, Upstream};
 use crate::stack::WithOrgKey;
 use crate::{Authenticated, OrgKey};
 
-fn full(body: impl Into<Bytes>) -> SiteBody {
-    Full::new(body.into())
-        .map_err(|never| match never {})
-        .boxed_unsync()
-}
-
 fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<SiteBody> {
-    crate::response::value::<Full<Bytes>>(status, value)
-        .map(|body| body.map_err(|never| match never {}).boxed_unsync())
+    site_response(crate::response::value(status, value))
 }
 
 /// The demo API the gateway protects when it has no upstream: `GET /api/v1/status`

@@ -61,8 +61,7 @@ impl Upstream {
 
 /// A `{"code","message"}` answer for an upstream failure.
 fn failure(status: StatusCode, message: &'static str) -> Response<SiteBody> {
-    crate::response::error::<http_body_util::Full<bytes::Bytes>>(status, "UPSTREAM_ERROR", message)
-        .map(|body| body.map_err(|never| match never {}).boxed_unsync())
+    super::site_response(crate::response::error(status, "UPSTREAM_ERROR", message))
 }
 
 impl Service<Request<GatewayBody>> for Upstream {

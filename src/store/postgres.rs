@@ -305,7 +305,7 @@ async fn follow_once(store: &PostgresStore, table: &OrgTable) -> Result<(), Stor
             .map_err(backend)?;
         for row in &rows {
             let (org, state) = state_of(org_from_row(row, inner.format)?);
-            table.install_if_newer(org, state);
+            table.install_if_newer(org, Arc::new(state));
         }
         table.set_trusted(true);
         tracing::info!(schema = %inner.schema, orgs = rows.len(), "change feed following");
@@ -367,7 +367,7 @@ async fn follow_once(store: &PostgresStore, table: &OrgTable) -> Result<(), Stor
                 .map_err(backend)?;
             if let Some(row) = row {
                 let (org, state) = state_of(org_from_row(&row, inner.format)?);
-                table.install_if_newer(org, state);
+                table.install_if_newer(org, Arc::new(state));
             }
         }
         Err(corrupt("the change feed connection closed"))
