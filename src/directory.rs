@@ -137,6 +137,26 @@ struct AdminsInner {
     orgs: OrgTable,
     accounts: DashMap<Username, Account>,
     store: Option<Arc<dyn Store>>,
+    /// Set when a change feed keeps the accounts in step (a fleet, F2): the feed then
+    /// applies every change, this process's own included, in the store's order.
+    followed: std::sync::atomic::AtomicBool,
+}
+
+impl Account {
+    fn from_record(record: AdminRecord) -> (Username, Self) {
+        (
+            record.username,
+            Self {
+                status: AdminStatus {
+                    org: record.org,
+                    enabled: record.enabled,
+                    scopes: record.scopes,
+                    credential_version: record.credential_version,
+                },
+                password_hash: Arc::from(record.password_hash),
+            },
+        )
+    }
 }
 
 impl fmt::Debug for Admins {
@@ -182,6 +202,7 @@ impl Admins {
                 orgs,
                 accounts: DashMap::new(),
                 store: None,
+                followed: std::sync::atomic::AtomicBool::new(false),
             }),
         }
     }
@@ -196,24 +217,15 @@ impl Admins {
         let store: Arc<dyn Store> = Arc::new(store);
         let accounts = DashMap::new();
         for record in store.load_admins().await.map_err(AccountError::Store)? {
-            accounts.insert(
-                record.username.clone(),
-                Account {
-                    status: AdminStatus {
-                        org: record.org,
-                        enabled: record.enabled,
-                        scopes: record.scopes,
-                        credential_version: record.credential_version,
-                    },
-                    password_hash: Arc::from(record.password_hash),
-                },
-            );
+            let (username, account) = Account::from_record(record);
+            accounts.insert(username, account);
         }
         Ok(Self {
             inner: Arc::new(AdminsInner {
                 orgs,
                 accounts,
                 store: Some(store),
+                followed: std::sync::atomic::AtomicBool::new(false),
             }),
         })
     }
@@ -239,13 +251,56 @@ impl Admins {
                 password_hash: account.password_hash.to_string(),
                 credential_version: account.status.credential_version,
             };
-            store
-                .put_admin(&record)
-                .await
-                .map_err(AccountError::Store)?;
+            match store.put_admin(&record).await {
+                Ok(()) => {}
+                Err(StoreError::Unconfirmed(unconfirmed)) => {
+                    tracing::warn!(target: "orgkey::directory", admin = %username, %unconfirmed, "admin changed");
+                }
+                Err(error) => return Err(AccountError::Store(error)),
+            }
+            if self.is_followed() {
+                // The feed applied it (and any later change) in the store's order.
+                return Ok(());
+            }
         }
         self.inner.accounts.insert(username.clone(), account);
         Ok(())
+    }
+
+    fn is_followed(&self) -> bool {
+        self.inner
+            .followed
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// From now on a change feed applies every account change (F2).
+    pub(crate) fn mark_followed(&self) {
+        self.inner
+            .followed
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// An account as stored, created or changed on any replica (F2).
+    pub(crate) fn apply_stored(&self, record: AdminRecord) {
+        let (username, account) = Account::from_record(record);
+        self.inner.accounts.insert(username, account);
+    }
+
+    /// An account deleted on any replica (F2).
+    pub(crate) fn apply_deleted(&self, username: &Username) {
+        self.inner.accounts.remove(username);
+    }
+
+    /// Every stored account, after the feed reconnected.
+    pub(crate) fn apply_reload(&self, records: Vec<AdminRecord>) {
+        let stored: std::collections::HashSet<Username> =
+            records.iter().map(|r| r.username.clone()).collect();
+        self.inner
+            .accounts
+            .retain(|username, _| stored.contains(username));
+        for record in records {
+            self.apply_stored(record);
+        }
     }
 
     /// Creates an enabled admin of `org` with `scopes`.
@@ -323,7 +378,15 @@ impl Admins {
         if let Some(store) = &self.inner.store {
             match store.delete_admin(username).await {
                 Ok(()) | Err(StoreError::NotFound) => {}
+                Err(StoreError::Unconfirmed(unconfirmed)) => {
+                    tracing::warn!(target: "orgkey::directory", admin = %username, %unconfirmed, "admin deleted");
+                }
                 Err(e) => return Err(AccountError::Store(e)),
+            }
+            if self.is_followed() {
+                self.inner.accounts.remove(username);
+                tracing::info!(target: "orgkey::directory", admin = %username, "admin deleted");
+                return Ok(());
             }
         }
         match self.inner.accounts.remove(username) {

@@ -42,11 +42,23 @@ use crate::Authenticated;
 pub struct KeyInfo {
     state: Arc<OrgState>,
     base_url: Option<Arc<str>>,
+    unconfirmed: Option<Arc<crate::store::Unconfirmed>>,
 }
 
 impl KeyInfo {
     fn from_state(state: Arc<OrgState>, base_url: Option<Arc<str>>) -> Self {
-        Self { state, base_url }
+        Self {
+            state,
+            base_url,
+            unconfirmed: None,
+        }
+    }
+
+    /// After a change in strict fleet mode (F1): the replicas that had not confirmed it
+    /// when the wait bound ran out. The change is committed either way; `None` when every
+    /// live replica confirmed (or there is no fleet).
+    pub fn unconfirmed(&self) -> Option<&crate::store::Unconfirmed> {
+        self.unconfirmed.as_deref()
     }
 
     /// The key, or `None` after a delete (K5).
@@ -532,6 +544,7 @@ impl KeyAdmin {
         };
         // P1: commit durably first (a compare-and-set on the generation); a failed commit
         // changes nothing, in the store or here.
+        let mut unconfirmed = None;
         if let Some(store) = &self.store {
             let record = OrgRecord {
                 org: org.clone(),
@@ -541,14 +554,17 @@ impl KeyAdmin {
                 last_modified_by: next.last_modified_by.clone(),
                 last_modified_on: next.last_modified_on,
             };
-            store
-                .commit(current.generation, &record, &event)
-                .await
-                .map_err(|e| match e {
-                    StoreError::Conflict => KeyError::Conflict,
-                    StoreError::NotFound => KeyError::UnknownOrg,
-                    other => KeyError::Store(other),
-                })?;
+            match store.commit(current.generation, &record, &event).await {
+                Ok(()) => {}
+                // Committed all the same (F1): reported as done, with the replicas behind.
+                Err(StoreError::Unconfirmed(behind)) => {
+                    tracing::warn!(target: "orgkey::keys", org = %org, unconfirmed = %behind, "key changed");
+                    unconfirmed = Some(Arc::new(behind));
+                }
+                Err(StoreError::Conflict) => return Err(KeyError::Conflict),
+                Err(StoreError::NotFound) => return Err(KeyError::UnknownOrg),
+                Err(other) => return Err(KeyError::Store(other)),
+            }
             // Committed: the change is done, whoever makes it visible first. This process's
             // change feed may already have installed it (or a later change): the install is
             // monotonic in the generation and the change is reported as done, once (P1).
@@ -567,7 +583,9 @@ impl KeyAdmin {
         self.audit.record(&event);
         #[cfg(feature = "metrics")]
         crate::metrics::changed(action);
-        Ok(KeyInfo::from_state(next, self.base_url.clone()))
+        let mut info = KeyInfo::from_state(next, self.base_url.clone());
+        info.unconfirmed = unconfirmed;
+        Ok(info)
     }
 }
 

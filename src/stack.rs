@@ -82,7 +82,7 @@ use crate::http::login::{default_client_addr, ClientAddrFn, SessionEndpoint};
 use crate::key::KeyFormat;
 use crate::keys::{KeyAdmin, KeyError};
 use crate::session::{SessionConfig, Sessions};
-use crate::store::{ChangeFollower, Store, StoreError};
+use crate::store::{ChangeFollower, Replica, Store, StoreError};
 use crate::table::OrgTable;
 use crate::OrgKeyLayer;
 
@@ -230,7 +230,11 @@ impl OrgKeyBuilder {
         // Last: the feed follows from the state just loaded (it reloads after LISTEN). Until
         // its first reload the table is untrusted (503, F3); give it a moment, so that a
         // healthy start serves at once.
-        let follower = store.follow_changes(table.clone());
+        let follower = store.follow_changes(
+            Replica::new(table.clone())
+                .with_admins(admins.clone())
+                .with_sessions(sessions.clone()),
+        );
         #[cfg(feature = "postgres")]
         if follower.is_some() {
             let waited = tokio::time::Instant::now();

@@ -8,7 +8,7 @@
 //! The table is changed only through [`KeyAdmin`](crate::KeyAdmin); this module exposes
 //! reading.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -124,6 +124,23 @@ struct Inner {
     /// False while a change feed has lost its connection and not yet reloaded (F1): every
     /// check then fails closed.
     trusted: AtomicBool,
+    /// The end of this replica's fleet lease, in [`monotonic_ms`] ([`NO_LEASE`] when no
+    /// lease applies): past it, every check fails closed (F1) until the lease is renewed.
+    /// Checked on every request, so a replica that was frozen (SIGSTOP, a long pause) never
+    /// judges a request between waking up and its timers running.
+    lease_until: AtomicU64,
+}
+
+/// [`Inner::lease_until`] when the table holds no lease (a single process, loose mode).
+const NO_LEASE: u64 = u64::MAX;
+
+/// Milliseconds on the monotonic clock since the first call in this process.
+pub(crate) fn monotonic_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
 }
 
 impl std::fmt::Debug for OrgTable {
@@ -149,6 +166,7 @@ impl OrgTable {
                 orgs: DashMap::with_hasher(foldhash::fast::RandomState::default()),
                 format,
                 trusted: AtomicBool::new(true),
+                lease_until: AtomicU64::new(NO_LEASE),
             }),
         }
     }
@@ -163,6 +181,7 @@ impl OrgTable {
                 ),
                 format,
                 trusted: AtomicBool::new(true),
+                lease_until: AtomicU64::new(NO_LEASE),
             }),
         }
     }
@@ -170,8 +189,22 @@ impl OrgTable {
     /// Whether the table can be trusted: false while a change feed that keeps it in step
     /// with other replicas is disconnected and has not reloaded (F1). The layer answers 503
     /// meanwhile.
+    /// With a fleet lease (strict mode, F1), also false once the lease has run out without
+    /// being renewed.
     pub fn is_trusted(&self) -> bool {
-        self.inner.trusted.load(Ordering::Acquire)
+        if !self.inner.trusted.load(Ordering::Acquire) {
+            return false;
+        }
+        let lease_until = self.inner.lease_until.load(Ordering::Acquire);
+        lease_until == NO_LEASE || monotonic_ms() < lease_until
+    }
+
+    /// Holds the table to a fleet lease that ends at `until` ([`monotonic_ms`]); `None`
+    /// removes the lease (a replica in loose mode, or one that stopped following).
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    pub(crate) fn set_lease_until(&self, until: Option<u64>) {
+        let value = until.map_or(NO_LEASE, |t| t.min(NO_LEASE - 1));
+        self.inner.lease_until.store(value, Ordering::Release);
     }
 
     // Used by the PostgreSQL change feed.

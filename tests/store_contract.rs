@@ -322,6 +322,7 @@ async fn sessions_are_stored_by_digest_and_deleted(store: Arc<dyn Store>) {
         generation: Generation::new(7),
         credential_version: u64::MAX - 1,
         created: at(1_795_651_200_123),
+        last_used: at(1_795_651_200_123),
     };
     store.put_session(&session(1)).await.unwrap();
     store.put_session(&session(2)).await.unwrap();
@@ -637,7 +638,7 @@ async fn throttle_concurrent_takes_never_exceed_the_burst(store: Arc<dyn Store>)
 
 /// How many schema migrations orgkey has (one row each in `orgkey_schema_version`).
 #[cfg(feature = "postgres")]
-const PG_MIGRATIONS: i64 = 4;
+const PG_MIGRATIONS: i64 = 5;
 
 macro_rules! contract {
     ($($name:ident),* $(,)?) => {
@@ -1083,7 +1084,7 @@ async fn postgres_change_feed_propagates_and_recovers_after_losing_its_connectio
     let b = KeyAdmin::open(OrgTable::default(), b_store.clone())
         .await
         .unwrap();
-    let _follower = b_store.follow(b.table().clone());
+    let _follower = b_store.follow(orgkey::store::Replica::new(b.table().clone()));
     let wait_for = |key: String| {
         let table = b.table().clone();
         async move {
@@ -1175,7 +1176,7 @@ async fn postgres_a_stalled_feed_fails_closed_within_the_bound_and_recovers() {
     let b = KeyAdmin::open(OrgTable::default(), b_store.clone())
         .await
         .unwrap();
-    let follower = b_store.follow(b.table().clone());
+    let follower = b_store.follow(orgkey::store::Replica::new(b.table().clone()));
     let until = |what: &'static str, done: &dyn Fn() -> bool| {
         let deadline = Instant::now() + Duration::from_secs(15);
         while !done() {

@@ -62,6 +62,32 @@ pub struct Options {
     /// cargo run --features postgres --example gateway).
     #[arg(long, value_name = "URL")]
     postgres: Option<String>,
+    /// The PostgreSQL schema of the state; every replica of one fleet names the same one.
+    #[arg(long, value_name = "NAME", default_value = "orgkey")]
+    schema: String,
+    /// With --postgres: strict (a change returns when every live replica applied it; a
+    /// replica that loses its lease fails closed) or loose (a change returns when committed;
+    /// other replicas follow within milliseconds). See the README's "Running a fleet".
+    #[arg(long = "fleet-mode", value_name = "MODE", default_value = "strict", value_parser = ["strict", "loose"])]
+    fleet_mode: String,
+    /// With --postgres, strict mode: a replica's lease, counted from when its renewal was
+    /// sent; a replica that has not renewed it for SECS fails closed, and writers stop
+    /// waiting for it.
+    #[arg(long, value_name = "SECS", default_value = "2", value_parser = parse_seconds)]
+    lease: Duration,
+    /// With --postgres: how often the lease is renewed and the feed's heartbeat sent (at
+    /// most half the lease; a stalled feed is detected within five of these).
+    #[arg(long = "lease-renewal", value_name = "SECS", default_value = "0.25", value_parser = parse_seconds)]
+    lease_renewal: Duration,
+    /// With --postgres, strict mode: how long a change waits for every live replica to
+    /// confirm it before answering that it is committed but not confirmed by the replicas it
+    /// names.
+    #[arg(long = "fleet-wait", value_name = "SECS", default_value = "5", value_parser = parse_seconds)]
+    fleet_wait: Duration,
+    /// With --postgres: this replica's name in the fleet, as messages and the
+    /// fleet_replicas table show it [default: <host name>:<process id>].
+    #[arg(long = "replica-name", value_name = "NAME")]
+    replica_name: Option<String>,
     /// Forward authenticated requests to URL (http://host:port), without orgkey's credentials,
     /// with x-orgkey-org, x-orgkey-admin and x-orgkey-auth set [default: the demo API answers].
     #[arg(long, value_name = "URL")]
@@ -240,7 +266,7 @@ async fn run(checked: Checked) -> Result<(), String> {
     };
     let builder = OrgKey::builder(&base_url).map_err(|e| format!("--base-url: {e}"))?;
     let orgkey = match &options.postgres {
-        Some(url) => builder.open(postgres(url).await?).await,
+        Some(url) => builder.open(postgres(url, &options).await?).await,
         None => {
             let store = SqliteStore::open(&options.state, KeyFormat::default()).map_err(|e| {
                 format!(
@@ -360,14 +386,45 @@ async fn provision(
 }
 
 #[cfg(feature = "postgres")]
-async fn postgres(url: &str) -> Result<impl crate::store::Store, String> {
-    crate::store::PostgresStore::connect(url, "orgkey", KeyFormat::default())
+async fn postgres(url: &str, options: &Options) -> Result<impl crate::store::Store, String> {
+    use crate::store::{FleetConfig, FleetMode, PostgresStore};
+    let mut fleet = FleetConfig {
+        mode: if options.fleet_mode == "loose" {
+            FleetMode::Loose
+        } else {
+            FleetMode::Strict
+        },
+        lease: options.lease,
+        renewal: options.lease_renewal,
+        wait: options.fleet_wait,
+        ..FleetConfig::default()
+    };
+    if let Some(name) = &options.replica_name {
+        fleet.name.clone_from(name);
+    }
+    tracing::info!(
+        schema = %options.schema,
+        replica = %fleet.name,
+        mode = ?fleet.mode,
+        lease = ?fleet.lease,
+        renewal = ?fleet.renewal,
+        wait = ?fleet.wait,
+        "fleet"
+    );
+    PostgresStore::connect_with(url, &options.schema, KeyFormat::default(), fleet)
         .await
-        .map_err(|e| format!("--postgres: {e}"))
+        .map_err(|e| {
+            format!(
+                "--postgres: {e}{}",
+                std::error::Error::source(&e)
+                    .map(|s| format!(" ({s})"))
+                    .unwrap_or_default()
+            )
+        })
 }
 
 #[cfg(not(feature = "postgres"))]
-async fn postgres(_: &str) -> Result<SqliteStore, String> {
+async fn postgres(_: &str, _: &Options) -> Result<SqliteStore, String> {
     Err(
         "--postgres needs the postgres feature: cargo run --features postgres --example gateway"
             .into(),

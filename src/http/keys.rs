@@ -15,7 +15,7 @@ use std::task::{Context, Poll};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use http::header::{HeaderValue, ALLOW, CACHE_CONTROL, WWW_AUTHENTICATE};
+use http::header::{HeaderName, HeaderValue, ALLOW, CACHE_CONTROL, WWW_AUTHENTICATE};
 use http::{Method, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::Full;
@@ -275,6 +275,10 @@ struct KeyResource<'a> {
     enabled: bool,
     last_modified_time: u64,
     last_modified_by: Option<Modifier<'a>>,
+    /// Strict fleet mode only, when replicas did not confirm the change in time (F1): says
+    /// the change is committed and names them. Clients that do not know it ignore it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fleet_warning: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -312,6 +316,7 @@ fn resource(info: &KeyInfo) -> Option<KeyResource<'_>> {
             id: modifier_id(actor.as_str()),
             name: actor.as_str(),
         }),
+        fleet_warning: info.unconfirmed().map(ToString::to_string),
     })
 }
 
@@ -467,6 +472,21 @@ impl CarryOver {
             Err(e) => return refused(&e),
         };
         let mut response = respond(&info);
+        if let Some(unconfirmed) = info.unconfirmed() {
+            // Also for a delete's empty answer: the header says it plainly.
+            let names: String = unconfirmed
+                .replicas
+                .join(", ")
+                .chars()
+                .filter(|c| c.is_ascii_graphic() || *c == ' ')
+                .collect();
+            let text = format!("committed; not confirmed by replica(s): {names}");
+            if let Ok(value) = HeaderValue::from_str(&text) {
+                response
+                    .headers_mut()
+                    .insert(HeaderName::from_static("x-orgkey-unconfirmed"), value);
+            }
+        }
         if let (Some(sessions), Some(session)) = (self.sessions, self.auth.session_digest()) {
             let change = KeyChange {
                 session,

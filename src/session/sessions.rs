@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime};
 use dashmap::DashMap;
 
 mod carry;
+mod fleet;
 
 pub(crate) use carry::KeyChange;
 
@@ -262,6 +263,7 @@ impl SessionEntry {
             generation: self.generation,
             credential_version: self.credential_version,
             created: crate::store::from_millis(self.created_ms as i64),
+            last_used: crate::store::from_millis(self.last_seen_ms.load(Ordering::Relaxed) as i64),
         }
     }
 }
@@ -285,6 +287,9 @@ struct Inner {
     config: SessionConfig,
     throttle: Throttle,
     created: AtomicU64,
+    /// Extra idle time allowed in a fleet, where other replicas' uses arrive late (see
+    /// `fleet::share_use`); 0 for a single process.
+    idle_grace_ms: AtomicU64,
 }
 
 impl fmt::Debug for Sessions {
@@ -325,9 +330,12 @@ impl Sessions {
 
     /// Sessions kept in `store` too (S3, P2): the stored sessions are loaded (each is checked
     /// in full at its next use, as always), a login is stored before its cookie is handed
-    /// out, and a logout deletes it from the store before it answers. Uses are not stored:
-    /// after a restart the idle timer of a loaded session counts from its login, so sessions
-    /// idle or older than the idle timeout need a new login.
+    /// out, and a logout deletes it from the store before it answers. A store of one process
+    /// does not keep uses: after a restart the idle timer of a loaded session counts from its
+    /// login. In a fleet (a change feed follows these sessions, F2) logins and logouts on
+    /// any replica reach every replica before they return (strict mode), and uses are shared
+    /// so that idle time counts the last use on any replica (within two share intervals,
+    /// 10 s by default; see [`Store::sync_session_use`]).
     ///
     /// The failed-login throttle (A3) is kept in `store` as well, shared with every process
     /// that shares it (F2, see [`throttle`](super::throttle)): a login asks the store once
@@ -350,18 +358,8 @@ impl Sessions {
         let inner = Arc::get_mut(&mut sessions.inner)
             .ok_or_else(|| StoreError::Backend(crate::store::BackendError::msg("shared early")))?;
         for record in loaded {
-            let created = millis_u64(record.created);
-            inner.sessions.insert(
-                record.digest,
-                Arc::new(SessionEntry::new(
-                    record.org,
-                    record.admin,
-                    record.generation,
-                    record.credential_version,
-                    created,
-                    created,
-                )),
-            );
+            let (entry, digest) = SessionEntry::from_record(record);
+            inner.sessions.insert(digest, Arc::new(entry));
         }
         inner.throttle = Throttle::shared(inner.config.throttle.clone(), Arc::clone(&store));
         inner.store = Some(store);
@@ -408,6 +406,7 @@ impl Sessions {
                 clock,
                 config,
                 created: AtomicU64::new(0),
+                idle_grace_ms: AtomicU64::new(0),
             }),
         }
     }
@@ -425,6 +424,12 @@ impl Sessions {
     /// Whether the table is empty.
     pub fn is_empty(&self) -> bool {
         self.inner.sessions.is_empty()
+    }
+
+    /// Unused this long, a session is dead: the idle timeout, plus the fleet's grace.
+    fn idle_limit_ms(&self) -> u64 {
+        self.inner.config.idle_timeout.as_millis() as u64
+            + self.inner.idle_grace_ms.load(Ordering::Relaxed)
     }
 
     fn now_ms(&self) -> u64 {
@@ -562,9 +567,16 @@ impl Sessions {
             now_ms,
         );
         if let Some(store) = &self.inner.store {
-            if let Err(error) = store.put_session(&record.stored(digest)).await {
-                tracing::warn!(target: "orgkey::session", %error, "could not store a session");
-                return Err(LoginFailure::Internal);
+            match store.put_session(&record.stored(digest)).await {
+                Ok(()) => {}
+                // Stored; a replica behind may refuse it until it catches up.
+                Err(StoreError::Unconfirmed(unconfirmed)) => {
+                    tracing::warn!(target: "orgkey::session", %unconfirmed, "session stored");
+                }
+                Err(error) => {
+                    tracing::warn!(target: "orgkey::session", %error, "could not store a session");
+                    return Err(LoginFailure::Internal);
+                }
             }
         }
         self.inner.sessions.insert(digest, Arc::new(record));
@@ -624,7 +636,7 @@ impl Sessions {
         let now_ms = self.now_ms();
         let config = &self.inner.config;
         let idle = now_ms.saturating_sub(record.last_seen_ms.load(Ordering::Relaxed));
-        if idle >= config.idle_timeout.as_millis() as u64 {
+        if idle >= self.idle_limit_ms() {
             return Err(SessionRejection::IdleExpired);
         }
         if now_ms.saturating_sub(record.created_ms) >= config.absolute_lifetime.as_millis() as u64 {
@@ -679,7 +691,14 @@ impl Sessions {
             return Ok(false);
         };
         if let Some(store) = &self.inner.store {
-            store.delete_session(&digest).await?;
+            match store.delete_session(&digest).await {
+                Ok(()) => {}
+                // Deleted; a replica behind dies with its lease if it does not catch up.
+                Err(StoreError::Unconfirmed(unconfirmed)) => {
+                    tracing::warn!(target: "orgkey::session", %unconfirmed, "logout");
+                }
+                Err(error) => return Err(error),
+            }
         }
         // Flag first, then remove: a carry-over that still holds the record sees the flag
         // (and then discards its successor), even if it removed the record first.
@@ -701,7 +720,7 @@ impl Sessions {
     /// itself every 1,024 logins; call it from a timer to bound memory between logins.
     pub fn purge_expired(&self) -> usize {
         let now_ms = self.now_ms();
-        let idle = self.inner.config.idle_timeout.as_millis() as u64;
+        let idle = self.idle_limit_ms();
         let lifetime = self.inner.config.absolute_lifetime.as_millis() as u64;
         let mut dead = Vec::new();
         self.inner.sessions.retain(|digest, record| {

@@ -62,7 +62,7 @@ mod throttle;
 
 pub use memory::MemoryStore;
 #[cfg(feature = "postgres")]
-pub use postgres::{PostgresStore, HEARTBEAT_INTERVAL, STALL_BOUND};
+pub use postgres::{FleetConfig, FleetMode, PostgresStore, HEARTBEAT_INTERVAL, STALL_BOUND};
 #[cfg(feature = "sqlite")]
 pub use sqlite::SqliteStore;
 pub(crate) use throttle::MemoryThrottle;
@@ -134,6 +134,9 @@ pub struct SessionRecord {
     pub credential_version: u64,
     /// When the session was created (millisecond precision once stored).
     pub created: SystemTime,
+    /// When it was last used, as far as the store knows: stores shared by a fleet keep the
+    /// uses replicas report ([`Store::sync_session_use`]); the others keep `created`.
+    pub last_used: SystemTime,
 }
 
 /// An audit event as stored, with its sequence number (increasing, unique per store).
@@ -163,6 +166,33 @@ pub enum StoreError {
     },
     /// The backend failed (I/O, database error, corrupt data); the source says why.
     Backend(BackendError),
+    /// **The change is committed**, but some replicas of the fleet did not confirm that they
+    /// applied it within the wait bound (strict mode, F1). They hold live leases, so until
+    /// they apply it or their leases run out they may still judge by the old state. Callers
+    /// treat the change as made and tell the admin which replicas are behind.
+    Unconfirmed(Unconfirmed),
+}
+
+/// The replicas that had not confirmed a committed change when the strict-mode wait bound
+/// ran out (F1); see [`StoreError::Unconfirmed`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unconfirmed {
+    /// The replicas' names, as they registered (`--replica-name`).
+    pub replicas: Vec<String>,
+    /// How long the call waited.
+    pub waited: std::time::Duration,
+}
+
+impl fmt::Display for Unconfirmed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "the change is committed, but replica(s) {} did not confirm it within {} ms; they \
+             may judge by the old state until they apply it or their leases run out",
+            self.replicas.join(", "),
+            self.waited.as_millis()
+        )
+    }
 }
 
 impl fmt::Display for StoreError {
@@ -182,6 +212,7 @@ impl fmt::Display for StoreError {
                 )
             }
             Self::Backend(_) => f.write_str("the store failed"),
+            Self::Unconfirmed(unconfirmed) => fmt::Display::fmt(unconfirmed, f),
         }
     }
 }
@@ -270,6 +301,34 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes a session (logout, expiry); deleting one that is not there is not an error.
     fn delete_session<'a>(&'a self, digest: &'a [u8; 32]) -> StoreFuture<'a, ()>;
 
+    /// Shares session use across the processes of a fleet (F2, idle time counts the last use
+    /// on any replica): records that each session of `used` was last used at its time (only
+    /// ever moving a use later), and returns every session whose recorded last use is after
+    /// `since_ms`. The default, for stores no other process shares, records nothing and
+    /// returns nothing.
+    fn sync_session_use<'a>(
+        &'a self,
+        used: &'a [([u8; 32], u64)],
+        since_ms: u64,
+    ) -> StoreFuture<'a, Vec<([u8; 32], u64)>> {
+        let _ = (used, since_ms);
+        Box::pin(async { Ok(Vec::new()) })
+    }
+
+    /// Deletes stored sessions that can never be valid again at `now_ms`: older than
+    /// `lifetime_ms`, unused (on any replica) for `idle_ms`, or stamped with a generation
+    /// their org no longer has (K6); returns how many. The default deletes nothing (a store
+    /// of one process deletes dead sessions as that process finds them).
+    fn collect_sessions(
+        &self,
+        now_ms: u64,
+        idle_ms: u64,
+        lifetime_ms: u64,
+    ) -> StoreFuture<'_, u64> {
+        let _ = (now_ms, idle_ms, lifetime_ms);
+        Box::pin(async { Ok(0) })
+    }
+
     /// Charges one login attempt to the failed-login throttle (A3), atomically across every
     /// process sharing the store (F2), before its password is checked: if the bucket of
     /// `keys.address()` has no token, answers [`ThrottleVerdict::Wait`] and charges nothing;
@@ -302,13 +361,52 @@ pub trait Store: Send + Sync + 'static {
     /// calls it in the background at most once a minute.
     fn throttle_collect(&self, now_ms: u64) -> StoreFuture<'_, u64>;
 
-    /// The change feed (F1): keeps `table` in step with changes that *other* processes commit
-    /// to this store, hearing only org id and generation (never key material) and reloading
-    /// the org; `None` for a store no other process can write (memory, an SQLite file owned
-    /// by one process). While the feed cannot be trusted the table fails closed.
-    fn follow_changes(&self, table: OrgTable) -> Option<ChangeFollower> {
-        let _ = table;
+    /// The change feed (F1, F2): keeps `replica` (its org table, admins and sessions) in
+    /// step with changes that *other* processes commit to this store, hearing only what
+    /// changed (never key material) and reloading it; `None` for a store no other process can
+    /// write (memory, an SQLite file owned by one process). While the feed cannot be trusted
+    /// the table fails closed.
+    fn follow_changes(&self, replica: Replica) -> Option<ChangeFollower> {
+        let _ = replica;
         None
+    }
+}
+
+/// What a change feed keeps in step in this process ([`Store::follow_changes`]): the org
+/// table, and, when given, the admin directory and the session table (F2). Built by
+/// [`OrgKeyBuilder::open`](crate::OrgKeyBuilder::open).
+#[derive(Debug, Clone)]
+pub struct Replica {
+    pub(crate) table: OrgTable,
+    pub(crate) admins: Option<crate::Admins>,
+    pub(crate) sessions: Option<crate::Sessions>,
+}
+
+impl Replica {
+    /// A replica that follows org changes into `table`.
+    pub fn new(table: OrgTable) -> Self {
+        Self {
+            table,
+            admins: None,
+            sessions: None,
+        }
+    }
+
+    /// Follows admin account changes into `admins` too.
+    pub fn with_admins(mut self, admins: crate::Admins) -> Self {
+        self.admins = Some(admins);
+        self
+    }
+
+    /// Follows logins and logouts into `sessions` too.
+    pub fn with_sessions(mut self, sessions: crate::Sessions) -> Self {
+        self.sessions = Some(sessions);
+        self
+    }
+
+    /// The org table.
+    pub fn table(&self) -> &OrgTable {
+        &self.table
     }
 }
 
@@ -316,19 +414,26 @@ pub trait Store: Send + Sync + 'static {
 /// following (the table keeps the state it has).
 #[derive(Debug)]
 pub struct ChangeFollower {
-    task: tokio::task::JoinHandle<()>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl ChangeFollower {
     /// Wraps the task that follows (for implementations of [`Store`] outside orgkey).
     pub fn new(task: tokio::task::JoinHandle<()>) -> Self {
-        Self { task }
+        Self { tasks: vec![task] }
+    }
+
+    /// Stops `task` too when this handle is dropped.
+    pub fn also(&mut self, task: tokio::task::JoinHandle<()>) {
+        self.tasks.push(task);
     }
 }
 
 impl Drop for ChangeFollower {
     fn drop(&mut self) {
-        self.task.abort();
+        for task in &self.tasks {
+            task.abort();
+        }
     }
 }
 
@@ -375,6 +480,21 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
     fn delete_session<'a>(&'a self, digest: &'a [u8; 32]) -> StoreFuture<'a, ()> {
         (**self).delete_session(digest)
     }
+    fn sync_session_use<'a>(
+        &'a self,
+        used: &'a [([u8; 32], u64)],
+        since_ms: u64,
+    ) -> StoreFuture<'a, Vec<([u8; 32], u64)>> {
+        (**self).sync_session_use(used, since_ms)
+    }
+    fn collect_sessions(
+        &self,
+        now_ms: u64,
+        idle_ms: u64,
+        lifetime_ms: u64,
+    ) -> StoreFuture<'_, u64> {
+        (**self).collect_sessions(now_ms, idle_ms, lifetime_ms)
+    }
     fn throttle_take<'a>(
         &'a self,
         keys: &'a ThrottleKeys,
@@ -395,8 +515,8 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
     fn throttle_collect(&self, now_ms: u64) -> StoreFuture<'_, u64> {
         (**self).throttle_collect(now_ms)
     }
-    fn follow_changes(&self, table: OrgTable) -> Option<ChangeFollower> {
-        (**self).follow_changes(table)
+    fn follow_changes(&self, replica: Replica) -> Option<ChangeFollower> {
+        (**self).follow_changes(replica)
     }
 }
 
@@ -475,6 +595,7 @@ pub(crate) fn session_record(
     generation: i64,
     credential_version: i64,
     created_ms: i64,
+    last_used_ms: Option<i64>,
 ) -> Result<SessionRecord, StoreError> {
     Ok(SessionRecord {
         digest: digest
@@ -485,6 +606,7 @@ pub(crate) fn session_record(
         generation: Generation::new(stored_u64(generation, "stored generation is negative")?),
         credential_version: credential_version as u64,
         created: from_millis(created_ms),
+        last_used: from_millis(last_used_ms.unwrap_or(created_ms).max(created_ms)),
     })
 }
 

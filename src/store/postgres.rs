@@ -9,14 +9,14 @@ use tokio_postgres::{Client, Config, NoTls, Row, Statement};
 
 use super::{
     admin_record, backend, corrupt, from_millis, millis, org_record, session_record, AdminRecord,
-    AuditRecord, ChangeFollower, OrgRecord, SessionRecord, Store, StoreError, StoreFuture,
-    ThrottleKeys, ThrottlePolicy, ThrottleVerdict, KNOWN_ADDRESSES_PER_ADMIN,
+    AuditRecord, ChangeFollower, OrgRecord, Replica, SessionRecord, Store, StoreError, StoreFuture,
+    ThrottleKeys, ThrottlePolicy, ThrottleVerdict, Unconfirmed, KNOWN_ADDRESSES_PER_ADMIN,
 };
 use crate::audit::{AuditEvent, KeyAction};
 use crate::identity::Username;
 use crate::key::{ApiKey, KeyFormat};
 use crate::org::{Actor, Generation, OrgId};
-use crate::table::{OrgState, OrgTable};
+use crate::table::OrgState;
 use std::time::Duration;
 use tokio_postgres::AsyncMessage;
 
@@ -155,6 +155,55 @@ const MIGRATIONS: &[&str] = &[
              SELECT n.address FROM throttle_known n WHERE n.username = p_username
              ORDER BY n.expires_ms DESC, n.address LIMIT p_known_max);
      END $$;",
+    // 5: the fleet (F1, F2). Every change that decides who gets in (an org's key or
+    // subscription, an admin account, a session created or ended) takes the next number of
+    // one sequence, under the row lock of `fleet_head`, so numbers are in commit order, and
+    // announces `<seq>|<kind>|<subject>` on the schema's channel (delivered at commit, never
+    // key material). Each replica in strict mode holds a lease in `fleet_replicas` (by the
+    // database's clock) and records the last number it applied; writers wait for it.
+    // Sessions keep their last use as replicas report it (idle time is fleet-wide).
+    "ALTER TABLE sessions ADD COLUMN last_used_ms BIGINT;
+     UPDATE sessions SET last_used_ms = created_ms;
+     ALTER TABLE sessions ALTER COLUMN last_used_ms SET NOT NULL;
+     CREATE TABLE fleet_head (
+         only_row      BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (only_row),
+         seq           BIGINT NOT NULL
+     );
+     INSERT INTO fleet_head (only_row, seq) VALUES (TRUE, 0);
+     CREATE TABLE fleet_replicas (
+         id            TEXT PRIMARY KEY,
+         name          TEXT NOT NULL,
+         applied_seq   BIGINT NOT NULL,
+         lease_until   TIMESTAMPTZ NOT NULL,
+         started       TIMESTAMPTZ NOT NULL
+     );
+     CREATE FUNCTION fleet_announce(p_channel TEXT, p_kind TEXT, p_subject TEXT) RETURNS BIGINT
+     LANGUAGE plpgsql AS $$
+     DECLARE
+         s BIGINT;
+     BEGIN
+         UPDATE fleet_head SET seq = seq + 1 RETURNING seq INTO s;
+         PERFORM pg_notify(p_channel, s || '|' || p_kind || '|' || p_subject);
+         RETURN s;
+     END $$;
+     -- A replica's lease, from the database's clock now, and the last change it applied;
+     -- with p_ack, tells waiting writers (any replica) to look again.
+     CREATE FUNCTION fleet_renew(
+         p_id TEXT, p_name TEXT, p_applied BIGINT, p_lease_ms BIGINT, p_channel TEXT,
+         p_ack BOOLEAN
+     ) RETURNS VOID
+     LANGUAGE plpgsql AS $$
+     BEGIN
+         INSERT INTO fleet_replicas AS r (id, name, applied_seq, lease_until, started)
+             VALUES (p_id, p_name, p_applied,
+                     clock_timestamp() + p_lease_ms * INTERVAL '1 millisecond',
+                     clock_timestamp())
+             ON CONFLICT (id) DO UPDATE SET lease_until = EXCLUDED.lease_until,
+                 applied_seq = GREATEST(r.applied_seq, EXCLUDED.applied_seq);
+         IF p_ack THEN
+             PERFORM pg_notify(p_channel, '~ack');
+         END IF;
+     END $$;",
 ];
 
 /// The first key of the advisory lock that serializes migrations (`orgk`); the second key is
@@ -224,6 +273,12 @@ struct Inner {
     schema: String,
     format: KeyFormat,
     conn: RwLock<Conn>,
+    fleet: FleetConfig,
+    /// Counts the confirmations heard by this process's follower, so that writers waiting
+    /// for the fleet (strict mode) look again at once.
+    acks: tokio::sync::watch::Sender<u64>,
+    /// The last change this process's follower applied (-1: no follower).
+    applied: tokio::sync::watch::Sender<i64>,
 }
 
 /// The notification channel of a schema (at most 63 bytes, as PostgreSQL identifiers).
@@ -246,57 +301,207 @@ fn state_of(record: OrgRecord) -> (OrgId, OrgState) {
     )
 }
 
-/// How often a follower sends itself a heartbeat through the database (F3).
+/// The default interval of a follower's heartbeat and lease renewal (F1, F3).
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(250);
-/// A follower that has heard nothing of its own heartbeats for this long stops vouching for
-/// its table (fails closed) and reconnects. Checked at every heartbeat, so a stall is
-/// detected within this plus one [`HEARTBEAT_INTERVAL`] (1.25 s), inside DESIGN.md's bound of
-/// 2 s for a stalled, half-open or silently dropped feed.
+/// A follower that has heard none of its own heartbeats for this long (by default; four
+/// renewal intervals in general) stops vouching for its table (fails closed) and reconnects.
+/// Checked at every heartbeat, so a stall is detected within this plus one
+/// [`HEARTBEAT_INTERVAL`] (1.25 s by default), inside DESIGN.md's bound of 2 s for a stalled,
+/// half-open or silently dropped feed.
 pub const STALL_BOUND: Duration = Duration::from_millis(1000);
 /// A connection that followed for this long is healthy: the next failure starts the
 /// reconnect back-off from the beginning again.
 const HEALTHY_PERIOD: Duration = Duration::from_secs(5);
 
-/// The payload prefix of heartbeats; a change is `org:generation` and org ids have no `~`.
+/// The payload prefix of heartbeats; changes start with their sequence number.
 const HEARTBEAT_PREFIX: &str = "~hb:";
+/// The payload of a replica's confirmation that it applied changes.
+const ACK: &str = "~ack";
 
-/// One life of the follower's connection: LISTEN, reload everything, then apply each change
-/// until the connection fails or its heartbeats stop coming back (F3).
-///
-/// The heartbeat goes out through the store's other connection (`pg_notify` on this schema's
-/// channel) and must come back on this one: a LISTEN backend that is stopped, a half-open
-/// connection, or a pooler that silently drops LISTEN (PgBouncer in transaction mode) all
-/// stop it, and within [`STALL_BOUND`] the table is no longer trusted.
-async fn follow_once(store: &PostgresStore, table: &OrgTable) -> Result<(), StoreError> {
-    let inner = &*store.inner;
-    let mut config = inner.config.clone();
-    config.application_name(format!("orgkey-follow:{}", inner.schema));
-    let (client, mut connection) = config.connect(NoTls).await.map_err(backend)?;
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let driver = tokio::spawn(async move {
-        loop {
-            match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
-                Some(Ok(AsyncMessage::Notification(n))) => {
-                    if tx.send(n.payload().to_owned()).is_err() {
-                        break;
-                    }
-                }
-                Some(Ok(_)) => {}
-                Some(Err(_)) | None => break,
-            }
+/// How a fleet of replicas sharing a [`PostgresStore`] keeps F1's promise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FleetMode {
+    /// The default (F1): every replica holds a lease; a change returns only when every replica
+    /// with a live lease has applied it (or the wait bound ran out, and the change says
+    /// which replicas did not confirm); a replica whose lease runs out fails closed.
+    Strict,
+    /// Replicas follow the feed as fast as it goes (typically a few milliseconds), but a
+    /// change returns as soon as it is committed: another replica may accept the old key or
+    /// a logged-out session for that long. F3 (fail closed on a stalled feed) still holds.
+    Loose,
+}
+
+/// The fleet settings of a [`PostgresStore`] (F1, F3).
+#[derive(Debug, Clone)]
+pub struct FleetConfig {
+    /// Strict (the default) or loose.
+    pub mode: FleetMode,
+    /// How long a lease lasts after the renewal that set it was sent. Default 2 s: eight
+    /// renewals, so a replica rides out a slow statement or a short pause, while a replica
+    /// that died holds up admin calls for at most this long.
+    pub lease: Duration,
+    /// How often the lease is renewed and a heartbeat sent through the database. Default
+    /// 250 ms; a stalled feed is detected within five of these (1.25 s).
+    pub renewal: Duration,
+    /// How long a change waits for the replicas' confirmations. Default 5 s: longer than
+    /// the lease, so a replica that died or was cut off has lost its lease before the bound
+    /// runs out, and the bound is reached only if a replica renews but does not apply.
+    pub wait: Duration,
+    /// This replica's name in the fleet, as errors and the `fleet_replicas` table show it.
+    /// Default: the host name and the process id.
+    pub name: String,
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        let host = std::fs::read_to_string("/etc/hostname")
+            .ok()
+            .map(|h| h.trim().to_owned())
+            .filter(|h| !h.is_empty())
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .unwrap_or_else(|| "replica".to_owned());
+        Self {
+            mode: FleetMode::Strict,
+            lease: Duration::from_secs(2),
+            renewal: HEARTBEAT_INTERVAL,
+            wait: Duration::from_secs(5),
+            name: format!("{host}:{}", std::process::id()),
         }
-    });
-    let result = async {
-        client
-            .batch_execute(&format!(
-                "SET search_path TO \"{}\"; LISTEN \"{}\"",
-                inner.schema,
-                channel(&inner.schema)
+    }
+}
+
+impl FleetConfig {
+    /// Checks the settings: the renewal interval at least 10 ms and at most half the lease,
+    /// the lease at most 10 minutes, a name of 1 to 200 printable characters.
+    fn check(&self) -> Result<(), StoreError> {
+        let ok = self.renewal >= Duration::from_millis(10)
+            && self.renewal * 2 <= self.lease
+            && self.lease <= Duration::from_secs(600)
+            && self.wait <= Duration::from_secs(600)
+            && !self.name.is_empty()
+            && self.name.len() <= 200
+            && !self.name.chars().any(char::is_control);
+        if ok {
+            Ok(())
+        } else {
+            Err(corrupt(
+                "invalid fleet settings: the renewal interval must be at least 10 ms and at \
+                 most half the lease, the lease and the wait at most 600 s, the replica name \
+                 1 to 200 printable characters",
             ))
+        }
+    }
+
+    /// Silence on the feed for this long means it is stalled (F3).
+    fn stall_bound(&self) -> Duration {
+        self.renewal * 4
+    }
+
+    /// The lease as this replica counts it: a sixteenth shorter than the database does, so
+    /// the replica fences itself before any writer stops waiting for it.
+    fn local_lease_ms(&self) -> u64 {
+        let lease = self.lease.as_millis() as u64;
+        lease - lease / 16
+    }
+}
+
+/// One parsed change announcement: `<seq>|<kind>|<subject>`.
+struct Announcement<'a> {
+    seq: i64,
+    kind: &'a str,
+    subject: &'a str,
+}
+
+fn parse_announcement(payload: &str) -> Option<Announcement<'_>> {
+    let mut parts = payload.splitn(3, '|');
+    let seq = parts.next()?.parse().ok()?;
+    let kind = parts.next()?;
+    let subject = parts.next()?;
+    Some(Announcement { seq, kind, subject })
+}
+
+fn digest_from_hex(hex: &str) -> Option<[u8; 32]> {
+    let bytes = hex.as_bytes();
+    if bytes.len() != 64 {
+        return None;
+    }
+    let mut digest = [0u8; 32];
+    for (i, pair) in bytes.chunks(2).enumerate() {
+        let text = std::str::from_utf8(pair).ok()?;
+        digest[i] = u8::from_str_radix(text, 16).ok()?;
+    }
+    Some(digest)
+}
+
+/// What a follower keeps between the lives of its connection.
+struct Follower {
+    store: PostgresStore,
+    replica: Replica,
+    /// A random id for this follower's lease row and heartbeats.
+    id: String,
+    /// The last change this replica applied (its own state includes every change up to it).
+    applied: i64,
+}
+
+impl Follower {
+    fn fleet(&self) -> &FleetConfig {
+        &self.store.inner.fleet
+    }
+
+    fn strict(&self) -> bool {
+        self.fleet().mode == FleetMode::Strict
+    }
+
+    /// Renews this replica's lease (strict mode) on the feed's own connection, so that a
+    /// stalled feed cannot renew, and, with `ack`, tells waiting writers to look again. The
+    /// lease counts from the moment the renewal was sent.
+    async fn renew(&self, client: &Client, ack: bool) -> Result<(), StoreError> {
+        if !self.strict() {
+            return Ok(());
+        }
+        let fleet = self.fleet();
+        let lease_ms = fleet.lease.as_millis() as i64;
+        let channel = channel(&self.store.inner.schema);
+        let sent = crate::table::monotonic_ms();
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] = [
+            &self.id,
+            &fleet.name,
+            &self.applied,
+            &lease_ms,
+            &channel,
+            &ack,
+        ];
+        let renewal = client.execute("SELECT fleet_renew($1, $2, $3, $4, $5, $6)", &params);
+        match tokio::time::timeout(fleet.stall_bound(), renewal).await {
+            Ok(Ok(_)) => {
+                self.replica
+                    .table
+                    .set_lease_until(Some(sent + fleet.local_lease_ms()));
+                Ok(())
+            }
+            Ok(Err(error)) => Err(backend(error)),
+            Err(_) => Err(corrupt("the lease could not be renewed in time")),
+        }
+    }
+
+    /// Reloads everything this replica follows, from one snapshot, and returns the number of
+    /// the last change that snapshot includes.
+    async fn reload(&self, client: &mut Client) -> Result<i64, StoreError> {
+        let inner = &*self.store.inner;
+        let tx = client
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
             .await
             .map_err(backend)?;
-        // Reload after LISTEN, so that no change falls between the two.
-        let rows = client
+        let head: i64 = tx
+            .query_one("SELECT seq FROM fleet_head", &[])
+            .await
+            .and_then(|row| row.try_get(0))
+            .map_err(backend)?;
+        let rows = tx
             .query(
                 "SELECT id, subscribed, api_key, generation, modified_by, modified_ms FROM orgs",
                 &[],
@@ -305,76 +510,264 @@ async fn follow_once(store: &PostgresStore, table: &OrgTable) -> Result<(), Stor
             .map_err(backend)?;
         for row in &rows {
             let (org, state) = state_of(org_from_row(row, inner.format)?);
-            table.install_if_newer(org, Arc::new(state));
+            self.replica.table.install_if_newer(org, Arc::new(state));
         }
-        table.set_trusted(true);
-        tracing::info!(schema = %inner.schema, orgs = rows.len(), "change feed following");
-        // This follower's heartbeats: a random tag, so that other replicas' are not taken for
-        // ours.
-        let mut tag = [0u8; 8];
-        crate::key::fill_random(&mut tag).map_err(|_| corrupt("no randomness for the heartbeat"))?;
-        let tag: String = tag.iter().map(|b| format!("{b:02x}")).collect();
-        let mut last_heard = tokio::time::Instant::now();
-        let mut ticker = tokio::time::interval(HEARTBEAT_INTERVAL);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            let payload = tokio::select! {
-                payload = rx.recv() => match payload {
-                    Some(payload) => payload,
-                    None => break,
-                },
-                _ = ticker.tick() => {
-                    if last_heard.elapsed() > STALL_BOUND {
-                        return Err(corrupt("the change feed is stalled: its heartbeat did not come back"));
-                    }
-                    // Sent on the other connection, in the background: a slow send must not
-                    // hold up the changes arriving here.
-                    let sender = store.clone();
-                    let beat = format!("{HEARTBEAT_PREFIX}{tag}");
-                    tokio::spawn(async move {
-                        if let Err(error) = sender.notify(&beat).await {
-                            tracing::debug!(%error, "heartbeat not sent");
+        if let Some(admins) = &self.replica.admins {
+            let rows = tx.query(SELECT_ADMINS, &[]).await.map_err(backend)?;
+            let records = rows
+                .iter()
+                .map(admin_from_row)
+                .collect::<Result<Vec<_>, _>>()?;
+            admins.apply_reload(records);
+        }
+        if let Some(sessions) = &self.replica.sessions {
+            let rows = tx.query(SELECT_SESSIONS, &[]).await.map_err(backend)?;
+            let records = rows
+                .iter()
+                .map(session_from_row)
+                .collect::<Result<Vec<_>, _>>()?;
+            sessions.apply_reload(records);
+        }
+        tx.commit().await.map_err(backend)?;
+        tracing::info!(schema = %inner.schema, orgs = rows.len(), head, "change feed following");
+        Ok(head)
+    }
+
+    /// Applies one announced change: reloads what it names.
+    async fn apply(&self, client: &Client, change: &Announcement<'_>) -> Result<(), StoreError> {
+        let format = self.store.inner.format;
+        match change.kind {
+            "o" => {
+                let Some((org, generation)) = change.subject.rsplit_once(':') else {
+                    return Ok(());
+                };
+                let (Ok(org), Ok(generation)) = (OrgId::new(org), generation.parse::<u64>()) else {
+                    return Ok(());
+                };
+                if self
+                    .replica
+                    .table
+                    .state(org.as_str())
+                    .is_some_and(|s| s.generation().get() >= generation)
+                {
+                    return Ok(()); // already have it (or newer)
+                }
+                let row = client
+                    .query_opt(
+                        "SELECT id, subscribed, api_key, generation, modified_by, modified_ms
+                         FROM orgs WHERE id = $1",
+                        &[&org.as_str()],
+                    )
+                    .await
+                    .map_err(backend)?;
+                if let Some(row) = row {
+                    let (org, state) = state_of(org_from_row(&row, format)?);
+                    self.replica.table.install_if_newer(org, Arc::new(state));
+                }
+            }
+            "a" => {
+                let (Some(admins), Ok(username)) =
+                    (&self.replica.admins, Username::new(change.subject))
+                else {
+                    return Ok(());
+                };
+                let row = client
+                    .query_opt(
+                        "SELECT username, org, enabled, scopes, password_hash, credential_version
+                         FROM admins WHERE username = $1",
+                        &[&username.as_str()],
+                    )
+                    .await
+                    .map_err(backend)?;
+                match row {
+                    Some(row) => admins.apply_stored(admin_from_row(&row)?),
+                    None => admins.apply_deleted(&username),
+                }
+            }
+            "s+" => {
+                let (Some(sessions), Some(digest)) =
+                    (&self.replica.sessions, digest_from_hex(change.subject))
+                else {
+                    return Ok(());
+                };
+                let row = client
+                    .query_opt(
+                        "SELECT digest, org, admin, generation, credential_version, created_ms,
+                             last_used_ms
+                         FROM sessions WHERE digest = $1",
+                        &[&&digest[..]],
+                    )
+                    .await
+                    .map_err(backend)?;
+                if let Some(row) = row {
+                    sessions.apply_stored(session_from_row(&row)?);
+                }
+            }
+            "s-" => {
+                if let (Some(sessions), Some(digest)) =
+                    (&self.replica.sessions, digest_from_hex(change.subject))
+                {
+                    sessions.apply_deleted(&digest);
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// One life of the follower's connection: (strict mode) take the lease, LISTEN, reload
+    /// everything, then apply each change in order and confirm it, until the connection
+    /// fails or its heartbeats stop coming back (F3).
+    ///
+    /// The heartbeat goes out through the store's other connection (`pg_notify` on this
+    /// schema's channel) and must come back on this one: a LISTEN backend that is stopped, a
+    /// half-open connection, or a pooler that silently drops LISTEN (PgBouncer in
+    /// transaction mode) all stop it, and within the stall bound the table is no longer
+    /// trusted. The lease is renewed on this connection too, only while the heartbeats come
+    /// back, so a replica whose feed stalls also loses its lease.
+    async fn follow_once(&mut self) -> Result<(), StoreError> {
+        let inner = Arc::clone(&self.store.inner);
+        let fleet = inner.fleet.clone();
+        let mut config = inner.config.clone();
+        config.application_name(format!("orgkey-follow:{}", fleet.name));
+        let (mut client, mut connection) = config.connect(NoTls).await.map_err(backend)?;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let driver = tokio::spawn(async move {
+            loop {
+                match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                    Some(Ok(AsyncMessage::Notification(n))) => {
+                        if tx.send(n.payload().to_owned()).is_err() {
+                            break;
                         }
-                    });
-                    continue;
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(_)) | None => break,
                 }
-            };
-            if let Some(beat) = payload.strip_prefix(HEARTBEAT_PREFIX) {
-                if beat == tag {
-                    last_heard = tokio::time::Instant::now();
-                }
-                continue;
             }
-            let Some((org, generation)) = payload.rsplit_once(':') else {
-                continue;
-            };
-            let (Ok(org), Ok(generation)) = (OrgId::new(org), generation.parse::<u64>()) else {
-                continue;
-            };
-            if table
-                .state(org.as_str())
-                .is_some_and(|s| s.generation().get() >= generation)
-            {
-                continue; // already have it (or newer)
-            }
-            let row = client
-                .query_opt(
-                    "SELECT id, subscribed, api_key, generation, modified_by, modified_ms
-                     FROM orgs WHERE id = $1",
-                    &[&org.as_str()],
-                )
+        });
+        let result = async {
+            client
+                .batch_execute(&format!(
+                    "SET search_path TO \"{}\"; SET lock_timeout = '5s'",
+                    inner.schema,
+                ))
                 .await
                 .map_err(backend)?;
-            if let Some(row) = row {
-                let (org, state) = state_of(org_from_row(&row, inner.format)?);
-                table.install_if_newer(org, Arc::new(state));
+            // Strict mode: hold a lease *before* the reload, so that a writer committing
+            // between the reload and our first confirmation waits for us.
+            if self.strict() {
+                client
+                    .execute(
+                        "DELETE FROM fleet_replicas
+                         WHERE lease_until < clock_timestamp() - INTERVAL '1 hour'",
+                        &[],
+                    )
+                    .await
+                    .map_err(backend)?;
+                self.renew(&client, false).await?;
             }
+            client
+                .batch_execute(&format!("LISTEN \"{}\"", channel(&inner.schema)))
+                .await
+                .map_err(backend)?;
+            // Reload after LISTEN, so that no change falls between the two.
+            let head = self.reload(&mut client).await?;
+            self.applied = self.applied.max(head);
+            inner.applied.send_replace(self.applied);
+            self.renew(&client, true).await?;
+            self.replica.table.set_trusted(true);
+            let mut last_heard = tokio::time::Instant::now();
+            let mut ticker = tokio::time::interval(fleet.renewal);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                let payload = tokio::select! {
+                    payload = rx.recv() => match payload {
+                        Some(payload) => payload,
+                        None => break,
+                    },
+                    _ = ticker.tick() => {
+                        if last_heard.elapsed() > fleet.stall_bound() {
+                            return Err(corrupt("the change feed is stalled: its heartbeat did not come back"));
+                        }
+                        // Sent on the other connection, in the background: a slow send
+                        // must not hold up the changes arriving here.
+                        let sender = self.store.clone();
+                        let beat = format!("{HEARTBEAT_PREFIX}{}", self.id);
+                        tokio::spawn(async move {
+                            if let Err(error) = sender.notify(&beat).await {
+                                tracing::debug!(%error, "heartbeat not sent");
+                            }
+                        });
+                        self.renew(&client, false).await?;
+                        continue;
+                    }
+                };
+                // Apply this change and every one already waiting, in order, then confirm
+                // them all at once.
+                let mut next = Some(payload);
+                let mut applied_any = false;
+                while let Some(payload) = next.take() {
+                    if let Some(beat) = payload.strip_prefix(HEARTBEAT_PREFIX) {
+                        if beat == self.id {
+                            last_heard = tokio::time::Instant::now();
+                        }
+                    } else if payload == ACK {
+                        inner.acks.send_modify(|n| *n = n.wrapping_add(1));
+                    } else if let Some(change) = parse_announcement(&payload) {
+                        if change.seq > self.applied {
+                            if change.seq != self.applied + 1 {
+                                // A change went by unheard: start over from a reload.
+                                return Err(corrupt("the change feed skipped a change"));
+                            }
+                            self.apply(&client, &change).await?;
+                            self.applied = change.seq;
+                            applied_any = true;
+                        }
+                    }
+                    next = rx.try_recv().ok();
+                }
+                if applied_any {
+                    inner.applied.send_replace(self.applied);
+                    self.renew(&client, true).await?;
+                }
+            }
+            Err(corrupt("the change feed connection closed"))
         }
-        Err(corrupt("the change feed connection closed"))
+        .await;
+        driver.abort();
+        result
     }
-    .await;
-    driver.abort();
-    result
+}
+
+const SELECT_ADMINS: &str =
+    "SELECT username, org, enabled, scopes, password_hash, credential_version
+     FROM admins ORDER BY username";
+
+const SELECT_SESSIONS: &str =
+    "SELECT digest, org, admin, generation, credential_version, created_ms, last_used_ms
+     FROM sessions";
+
+fn admin_from_row(row: &Row) -> Result<AdminRecord, StoreError> {
+    admin_record(
+        row.try_get(0).map_err(backend)?,
+        row.try_get(1).map_err(backend)?,
+        row.try_get(2).map_err(backend)?,
+        i64::from(row.try_get::<_, i16>(3).map_err(backend)?),
+        row.try_get(4).map_err(backend)?,
+        row.try_get(5).map_err(backend)?,
+    )
+}
+
+fn session_from_row(row: &Row) -> Result<SessionRecord, StoreError> {
+    session_record(
+        row.try_get(0).map_err(backend)?,
+        row.try_get(1).map_err(backend)?,
+        row.try_get(2).map_err(backend)?,
+        row.try_get(3).map_err(backend)?,
+        row.try_get(4).map_err(backend)?,
+        row.try_get(5).map_err(backend)?,
+        Some(row.try_get(6).map_err(backend)?),
+    )
 }
 
 /// One live connection and its prepared statements.
@@ -392,6 +785,7 @@ struct Statements {
     audit_page: Statement,
     throttle_take: Statement,
     throttle_succeeded: Statement,
+    unconfirmed: Statement,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -439,15 +833,32 @@ impl PostgresStore {
     /// parsed, the server cannot be reached or refuses the connection, the schema was written
     /// by a newer orgkey, or a migration fails.
     pub async fn connect(url: &str, schema: &str, format: KeyFormat) -> Result<Self, StoreError> {
+        Self::connect_with(url, schema, format, FleetConfig::default()).await
+    }
+
+    /// [`PostgresStore::connect`] with explicit fleet settings (strict or loose mode, lease,
+    /// renewal interval, wait bound, replica name; F1).
+    ///
+    /// # Errors
+    ///
+    /// As [`PostgresStore::connect`], and [`StoreError::Backend`] if the fleet settings are
+    /// out of range (see [`FleetConfig`]).
+    pub async fn connect_with(
+        url: &str,
+        schema: &str,
+        format: KeyFormat,
+        fleet: FleetConfig,
+    ) -> Result<Self, StoreError> {
         if !valid_schema(schema) {
             return Err(corrupt(
                 "invalid PostgreSQL schema name: use 1 to 63 ASCII letters, digits or '_', \
                  not starting with 'pg_'",
             ));
         }
+        fleet.check()?;
         let mut config: Config = url.parse().map_err(backend)?;
         if config.get_application_name().is_none() {
-            config.application_name(format!("orgkey:{schema}"));
+            config.application_name(format!("orgkey:{}", fleet.name));
         }
         let conn = Conn::open(&config, schema).await?;
         Ok(Self {
@@ -456,8 +867,16 @@ impl PostgresStore {
                 schema: schema.to_owned(),
                 format,
                 conn: RwLock::new(conn),
+                fleet,
+                acks: tokio::sync::watch::Sender::new(0),
+                applied: tokio::sync::watch::Sender::new(-1),
             }),
         })
+    }
+
+    /// The fleet settings.
+    pub fn fleet(&self) -> &FleetConfig {
+        &self.inner.fleet
     }
 
     /// The schema this store keeps its tables in.
@@ -477,30 +896,62 @@ impl PostgresStore {
         }
     }
 
-    /// Keeps `table` in step with every change committed to this schema, by any replica
-    /// (F1): a dedicated connection `LISTEN`s for the `org:generation` notifications that
-    /// commits send (never key material), and reloads each changed org.
+    /// Keeps `replica` (its org table and, if given, its admins and sessions) in step with
+    /// every change committed to this schema, by any replica (F1, F2): a dedicated connection
+    /// `LISTEN`s for the announcements that commits send (`<seq>|<kind>|<subject>`: an org
+    /// and its generation, an admin's name, a session's digest; never key material), and
+    /// reloads what each names, in commit order.
+    ///
+    /// In strict mode (the default, [`FleetMode::Strict`]) the follower holds a lease in
+    /// `fleet_replicas`, renewed every [`FleetConfig::renewal`] on the feed's own
+    /// connection, and confirms each change it applied; writers through any replica wait for
+    /// those confirmations (see [`FleetConfig`]). Its table fails closed when the lease runs
+    /// out, counting from when the last renewal was sent.
     ///
     /// The table is untrusted (the layer answers 503, fail closed) from this call until the
     /// first reload, and again at once whenever the connection is lost or its heartbeat
-    /// stops coming back (F3: one every [`HEARTBEAT_INTERVAL`], a stall is detected within
-    /// [`STALL_BOUND`] plus one interval, 1.25 s); the follower reconnects with a
-    /// back-off (50 ms doubling to 2 s, back to 50 ms after 5 s of health), `LISTEN`s again,
-    /// reloads every org, and trusts the table again. Stops when the returned handle is
-    /// dropped.
-    pub fn follow(&self, table: OrgTable) -> ChangeFollower {
-        let store = self.clone();
+    /// stops coming back (F3: one every renewal interval; a stall is detected within five
+    /// intervals, 1.25 s by default); the follower reconnects with a back-off (50 ms
+    /// doubling to 2 s, back to 50 ms after 5 s of health), `LISTEN`s again, reloads
+    /// everything, and trusts the table again. With sessions, it also shares their use
+    /// with the fleet (idle time is fleet-wide) and deletes dead sessions from the store.
+    /// Stops when the returned handle is dropped.
+    pub fn follow(&self, replica: Replica) -> ChangeFollower {
+        let table = replica.table.clone();
         // Not trusted until the first reload: no request is judged before the feed follows.
         table.set_trusted(false);
+        if self.inner.fleet.mode == FleetMode::Loose {
+            table.set_lease_until(None);
+        }
+        if let Some(admins) = &replica.admins {
+            admins.mark_followed();
+        }
+        let mut id = [0u8; 8];
+        let id = match crate::key::fill_random(&mut id) {
+            Ok(()) => id.iter().map(|b| format!("{b:02x}")).collect(),
+            // Unique enough among replicas: the process id and the time.
+            Err(_) => format!(
+                "{:x}{:x}",
+                std::process::id(),
+                crate::store::millis(SystemTime::now())
+            ),
+        };
+        let sessions = replica.sessions.clone();
+        let mut follower = Follower {
+            store: self.clone(),
+            replica,
+            id,
+            applied: 0,
+        };
         let task = tokio::spawn(async move {
             const FIRST_BACKOFF: Duration = Duration::from_millis(50);
             let mut backoff = FIRST_BACKOFF;
             loop {
                 let started = tokio::time::Instant::now();
-                let result = follow_once(&store, &table).await;
+                let result = follower.follow_once().await;
                 table.set_trusted(false);
                 if let Err(error) = result {
-                    tracing::warn!(schema = %store.inner.schema, %error, "change feed lost; failing closed until reloaded");
+                    tracing::warn!(schema = %follower.store.inner.schema, %error, "change feed lost; failing closed until reloaded");
                 }
                 if started.elapsed() >= HEALTHY_PERIOD {
                     // It had been following fine: this is a new failure, not the same one.
@@ -510,7 +961,80 @@ impl PostgresStore {
                 backoff = (backoff * 2).min(Duration::from_secs(2));
             }
         });
-        ChangeFollower::new(task)
+        let mut handle = ChangeFollower::new(task);
+        if let Some(sessions) = sessions {
+            handle.also(tokio::spawn(sessions.share_use(Arc::new(self.clone()))));
+        }
+        handle
+    }
+
+    /// Waits until every replica with a live lease has applied change `seq` (strict mode);
+    /// at most the wait bound, then [`StoreError::Unconfirmed`] naming the others.
+    async fn settle(&self, seq: i64) -> Result<(), StoreError> {
+        let fleet = &self.inner.fleet;
+        if fleet.mode != FleetMode::Strict {
+            // Loose: in force on this replica when the call returns (if it follows), on the
+            // others as soon as they hear it.
+            let mut applied = self.inner.applied.subscribe();
+            if *applied.borrow() >= 0 {
+                let caught_up = applied.wait_for(|applied| *applied >= seq);
+                if tokio::time::timeout(fleet.wait, caught_up).await.is_err() {
+                    tracing::warn!(schema = %self.inner.schema, "committed; this replica has not applied the change yet");
+                }
+            }
+            return Ok(());
+        }
+        let started = tokio::time::Instant::now();
+        let mut acks = self.inner.acks.subscribe();
+        loop {
+            acks.borrow_and_update();
+            let pending = async {
+                let conn = self.shared().await?;
+                conn.client
+                    .query(&conn.statements.unconfirmed, &[&seq])
+                    .await
+                    .map_err(backend)
+            }
+            .await;
+            let waited = started.elapsed();
+            let rows = match pending {
+                Ok(rows) => rows,
+                Err(error) => {
+                    // Committed, but the fleet cannot be asked: say so, never "not done".
+                    tracing::warn!(schema = %self.inner.schema, %error, "committed; could not ask the fleet whether it applied the change");
+                    return Err(StoreError::Unconfirmed(Unconfirmed {
+                        replicas: Vec::new(),
+                        waited,
+                    }));
+                }
+            };
+            if rows.is_empty() {
+                return Ok(());
+            }
+            if waited >= fleet.wait {
+                let replicas = rows
+                    .iter()
+                    .filter_map(|row| row.try_get::<_, String>(0).ok())
+                    .collect();
+                return Err(StoreError::Unconfirmed(Unconfirmed { replicas, waited }));
+            }
+            // Look again at the next confirmation, when the first lease runs out, or after
+            // a short while (a writer in a process without a follower hears no
+            // confirmations).
+            let lease_left = rows
+                .iter()
+                .filter_map(|row| row.try_get::<_, i64>(1).ok())
+                .min()
+                .unwrap_or(0)
+                .max(0) as u64;
+            let nap = Duration::from_millis(lease_left + 1)
+                .min(Duration::from_millis(20))
+                .min(fleet.wait - waited);
+            tokio::select! {
+                _ = acks.changed() => {}
+                _ = tokio::time::sleep(nap) => {}
+            }
+        }
     }
 
     /// The connection, shared with other statements outside transactions; reconnects first
@@ -598,6 +1122,14 @@ impl Statements {
             .await?,
             throttle_succeeded: prepare(
                 "SELECT throttle_succeeded($1, $2, $3, $4, $5, $6, $7, $8)",
+            )
+            .await?,
+            unconfirmed: prepare(
+                "SELECT name,
+                     CEIL(EXTRACT(EPOCH FROM (lease_until - clock_timestamp())) * 1000)::BIGINT
+                 FROM fleet_replicas
+                 WHERE applied_seq < $1 AND lease_until > clock_timestamp()
+                 ORDER BY name",
             )
             .await?,
         })
@@ -788,19 +1320,23 @@ impl Store for PostgresStore {
             )
             .await
             .map_err(backend)?;
-            // F1: every follower of this schema hears "org:generation" when this commits (a
-            // notification is delivered at COMMIT, never for a rolled-back change). Never key
-            // material.
-            tx.execute(
-                "SELECT pg_notify($1, $2)",
-                &[
-                    &channel(&self.inner.schema),
-                    &format!("{}:{}", next.org.as_str(), next.generation.get()),
-                ],
-            )
-            .await
-            .map_err(backend)?;
-            tx.commit().await.map_err(backend)
+            // F1: every follower of this schema hears "<seq>|o|org:generation" when this
+            // commits (a notification is delivered at COMMIT, never for a rolled-back
+            // change). Never key material.
+            let seq: i64 = tx
+                .query_one(
+                    "SELECT fleet_announce($1, 'o', $2)",
+                    &[
+                        &channel(&self.inner.schema),
+                        &format!("{}:{}", next.org.as_str(), next.generation.get()),
+                    ],
+                )
+                .await
+                .and_then(|row| row.try_get(0))
+                .map_err(backend)?;
+            tx.commit().await.map_err(backend)?;
+            drop(conn);
+            self.settle(seq).await
         })
     }
 
@@ -830,68 +1366,65 @@ impl Store for PostgresStore {
             let conn = self.shared().await?;
             let rows = conn
                 .client
-                .query(
-                    "SELECT username, org, enabled, scopes, password_hash, credential_version
-                     FROM admins ORDER BY username",
-                    &[],
-                )
+                .query(SELECT_ADMINS, &[])
                 .await
                 .map_err(backend)?;
-            rows.iter()
-                .map(|row| {
-                    admin_record(
-                        row.try_get(0).map_err(backend)?,
-                        row.try_get(1).map_err(backend)?,
-                        row.try_get(2).map_err(backend)?,
-                        i64::from(row.try_get::<_, i16>(3).map_err(backend)?),
-                        row.try_get(4).map_err(backend)?,
-                        row.try_get(5).map_err(backend)?,
-                    )
-                })
-                .collect()
+            rows.iter().map(admin_from_row).collect()
         })
     }
 
     fn put_admin<'a>(&'a self, admin: &'a AdminRecord) -> StoreFuture<'a, ()> {
         Box::pin(async move {
-            let conn = self.shared().await?;
-            conn.client
-                .execute(
-                    "INSERT INTO admins (username, org, enabled, scopes, password_hash,
-                         credential_version)
-                     VALUES ($1, $2, $3, $4, $5, $6)
-                     ON CONFLICT (username) DO UPDATE SET org = $2, enabled = $3,
-                         scopes = $4, password_hash = $5, credential_version = $6",
-                    &[
-                        &admin.username.as_str(),
-                        &admin.org.as_str(),
-                        &admin.enabled,
-                        &i16::from(admin.scopes.bits()),
-                        &admin.password_hash,
-                        &(admin.credential_version as i64),
-                    ],
-                )
-                .await
-                .map_err(backend)?;
-            Ok(())
+            let seq = {
+                let conn = self.shared().await?;
+                conn.client
+                    .query_one(
+                        "WITH saved AS (
+                             INSERT INTO admins (username, org, enabled, scopes, password_hash,
+                                 credential_version)
+                             VALUES ($1, $2, $3, $4, $5, $6)
+                             ON CONFLICT (username) DO UPDATE SET org = $2, enabled = $3,
+                                 scopes = $4, password_hash = $5, credential_version = $6
+                             RETURNING username
+                         )
+                         SELECT fleet_announce($7, 'a', username) FROM saved",
+                        &[
+                            &admin.username.as_str(),
+                            &admin.org.as_str(),
+                            &admin.enabled,
+                            &i16::from(admin.scopes.bits()),
+                            &admin.password_hash,
+                            &(admin.credential_version as i64),
+                            &channel(&self.inner.schema),
+                        ],
+                    )
+                    .await
+                    .and_then(|row| row.try_get::<_, i64>(0))
+                    .map_err(backend)?
+            };
+            self.settle(seq).await
         })
     }
 
     fn delete_admin<'a>(&'a self, username: &'a Username) -> StoreFuture<'a, ()> {
         Box::pin(async move {
-            let conn = self.shared().await?;
-            let deleted = conn
-                .client
-                .execute(
-                    "DELETE FROM admins WHERE username = $1",
-                    &[&username.as_str()],
-                )
-                .await
-                .map_err(backend)?;
-            if deleted == 0 {
-                Err(StoreError::NotFound)
-            } else {
-                Ok(())
+            let seq = {
+                let conn = self.shared().await?;
+                conn.client
+                    .query_opt(
+                        "WITH gone AS (DELETE FROM admins WHERE username = $1 RETURNING username)
+                         SELECT fleet_announce($2, 'a', username) FROM gone",
+                        &[&username.as_str(), &channel(&self.inner.schema)],
+                    )
+                    .await
+                    .map_err(backend)?
+                    .map(|row| row.try_get::<_, i64>(0))
+                    .transpose()
+                    .map_err(backend)?
+            };
+            match seq {
+                Some(seq) => self.settle(seq).await,
+                None => Err(StoreError::NotFound),
             }
         })
     }
@@ -901,61 +1434,147 @@ impl Store for PostgresStore {
             let conn = self.shared().await?;
             let rows = conn
                 .client
-                .query(
-                    "SELECT digest, org, admin, generation, credential_version, created_ms
-                     FROM sessions",
-                    &[],
-                )
+                .query(SELECT_SESSIONS, &[])
                 .await
                 .map_err(backend)?;
-            rows.iter()
-                .map(|row| {
-                    session_record(
-                        row.try_get(0).map_err(backend)?,
-                        row.try_get(1).map_err(backend)?,
-                        row.try_get(2).map_err(backend)?,
-                        row.try_get(3).map_err(backend)?,
-                        row.try_get(4).map_err(backend)?,
-                        row.try_get(5).map_err(backend)?,
-                    )
-                })
-                .collect()
+            rows.iter().map(session_from_row).collect()
         })
     }
 
     fn put_session<'a>(&'a self, session: &'a SessionRecord) -> StoreFuture<'a, ()> {
         Box::pin(async move {
             let generation = to_i64(session.generation.get(), "generation out of range")?;
-            let conn = self.shared().await?;
-            conn.client
-                .execute(
-                    "INSERT INTO sessions
-                         (digest, org, admin, generation, credential_version, created_ms)
-                     VALUES ($1, $2, $3, $4, $5, $6)
-                     ON CONFLICT (digest) DO NOTHING",
-                    &[
-                        &&session.digest[..],
-                        &session.org.as_str(),
-                        &session.admin.as_str(),
-                        &generation,
-                        &(session.credential_version as i64),
-                        &millis(session.created),
-                    ],
-                )
-                .await
-                .map_err(backend)?;
-            Ok(())
+            let seq = {
+                let conn = self.shared().await?;
+                conn.client
+                    .query_opt(
+                        "WITH saved AS (
+                             INSERT INTO sessions (digest, org, admin, generation,
+                                 credential_version, created_ms, last_used_ms)
+                             VALUES ($1, $2, $3, $4, $5, $6, $7)
+                             ON CONFLICT (digest) DO NOTHING
+                             RETURNING digest
+                         )
+                         SELECT fleet_announce($8, 's+', encode(digest, 'hex')) FROM saved",
+                        &[
+                            &&session.digest[..],
+                            &session.org.as_str(),
+                            &session.admin.as_str(),
+                            &generation,
+                            &(session.credential_version as i64),
+                            &millis(session.created),
+                            &millis(session.last_used).max(millis(session.created)),
+                            &channel(&self.inner.schema),
+                        ],
+                    )
+                    .await
+                    .map_err(backend)?
+                    .map(|row| row.try_get::<_, i64>(0))
+                    .transpose()
+                    .map_err(backend)?
+            };
+            match seq {
+                Some(seq) => self.settle(seq).await,
+                None => Ok(()), // already stored
+            }
         })
     }
 
     fn delete_session<'a>(&'a self, digest: &'a [u8; 32]) -> StoreFuture<'a, ()> {
         Box::pin(async move {
+            let seq = {
+                let conn = self.shared().await?;
+                conn.client
+                    .query_opt(
+                        "WITH gone AS (DELETE FROM sessions WHERE digest = $1 RETURNING digest)
+                         SELECT fleet_announce($2, 's-', encode(digest, 'hex')) FROM gone",
+                        &[&&digest[..], &channel(&self.inner.schema)],
+                    )
+                    .await
+                    .map_err(backend)?
+                    .map(|row| row.try_get::<_, i64>(0))
+                    .transpose()
+                    .map_err(backend)?
+            };
+            match seq {
+                Some(seq) => self.settle(seq).await,
+                None => Ok(()), // already gone, announced by whoever deleted it
+            }
+        })
+    }
+
+    fn sync_session_use<'a>(
+        &'a self,
+        used: &'a [([u8; 32], u64)],
+        since_ms: u64,
+    ) -> StoreFuture<'a, Vec<([u8; 32], u64)>> {
+        Box::pin(async move {
+            let range = "session use time out of range";
+            let digests: Vec<&[u8]> = used.iter().map(|(digest, _)| &digest[..]).collect();
+            let times = used
+                .iter()
+                .map(|(_, ms)| to_i64(*ms, range))
+                .collect::<Result<Vec<i64>, _>>()?;
+            let since = to_i64(since_ms, range)?;
             let conn = self.shared().await?;
-            conn.client
-                .execute("DELETE FROM sessions WHERE digest = $1", &[&&digest[..]])
+            if !used.is_empty() {
+                conn.client
+                    .execute(
+                        "UPDATE sessions s SET last_used_ms = GREATEST(s.last_used_ms, u.ms)
+                         FROM unnest($1::BYTEA[], $2::BIGINT[]) AS u(digest, ms)
+                         WHERE s.digest = u.digest",
+                        &[&digests, &times],
+                    )
+                    .await
+                    .map_err(backend)?;
+            }
+            let rows = conn
+                .client
+                .query(
+                    "SELECT digest, last_used_ms FROM sessions WHERE last_used_ms > $1",
+                    &[&since],
+                )
                 .await
                 .map_err(backend)?;
-            Ok(())
+            rows.iter()
+                .map(|row| {
+                    let digest: Vec<u8> = row.try_get(0).map_err(backend)?;
+                    let digest: [u8; 32] = digest
+                        .try_into()
+                        .map_err(|_| corrupt("stored session digest is not 32 bytes"))?;
+                    let last: i64 = row.try_get(1).map_err(backend)?;
+                    Ok((digest, last.max(0) as u64))
+                })
+                .collect()
+        })
+    }
+
+    fn collect_sessions(
+        &self,
+        now_ms: u64,
+        idle_ms: u64,
+        lifetime_ms: u64,
+    ) -> StoreFuture<'_, u64> {
+        Box::pin(async move {
+            let range = "session time out of range";
+            let now = to_i64(now_ms, range)?;
+            let idle = to_i64(idle_ms, range)?;
+            let lifetime = to_i64(lifetime_ms, range)?;
+            let conn = self.shared().await?;
+            // Dead on every replica by S2 and K6 alike, so nobody needs to be told.
+            let deleted = conn
+                .client
+                .execute(
+                    "DELETE FROM sessions s
+                     WHERE s.created_ms <= $1 - $3
+                        OR s.last_used_ms <= $1 - $2
+                        OR NOT EXISTS (SELECT 1 FROM orgs o
+                                       WHERE o.id = s.org AND o.generation = s.generation)",
+                    &[&now, &idle, &lifetime],
+                )
+                .await
+                .map_err(backend)?;
+            Ok(deleted)
         })
     }
 
@@ -1052,8 +1671,8 @@ impl Store for PostgresStore {
         })
     }
 
-    fn follow_changes(&self, table: OrgTable) -> Option<ChangeFollower> {
-        Some(self.follow(table))
+    fn follow_changes(&self, replica: Replica) -> Option<ChangeFollower> {
+        Some(self.follow(replica))
     }
 }
 

@@ -518,6 +518,7 @@ impl Store for SqliteStore {
                     row.get(3).map_err(backend)?,
                     row.get(4).map_err(backend)?,
                     row.get(5).map_err(backend)?,
+                    None,
                 )?);
             }
             Ok(sessions)

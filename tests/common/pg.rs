@@ -1,7 +1,7 @@
 //! A fresh PostgreSQL schema per test, dropped (`CASCADE`) when the test ends, also when it
 //! panicked (as `tests/store_contract.rs` makes them).
 
-use orgkey::store::PostgresStore;
+use orgkey::store::{FleetConfig, PostgresStore};
 use orgkey::KeyFormat;
 
 pub struct TempSchema {
@@ -30,8 +30,25 @@ impl TempSchema {
     }
 
     /// A new store for keys of `format` on this schema.
+    /// Its connections are named after the schema (`orgkey:<schema>`,
+    /// `orgkey-follow:<schema>`), so a test finds them in `pg_stat_activity`.
     pub async fn connect_with(&self, format: KeyFormat) -> PostgresStore {
-        PostgresStore::connect(&self.url, &self.name, format)
+        self.replica(&self.name, format, FleetConfig::default())
+            .await
+    }
+
+    /// A new store on this schema for the fleet replica `name`, with `fleet` settings.
+    pub async fn replica(
+        &self,
+        name: &str,
+        format: KeyFormat,
+        fleet: FleetConfig,
+    ) -> PostgresStore {
+        let fleet = FleetConfig {
+            name: name.to_owned(),
+            ..fleet
+        };
+        PostgresStore::connect_with(&self.url, &self.name, format, fleet)
             .await
             .unwrap()
     }

@@ -101,7 +101,13 @@ impl Sessions {
             self.now_ms(),
         );
         if let Some(store) = &self.inner.store {
-            store.put_session(&successor.stored(digest)).await?;
+            match store.put_session(&successor.stored(digest)).await {
+                Ok(()) => {}
+                Err(StoreError::Unconfirmed(unconfirmed)) => {
+                    tracing::warn!(target: "orgkey::session", %unconfirmed, "session carried over");
+                }
+                Err(error) => return Err(error),
+            }
         }
         self.inner.sessions.insert(digest, Arc::new(successor));
         // Remove the predecessor, then look for a logout: a logout flags the record before
