@@ -690,6 +690,13 @@ impl Sessions {
         let Some(digest) = digest_of_presented(presented) else {
             return Ok(false);
         };
+        // Looked up first: in a fleet, this replica's feed removes it while the delete waits
+        // for every replica to apply it.
+        let known = self
+            .inner
+            .sessions
+            .get(&digest)
+            .map(|r| Arc::clone(r.value()));
         if let Some(store) = &self.inner.store {
             match store.delete_session(&digest).await {
                 Ok(()) => {}
@@ -702,12 +709,7 @@ impl Sessions {
         }
         // Flag first, then remove: a carry-over that still holds the record sees the flag
         // (and then discards its successor), even if it removed the record first.
-        let Some(record) = self
-            .inner
-            .sessions
-            .get(&digest)
-            .map(|r| Arc::clone(r.value()))
-        else {
+        let Some(record) = known else {
             return Ok(false);
         };
         record.logged_out.store(true, Ordering::SeqCst);
