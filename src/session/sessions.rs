@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -228,10 +228,15 @@ struct SessionEntry {
     credential_version: u64,
     created_ms: u64,
     last_seen_ms: AtomicU64,
-    /// Set by a logout before the record leaves the table, so that a carry-over racing the
-    /// logout can tell a logout from a removal of a dead session.
-    logged_out: AtomicBool,
+    /// How the session ended, if it did: [`ALIVE`], [`LOGGED_OUT`] or [`CARRIED`]. Set once,
+    /// by a compare-and-swap, so a logout and a carry-over racing on one session have exactly
+    /// one winner (W2): the carry-over keeps its successor only if it won.
+    ended: AtomicU8,
 }
+
+const ALIVE: u8 = 0;
+const LOGGED_OUT: u8 = 1;
+const CARRIED: u8 = 2;
 
 impl SessionEntry {
     /// A live record, last used at `last_seen_ms`.
@@ -250,8 +255,28 @@ impl SessionEntry {
             credential_version,
             created_ms,
             last_seen_ms: AtomicU64::new(last_seen_ms),
-            logged_out: AtomicBool::new(false),
+            ended: AtomicU8::new(ALIVE),
         }
+    }
+
+    /// Ends it by a logout (here or on another replica); false if a carry-over ended it
+    /// first.
+    fn end_by_logout(&self) -> bool {
+        self.ended
+            .compare_exchange(ALIVE, LOGGED_OUT, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+            || self.ended.load(Ordering::SeqCst) == LOGGED_OUT
+    }
+
+    /// Ends it by carrying it over a key change; false if a logout ended it first.
+    fn end_by_carry_over(&self) -> bool {
+        self.ended
+            .compare_exchange(ALIVE, CARRIED, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+    }
+
+    fn has_ended(&self) -> bool {
+        self.ended.load(Ordering::SeqCst) != ALIVE
     }
 
     /// What the store keeps of it, under `digest`.
@@ -707,15 +732,18 @@ impl Sessions {
                 Err(error) => return Err(error),
             }
         }
-        // Flag first, then remove: a carry-over that still holds the record sees the flag
-        // (and then discards its successor), even if it removed the record first.
+        // One decision against a carry-over racing this logout: whichever ends the record
+        // first wins. A carry-over that won keeps its successor, and this logout ended
+        // nothing (the predecessor was already dead by its generation).
         let Some(record) = known else {
             return Ok(false);
         };
-        record.logged_out.store(true, Ordering::SeqCst);
+        let ended = record.end_by_logout();
         self.inner.sessions.remove(&digest);
-        tracing::info!(target: "orgkey::session", org = %record.org, admin = %record.admin, "logout");
-        Ok(true)
+        if ended {
+            tracing::info!(target: "orgkey::session", org = %record.org, admin = %record.admin, "logout");
+        }
+        Ok(ended)
     }
 
     /// Removes sessions past their idle timeout or lifetime; returns how many. Runs by

@@ -8,7 +8,6 @@
 //! `allow_keyless_sessions`, which lets the successor of a delete reach key management only,
 //! is the other half of W2, with K5.)
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use http::header::SET_COOKIE;
@@ -81,7 +80,7 @@ impl Sessions {
             || !made_by_this_admin
             || current != Some(changed_to)
             || !admin_ok
-            || old.logged_out.load(Ordering::SeqCst)
+            || old.has_ended()
         {
             return Ok(None);
         }
@@ -110,13 +109,15 @@ impl Sessions {
             }
         }
         self.inner.sessions.insert(digest, Arc::new(successor));
-        // Remove the predecessor, then look for a logout: a logout flags the record before
-        // removing it, so one that got in first is seen here and wins (the admin asked to be
-        // signed out: the successor goes too). A logout that comes later finds the
-        // predecessor gone and reports that it ended nothing.
+        // One decision against a logout racing this carry-over (here or on another
+        // replica): whichever ends the predecessor first wins. A logout that won means the
+        // admin asked to be signed out: the successor goes too. A logout that comes later
+        // reports that it ended nothing. Decided before the predecessor's deletion is
+        // announced, so that announcement is never taken for a logout.
+        let carried = old.end_by_carry_over();
         self.inner.sessions.remove(&old_digest);
         self.forget(vec![old_digest]);
-        if old.logged_out.load(Ordering::SeqCst) {
+        if !carried {
             self.inner.sessions.remove(&digest);
             self.forget(vec![digest]);
             return Ok(None);

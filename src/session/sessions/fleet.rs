@@ -54,8 +54,8 @@ impl Sessions {
             .or_insert_with(|| Arc::new(entry));
     }
 
-    /// A session ended on another replica (logout, expiry, revocation): dead here too. Flagged
-    /// first, as a logout here would, so that a carry-over racing it discards its successor.
+    /// A session ended on another replica (logout, expiry, revocation): dead here too. Ended
+    /// as a logout here would end it, so that a carry-over racing it discards its successor.
     pub(crate) fn apply_deleted(&self, digest: &[u8; 32]) {
         if let Some(record) = self
             .inner
@@ -63,7 +63,7 @@ impl Sessions {
             .get(digest)
             .map(|r| Arc::clone(r.value()))
         {
-            record.logged_out.store(true, Ordering::SeqCst);
+            record.end_by_logout();
             self.inner.sessions.remove(digest);
         }
     }
@@ -75,7 +75,7 @@ impl Sessions {
         self.inner.sessions.retain(|digest, record| {
             let keep = stored.contains(digest);
             if !keep {
-                record.logged_out.store(true, Ordering::SeqCst);
+                record.end_by_logout();
             }
             keep
         });
