@@ -272,37 +272,39 @@ impl Admins {
             .followed
             .load(std::sync::atomic::Ordering::Acquire)
     }
+}
 
-    /// From now on a change feed applies every account change (F2).
-    pub(crate) fn mark_followed(&self) {
+/// F2's half in the directory: what a replica applies from the fleet's change feed.
+impl crate::store::FollowAdmins for Admins {
+    fn followed(&self) {
         self.inner
             .followed
             .store(true, std::sync::atomic::Ordering::Release);
     }
 
-    /// An account as stored, created or changed on any replica (F2).
-    pub(crate) fn apply_stored(&self, record: AdminRecord) {
+    fn stored(&self, record: AdminRecord) {
         let (username, account) = Account::from_record(record);
         self.inner.accounts.insert(username, account);
     }
 
-    /// An account deleted on any replica (F2).
-    pub(crate) fn apply_deleted(&self, username: &Username) {
+    fn deleted(&self, username: &Username) {
         self.inner.accounts.remove(username);
     }
 
-    /// Every stored account, after the feed reconnected.
-    pub(crate) fn apply_reload(&self, records: Vec<AdminRecord>) {
+    fn reload(&self, records: Vec<AdminRecord>) {
         let stored: std::collections::HashSet<Username> =
             records.iter().map(|r| r.username.clone()).collect();
         self.inner
             .accounts
             .retain(|username, _| stored.contains(username));
         for record in records {
-            self.apply_stored(record);
+            let (username, account) = Account::from_record(record);
+            self.inner.accounts.insert(username, account);
         }
     }
+}
 
+impl Admins {
     /// Creates an enabled admin of `org` with `scopes`.
     ///
     /// # Errors

@@ -232,8 +232,8 @@ impl OrgKeyBuilder {
         // healthy start serves at once.
         let follower = store.follow_changes(
             Replica::new(table.clone())
-                .with_admins(admins.clone())
-                .with_sessions(sessions.clone()),
+                .with_admins(Arc::new(admins.clone()))
+                .with_sessions(Arc::new(sessions.clone())),
         );
         #[cfg(feature = "postgres")]
         if follower.is_some() {

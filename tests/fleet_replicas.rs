@@ -54,16 +54,6 @@ fn fleet(mode: FleetMode) -> FleetConfig {
     }
 }
 
-async fn replica(schema: &common::pg::TempSchema, name: &str, config: FleetConfig) -> OrgKey {
-    replica_with(
-        schema,
-        name,
-        config,
-        SessionConfig::for_base_url("http://x"),
-    )
-    .await
-}
-
 async fn replica_with(
     schema: &common::pg::TempSchema,
     name: &str,

@@ -1,11 +1,13 @@
 //! Durable state: the store trait and its backends (P1-P3).
 //!
-//! **Status:** this release defines the trait and ships an in-memory store, the embedded
-//! SQLite store and (feature `postgres`) a PostgreSQL store, all passing one contract test
-//! suite (`tests/store_contract.rs`). [`KeyAdmin::open`](crate::KeyAdmin::open) loads the
-//! orgs from a store and commits every key and subscription change to it before the change
-//! takes effect (P1). Persisting admins and sessions, and PostgreSQL's change feed for fleets
-//! (F1), come next: admins and sessions are still in memory only.
+//! This module defines the trait and ships an in-memory store, the embedded SQLite store and
+//! (feature `postgres`) a PostgreSQL store for fleets, all passing one contract test suite
+//! (`tests/store_contract.rs`). [`KeyAdmin::open`](crate::KeyAdmin::open) loads the orgs from
+//! a store and commits every key and subscription change to it before the change takes
+//! effect (P1); [`Admins::open`](crate::Admins::open) and
+//! [`Sessions::open`](crate::Sessions::open) do the same for admin accounts and sessions. On
+//! PostgreSQL every replica follows every change (F1, F2; see
+//! [`PostgresStore::follow`](crate::store::PostgresStore)).
 //!
 //! A commit that fails with [`StoreError::Backend`] while the connection broke may still
 //! have been written (the outcome is unknown to the client); treat such an error as "reload
@@ -45,6 +47,7 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use crate::audit::AuditEvent;
@@ -373,13 +376,23 @@ pub trait Store: Send + Sync + 'static {
 }
 
 /// What a change feed keeps in step in this process ([`Store::follow_changes`]): the org
-/// table, and, when given, the admin directory and the session table (F2). Built by
-/// [`OrgKeyBuilder::open`](crate::OrgKeyBuilder::open).
-#[derive(Debug, Clone)]
+/// table, and, when [`OrgKey::builder`](crate::OrgKey::builder) builds it, the admin
+/// directory and the session table too (F2).
+#[derive(Clone)]
 pub struct Replica {
     pub(crate) table: OrgTable,
-    pub(crate) admins: Option<crate::Admins>,
-    pub(crate) sessions: Option<crate::Sessions>,
+    pub(crate) admins: Option<Arc<dyn FollowAdmins>>,
+    pub(crate) sessions: Option<Arc<dyn FollowSessions>>,
+}
+
+impl fmt::Debug for Replica {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Replica")
+            .field("table", &self.table)
+            .field("admins", &self.admins.is_some())
+            .field("sessions", &self.sessions.is_some())
+            .finish()
+    }
 }
 
 impl Replica {
@@ -393,13 +406,13 @@ impl Replica {
     }
 
     /// Follows admin account changes into `admins` too.
-    pub fn with_admins(mut self, admins: crate::Admins) -> Self {
+    pub(crate) fn with_admins(mut self, admins: Arc<dyn FollowAdmins>) -> Self {
         self.admins = Some(admins);
         self
     }
 
     /// Follows logins and logouts into `sessions` too.
-    pub fn with_sessions(mut self, sessions: crate::Sessions) -> Self {
+    pub(crate) fn with_sessions(mut self, sessions: Arc<dyn FollowSessions>) -> Self {
         self.sessions = Some(sessions);
         self
     }
@@ -408,6 +421,31 @@ impl Replica {
     pub fn table(&self) -> &OrgTable {
         &self.table
     }
+}
+
+/// What a change feed applies to the admin directory (implemented by `Admins`; the store
+/// does not know the directory).
+pub(crate) trait FollowAdmins: Send + Sync {
+    /// From now on the feed applies every change, this process's own included.
+    fn followed(&self);
+    /// An account as stored, created or changed on any replica.
+    fn stored(&self, record: AdminRecord);
+    /// An account deleted on any replica.
+    fn deleted(&self, username: &Username);
+    /// Every stored account, after a reconnect.
+    fn reload(&self, records: Vec<AdminRecord>);
+}
+
+/// What a change feed applies to the session table (implemented by `Sessions`).
+pub(crate) trait FollowSessions: Send + Sync {
+    /// A session created on any replica.
+    fn stored(&self, record: SessionRecord);
+    /// A session ended on any replica.
+    fn deleted(&self, digest: &[u8; 32]);
+    /// Every stored session, after a reconnect.
+    fn reload(&self, records: Vec<SessionRecord>);
+    /// Shares session use with the fleet through `store`, until dropped.
+    fn share_use(&self, store: Arc<dyn Store>) -> Pin<Box<dyn Future<Output = ()> + Send>>;
 }
 
 /// The handle of a running change feed ([`Store::follow_changes`]); dropping it stops

@@ -520,7 +520,7 @@ impl Follower {
                 .iter()
                 .map(admin_from_row)
                 .collect::<Result<Vec<_>, _>>()?;
-            admins.apply_reload(records);
+            admins.reload(records);
         }
         if let Some(sessions) = &self.replica.sessions {
             let rows = tx.query(SELECT_SESSIONS, &[]).await.map_err(backend)?;
@@ -528,7 +528,7 @@ impl Follower {
                 .iter()
                 .map(session_from_row)
                 .collect::<Result<Vec<_>, _>>()?;
-            sessions.apply_reload(records);
+            sessions.reload(records);
         }
         tx.commit().await.map_err(backend)?;
         tracing::info!(schema = %inner.schema, orgs = rows.len(), head, "change feed following");
@@ -582,8 +582,8 @@ impl Follower {
                     .await
                     .map_err(backend)?;
                 match row {
-                    Some(row) => admins.apply_stored(admin_from_row(&row)?),
-                    None => admins.apply_deleted(&username),
+                    Some(row) => admins.stored(admin_from_row(&row)?),
+                    None => admins.deleted(&username),
                 }
             }
             "s+" => {
@@ -602,14 +602,14 @@ impl Follower {
                     .await
                     .map_err(backend)?;
                 if let Some(row) = row {
-                    sessions.apply_stored(session_from_row(&row)?);
+                    sessions.stored(session_from_row(&row)?);
                 }
             }
             "s-" => {
                 if let (Some(sessions), Some(digest)) =
                     (&self.replica.sessions, digest_from_hex(change.subject))
                 {
-                    sessions.apply_deleted(&digest);
+                    sessions.deleted(&digest);
                 }
             }
             _ => {}
@@ -926,7 +926,7 @@ impl PostgresStore {
             table.set_lease_until(None);
         }
         if let Some(admins) = &replica.admins {
-            admins.mark_followed();
+            admins.followed();
         }
         let mut id = [0u8; 8];
         let id = match crate::key::fill_random(&mut id) {

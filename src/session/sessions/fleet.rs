@@ -11,7 +11,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{millis_u64, SessionEntry, Sessions};
-use crate::store::{SessionRecord, Store};
+use std::future::Future;
+use std::pin::Pin;
+
+use crate::store::{FollowSessions, SessionRecord, Store};
 
 /// How often session use is shared, for an idle timeout of `idle`: a tenth of it, between
 /// 50 ms and 5 s.
@@ -40,9 +43,9 @@ impl SessionEntry {
     }
 }
 
-impl Sessions {
+impl FollowSessions for Sessions {
     /// A session another replica created (a login or a carry-over): known here from now on.
-    pub(crate) fn apply_stored(&self, record: SessionRecord) {
+    fn stored(&self, record: SessionRecord) {
         let (entry, digest) = SessionEntry::from_record(record);
         let last_used = entry.last_seen_ms.load(Ordering::Relaxed);
         self.inner
@@ -56,7 +59,7 @@ impl Sessions {
 
     /// A session ended on another replica (logout, expiry, revocation): dead here too. Ended
     /// as a logout here would end it, so that a carry-over racing it discards its successor.
-    pub(crate) fn apply_deleted(&self, digest: &[u8; 32]) {
+    fn deleted(&self, digest: &[u8; 32]) {
         if let Some(record) = self
             .inner
             .sessions
@@ -70,7 +73,7 @@ impl Sessions {
 
     /// Every stored session, after the feed reconnected: those gone from the store end here,
     /// the new ones start, the others keep their entries (and the later of the two uses).
-    pub(crate) fn apply_reload(&self, records: Vec<SessionRecord>) {
+    fn reload(&self, records: Vec<SessionRecord>) {
         let stored: HashSet<[u8; 32]> = records.iter().map(|r| r.digest).collect();
         self.inner.sessions.retain(|digest, record| {
             let keep = stored.contains(digest);
@@ -80,10 +83,16 @@ impl Sessions {
             keep
         });
         for record in records {
-            self.apply_stored(record);
+            self.stored(record);
         }
     }
 
+    fn share_use(&self, store: Arc<dyn Store>) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        Box::pin(self.clone().share_use_loop(store))
+    }
+}
+
+impl Sessions {
     /// Shares session use with the fleet until the follower stops (F2): every
     /// [`share_interval`], reports the sessions used here since the last round and takes the
     /// uses other replicas reported; once a minute deletes dead sessions from the store.
@@ -92,7 +101,7 @@ impl Sessions {
     /// (10 s at the default idle timeout of 5 minutes): a session expires between
     /// `idle_timeout` and `idle_timeout` + two intervals after its last use anywhere, never
     /// earlier.
-    pub(crate) async fn share_use(self, store: Arc<dyn Store>) {
+    async fn share_use_loop(self, store: Arc<dyn Store>) {
         let every = share_interval(self.inner.config.idle_timeout);
         let every_ms = every.as_millis() as u64;
         self.inner
