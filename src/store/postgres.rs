@@ -953,7 +953,9 @@ impl PostgresStore {
                 let result = follower.follow_once().await;
                 table.set_trusted(false);
                 if let Err(error) = result {
-                    tracing::warn!(schema = %follower.store.inner.schema, %error, "change feed lost; failing closed until reloaded");
+                    let reason = std::error::Error::source(&error)
+                        .map_or_else(|| error.to_string(), ToString::to_string);
+                    tracing::warn!(schema = %follower.store.inner.schema, %reason, "change feed lost; failing closed until reloaded");
                 }
                 if started.elapsed() >= HEALTHY_PERIOD {
                     // It had been following fine: this is a new failure, not the same one.
