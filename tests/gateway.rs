@@ -581,3 +581,86 @@ fn a_second_gateway_on_the_same_state_is_refused_with_a_clear_message() {
     let again = start_with_env(&state, &[], &[], false);
     assert_eq!(get(&again.addr, "/api/v1/whoami", &key).0, 200);
 }
+
+/// G5: `/healthz` answers while the process runs, `/readyz` while the replica can vouch for
+/// its state; neither needs credentials or is cached.
+#[test]
+fn health_and_readiness_answer_without_credentials() {
+    let state = TempDb::new("gateway");
+    let gw = start(&state, &["--password", "CorrectHorse12!"]);
+    let (head, (status, body)) = send(&gw.addr, "GET", "/healthz", &[], "");
+    assert_eq!((status, body.as_str()), (200, r#"{"status":"ok"}"#));
+    assert!(head.contains("cache-control: no-store"), "{head}");
+    let (status, body) = get(&gw.addr, "/readyz", &[]);
+    assert_eq!((status, body.as_str()), (200, r#"{"status":"ready"}"#));
+}
+
+/// G5 with F3: a replica whose change feed is stalled (its backend stopped) answers 503 on
+/// `/readyz` within the stall bound, and 200 again once the feed is back, while `/healthz`
+/// answers 200 throughout.
+#[cfg(feature = "postgres")]
+#[test]
+fn readiness_follows_the_change_feed() {
+    use std::time::{Duration, Instant};
+    let Some(schema) = common::pg::TempSchema::new(
+        "tests/gateway.rs",
+        "the gateway's readiness on PostgreSQL passes without running",
+    ) else {
+        return;
+    };
+    let state = TempDb::new("gateway");
+    let replica = format!("ready-{}", schema.name);
+    let gw = start(
+        &state,
+        &[
+            "--password",
+            "CorrectHorse12!",
+            "--postgres",
+            &schema.url,
+            "--schema",
+            &schema.name,
+            "--replica-name",
+            &replica,
+        ],
+    );
+    let ready = || get(&gw.addr, "/readyz", &[]).0;
+    let until = |what: &str, status: u16| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while ready() != status {
+            assert!(Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    until("never ready", 200);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let pid: i32 = runtime.block_on(async {
+        schema
+            .raw()
+            .await
+            .query_one(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = $1",
+                &[&format!("orgkey-follow:{replica}")],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    });
+    let signal = |which: &str| {
+        let status = Command::new("kill")
+            .args([which, &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {which} {pid}");
+    };
+    signal("-STOP");
+    let stopped = Instant::now();
+    until("a stalled feed never made the replica unready", 503);
+    let detected = stopped.elapsed();
+    assert_eq!(get(&gw.addr, "/healthz", &[]).0, 200);
+    signal("-CONT");
+    until("the replica never became ready again", 200);
+    assert!(
+        detected <= Duration::from_secs(2),
+        "unready after {detected:?}"
+    );
+}

@@ -96,6 +96,7 @@ impl Service<Request<GatewayBody>> for Backend {
 pub struct Site {
     wrapped: WithOrgKey<Backend>,
     proxying: bool,
+    table: crate::OrgTable,
 }
 
 impl Site {
@@ -109,6 +110,7 @@ impl Site {
         Self {
             wrapped: orgkey.wrap(backend),
             proxying,
+            table: orgkey.table().clone(),
         }
     }
 
@@ -125,6 +127,25 @@ impl Site {
                 .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
             return Some(response);
         }
+        // G5: liveness answers while the process runs; readiness only while this replica
+        // can vouch for its state (F3: its feed follows and, in strict mode, its lease holds;
+        // a lost or unreachable database loses both within the stall bound).
+        if path == "/healthz" {
+            return Some(status_json(StatusCode::OK, r#"{"status":"ok"}"#));
+        }
+        if path == "/readyz" {
+            if self.table.is_trusted() {
+                return Some(status_json(StatusCode::OK, r#"{"status":"ready"}"#));
+            }
+            let mut response = status_json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                r#"{"status":"not ready","reason":"this replica cannot vouch for its authentication state (its change feed is reconnecting, stalled or not yet following, or its lease ran out)"}"#,
+            );
+            response
+                .headers_mut()
+                .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+            return Some(response);
+        }
         // A person who opens the page's folder, or the demo gateway's root, lands on the page
         // (with an upstream the root is the upstream's, behind the layer).
         if path == "/admin/" || (path == "/" && !self.proxying) {
@@ -137,6 +158,19 @@ impl Site {
         }
         None
     }
+}
+
+/// A small JSON answer that no cache keeps.
+fn status_json(status: StatusCode, body: &'static str) -> Response<SiteBody> {
+    let mut response = Response::new(full(Bytes::from_static(body.as_bytes())));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+        .headers_mut()
+        .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
 }
 
 impl Service<Request<GatewayBody>> for Site {

@@ -1032,7 +1032,7 @@ impl PostgresStore {
                 .unwrap_or(0)
                 .max(0) as u64;
             let nap = Duration::from_millis(lease_left + 1)
-                .min(Duration::from_millis(20))
+                .min(Duration::from_millis(5))
                 .min(fleet.wait - waited);
             tokio::select! {
                 _ = acks.changed() => {}
