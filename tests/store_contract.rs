@@ -1118,10 +1118,14 @@ async fn postgres_change_feed_propagates_and_recovers_after_losing_its_connectio
         let info = a.regenerate(&org("acme"), &actor).await.unwrap();
         assert!(info.unconfirmed().is_none(), "B did not confirm in time");
         let key = info.key().unwrap().expose_secret().to_owned();
-        if b.table().is_trusted() && b.table().verify("acme", previous.as_bytes()).is_ok() {
-            stale_accepts += 1;
+        // B judges only while it vouches for its table (a B that lost its lease answers
+        // 503, and then A does not wait for it).
+        if b.table().is_trusted() {
+            if b.table().verify("acme", previous.as_bytes()).is_ok() {
+                stale_accepts += 1;
+            }
+            assert!(b.table().verify("acme", key.as_bytes()).is_ok());
         }
-        assert!(b.table().verify("acme", key.as_bytes()).is_ok());
         previous = key;
     }
     println!(
