@@ -1,6 +1,8 @@
 //! Shared fixtures for the session tests: orgs, admins, a settable clock, and HTTP helpers.
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
+#[cfg(all(feature = "postgres", feature = "gateway"))]
+pub mod fleet;
 #[cfg(feature = "postgres")]
 pub mod pg;
 #[cfg(feature = "gateway")]
