@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use super::ops;
 use super::serve::{self, Limits};
 use super::{Site, Upstream};
 use crate::store::SqliteStore;
@@ -56,19 +57,19 @@ pub struct Options {
     #[arg(long = "base-url", value_name = "URL")]
     base_url: Option<String>,
     /// The SQLite state file (created on first start; one gateway per file).
-    #[arg(long, value_name = "PATH", default_value = "orgkey.db")]
+    #[arg(long, value_name = "PATH", default_value = "orgkey.db", global = true)]
     state: PathBuf,
     /// Keep the state in PostgreSQL instead (schema "orgkey"; needs the `postgres` feature:
     /// cargo run --features postgres --example gateway).
-    #[arg(long, value_name = "URL")]
+    #[arg(long, value_name = "URL", global = true)]
     postgres: Option<String>,
     /// The PostgreSQL schema of the state; every replica of one fleet names the same one.
-    #[arg(long, value_name = "NAME", default_value = "orgkey")]
+    #[arg(long, value_name = "NAME", default_value = "orgkey", global = true)]
     schema: String,
     /// With --postgres: strict (a change returns when every live replica applied it; a
     /// replica that loses its lease fails closed) or loose (a change returns when committed;
     /// other replicas follow within milliseconds). See the README's "Running a fleet".
-    #[arg(long = "fleet-mode", value_name = "MODE", default_value = "strict", value_parser = ["strict", "loose"])]
+    #[arg(long = "fleet-mode", value_name = "MODE", default_value = "strict", value_parser = ["strict", "loose"], global = true)]
     fleet_mode: String,
     /// With --postgres, strict mode: a replica's lease, counted from when its renewal was
     /// sent; a replica that has not renewed it for SECS fails closed, and writers stop
@@ -82,7 +83,7 @@ pub struct Options {
     /// With --postgres, strict mode: how long a change waits for every live replica to
     /// confirm it before answering that it is committed but not confirmed by the replicas it
     /// names.
-    #[arg(long = "fleet-wait", value_name = "SECS", default_value = "5", value_parser = parse_seconds)]
+    #[arg(long = "fleet-wait", value_name = "SECS", default_value = "5", value_parser = parse_seconds, global = true)]
     fleet_wait: Duration,
     /// With --postgres: this replica's name in the fleet, as messages and the
     /// fleet_replicas table show it [default: <host name>:<process id>].
@@ -108,6 +109,16 @@ pub struct Options {
     /// --upstream, at most 4096; 960 under the usual limit of 1024].
     #[arg(long = "max-connections", value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     max_connections: Option<u32>,
+    /// Operator commands: who makes the change, as the audit log records it [default: the OS
+    /// user].
+    #[arg(long, value_name = "NAME", global = true)]
+    operator: Option<String>,
+    /// An operator command (G6); without one, the gateway serves. The command changes the
+    /// state of --state (through the running gateway's control socket when one holds it) or
+    /// of --postgres (every live replica has applied it when the command returns, strict
+    /// mode).
+    #[command(subcommand)]
+    command: Option<ops::Command>,
 }
 
 fn parse_org(value: &str) -> Result<OrgId, String> {
@@ -192,13 +203,6 @@ pub fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(log_filter())
         .init();
-    let checked = match check(options) {
-        Ok(checked) => checked,
-        Err(message) => {
-            eprintln!("error: {message}");
-            return ExitCode::from(2);
-        }
-    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -207,6 +211,22 @@ pub fn main() -> ExitCode {
         Err(error) => {
             eprintln!("error: cannot start the runtime: {error}");
             return ExitCode::FAILURE;
+        }
+    };
+    if let Some(command) = options.command.clone() {
+        return match runtime.block_on(operate(&options, command)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(message) => {
+                eprintln!("error: {message}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let checked = match check(options) {
+        Ok(checked) => checked,
+        Err(message) => {
+            eprintln!("error: {message}");
+            return ExitCode::from(2);
         }
     };
     match runtime.block_on(run(checked)) {
@@ -290,6 +310,19 @@ async fn run(checked: Checked) -> Result<(), String> {
         )
     })?;
     let provisioned = provision(&orgkey, &options.org_id, api_key, &admin, password).await?;
+    // P5: this process owns the SQLite file; operator commands come through it (G6).
+    let control = match &options.postgres {
+        Some(_) => None,
+        None => {
+            let socket = ops::socket_path(&options.state);
+            let task = ops::listen(
+                socket.clone(),
+                orgkey.keys().clone(),
+                orgkey.admins().clone(),
+            )?;
+            Some((socket, task))
+        }
+    };
 
     println!("base url: {base_url}");
     println!("org id: {}", options.org_id);
@@ -333,8 +366,47 @@ async fn run(checked: Checked) -> Result<(), String> {
         shutdown_signal(),
     )
     .await;
+    if let Some((socket, task)) = control {
+        task.abort();
+        let _ = std::fs::remove_file(socket);
+    }
     tracing::info!("gateway stopped");
     Ok(())
+}
+
+/// Runs an operator command (G6) against the state the flags name; see [`ops`].
+async fn operate(options: &Options, command: ops::Command) -> Result<(), String> {
+    use crate::store::{Store, StoreError};
+    use std::sync::Arc;
+    let request = ops::Request::new(command, options.operator.clone())?;
+    let store: Arc<dyn Store> = match &options.postgres {
+        Some(url) => Arc::new(postgres(url, options).await?),
+        None => {
+            if !options.state.exists() {
+                return Err(format!(
+                    "no state file at {} (start the gateway once to create it, or name it \
+                     with --state)",
+                    options.state.display()
+                ));
+            }
+            match SqliteStore::open(&options.state, KeyFormat::default()) {
+                Ok(store) => Arc::new(store),
+                // P5: a gateway holds the file; it runs the command itself.
+                Err(StoreError::InUse { .. }) => {
+                    let socket = ops::socket_path(&options.state);
+                    return ops::print(ops::send(&socket, &request).await);
+                }
+                Err(e) => return Err(format!("state file {}: {e}", options.state.display())),
+            }
+        }
+    };
+    let keys = crate::KeyAdmin::open(crate::OrgTable::default(), Arc::clone(&store))
+        .await
+        .map_err(|e| format!("state: {e}"))?;
+    let admins = crate::Admins::open(keys.table().clone(), store)
+        .await
+        .map_err(|e| format!("state: {e}"))?;
+    ops::print(ops::execute(&request, &keys, &admins).await)
 }
 
 /// On a first start (the org is not in the store), creates the org, its subscription and

@@ -5,6 +5,8 @@
 //! limits, in front of either a built-in demo API or an upstream it proxies to:
 //!
 //! - [`cli`]: the command line (flags, the first start's provisioning, what it prints);
+//! - [`ops`]: the operator commands (G6: `org ...`, `admin ...`), direct or through the
+//!   running gateway's control socket;
 //! - [`serve`](serve::serve): the HTTP/1.1 server with header-read, body-read and idle
 //!   timeouts, a connection cap and accept back-off (G2);
 //! - [`Upstream`]: the reverse proxy (G1), with [`ProxyHeaders`](crate::http::proxy::ProxyHeaders);
@@ -13,6 +15,7 @@
 //!   that opens `/` (demo) or `/admin/`.
 
 pub mod cli;
+pub mod ops;
 pub mod serve;
 mod site;
 mod upstream;

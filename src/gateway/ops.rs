@@ -1,0 +1,473 @@
+//! Operator commands (G6): `org create|subscribe|unsubscribe|show` and
+//! `admin create|disable|enable|password`, on the same binary as the gateway.
+//!
+//! A command changes the state the gateway serves, and is in force on the running gateway
+//! (every replica) when it returns:
+//!
+//! - **PostgreSQL**: the command writes to the database itself, without following the feed
+//!   or holding a lease; in strict mode each write returns only once every live replica has
+//!   applied it (F1), as a change through any replica does.
+//! - **SQLite**: one state file serves one process (P5). If no gateway holds the file, the
+//!   command opens it (taking the lock) and writes. If a gateway holds it, the command sends
+//!   itself to that gateway over the gateway's control socket, `<state>.ctl` beside the
+//!   file: a Unix socket that only the gateway's own user may use (the socket file is
+//!   `0600`, and the gateway checks the peer's user id); the gateway runs the command through
+//!   its own handles, so it is in force there when the answer comes back.
+//!
+//! Every change is made with `--operator NAME` (default: the OS user) as the actor: key and
+//! subscription changes are in the org's audit log (K7); admin account changes are recorded
+//! on the audit log target `orgkey::audit` of the process that makes them. Bad input gets a
+//! clear error and changes nothing.
+
+use std::path::{Path, PathBuf};
+
+use clap::Subcommand;
+use serde::{Deserialize, Serialize};
+
+use crate::directory::Admins;
+use crate::identity::{Scope, Scopes};
+use crate::keys::KeyAdmin;
+use crate::{Actor, OrgId, Password, Username};
+
+/// The operator commands (`orgkey-gateway <command>`; no command serves).
+#[derive(Subcommand, Debug, Clone, Serialize, Deserialize)]
+pub enum Command {
+    /// Organizations: create, subscribe, unsubscribe, show.
+    #[command(subcommand)]
+    Org(OrgCommand),
+    /// Admin accounts: create, disable, enable, password.
+    #[command(subcommand)]
+    Admin(AdminCommand),
+}
+
+/// `org ...`
+#[derive(Subcommand, Debug, Clone, Serialize, Deserialize)]
+pub enum OrgCommand {
+    /// Creates an org with an API subscription and a random key; prints `org id:` and
+    /// `api key:`.
+    Create {
+        /// The org's id.
+        id: String,
+    },
+    /// Applies an API subscription (and a random key) to an org without one; prints the key.
+    Subscribe {
+        /// The org's id.
+        id: String,
+    },
+    /// Removes an org's API subscription, and with it the key (K8).
+    Unsubscribe {
+        /// The org's id.
+        id: String,
+    },
+    /// Shows the org's key information (K9), the key included: for recovery.
+    Show {
+        /// The org's id.
+        id: String,
+    },
+}
+
+/// `admin ...`
+#[derive(Subcommand, Debug, Clone, Serialize, Deserialize)]
+pub enum AdminCommand {
+    /// Creates an enabled admin; prints `admin:` and, when generated, `admin password:`
+    /// (the password comes from $ORGKEY_ADMIN_PASSWORD when set, else it is generated).
+    Create {
+        /// The admin's username, name@domain.
+        user: String,
+        /// The admin's org.
+        #[arg(long, value_name = "ID")]
+        org: String,
+        /// The admin's scopes, comma-separated: api, key-admin.
+        #[arg(long, value_name = "LIST", default_value = "api,key-admin")]
+        scopes: String,
+    },
+    /// Disables an admin: logins fail and its sessions end on every replica.
+    Disable {
+        /// The admin's username.
+        user: String,
+    },
+    /// Enables a disabled admin (its old sessions stay dead).
+    Enable {
+        /// The admin's username.
+        user: String,
+    },
+    /// Sets a new password ($ORGKEY_ADMIN_PASSWORD when set, else generated and printed
+    /// once); the admin's sessions end.
+    Password {
+        /// The admin's username.
+        user: String,
+    },
+}
+
+/// A command as it travels to a running gateway: the command, who makes it, and the
+/// password the operator gave through the environment, if any (over the owner-only socket).
+#[derive(Serialize, Deserialize)]
+pub(crate) struct Request {
+    command: Command,
+    operator: String,
+    password: Option<String>,
+}
+
+impl std::fmt::Debug for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Request")
+            .field("command", &self.command)
+            .field("operator", &self.operator)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a command printed, or why it failed (nothing changed then).
+#[derive(Serialize, Deserialize, Debug)]
+pub(crate) struct Answer {
+    lines: Vec<String>,
+    error: Option<String>,
+}
+
+impl Request {
+    /// The command `command` by `operator` (default: the OS user), with the password of
+    /// $ORGKEY_ADMIN_PASSWORD if set.
+    pub(crate) fn new(command: Command, operator: Option<String>) -> Result<Self, String> {
+        let operator = match operator {
+            Some(operator) => operator,
+            None => os_user(),
+        };
+        Actor::new(&operator).map_err(|e| format!("--operator: {e}"))?;
+        Ok(Self {
+            command,
+            operator,
+            password: std::env::var("ORGKEY_ADMIN_PASSWORD").ok(),
+        })
+    }
+}
+
+/// The OS user's name ($USER, $LOGNAME), else `uid:<n>`.
+fn os_user() -> String {
+    std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .ok()
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata("/proc/self")
+                .map(|m| format!("uid:{}", m.uid()))
+                .unwrap_or_else(|_| "operator".to_owned())
+        })
+}
+
+fn org_id(id: &str) -> Result<OrgId, String> {
+    OrgId::new(id).map_err(|e| format!("org id {id:?}: {e}"))
+}
+
+fn username(user: &str) -> Result<Username, String> {
+    Username::new(user).map_err(|e| format!("username: {e}"))
+}
+
+fn scopes(list: &str) -> Result<Scopes, String> {
+    let mut scopes = Scopes::NONE;
+    for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        scopes = scopes.with(match name {
+            "api" => Scope::Api,
+            "key-admin" => Scope::KeyAdmin,
+            other => {
+                return Err(format!(
+                    "--scopes: unknown scope {other:?} (api, key-admin)"
+                ))
+            }
+        });
+    }
+    if scopes == Scopes::NONE {
+        return Err("--scopes: name at least one scope (api, key-admin)".to_owned());
+    }
+    Ok(scopes)
+}
+
+/// The password to set: the operator's, checked, or a generated one (then also returned
+/// for printing once).
+fn password(given: Option<&str>) -> Result<(Password, Option<Password>), String> {
+    match given {
+        Some(given) => {
+            let password = Password::new(given);
+            password
+                .check_policy()
+                .map_err(|e| format!("ORGKEY_ADMIN_PASSWORD: {e}"))?;
+            Ok((password, None))
+        }
+        None => {
+            let password = Password::generate(20).map_err(|e| e.to_string())?;
+            Ok((password.clone(), Some(password)))
+        }
+    }
+}
+
+/// Runs `request` through `keys` and `admins` (this process's, or the running gateway's);
+/// returns what to print.
+pub(crate) async fn execute(
+    request: &Request,
+    keys: &KeyAdmin,
+    admins: &Admins,
+) -> Result<Vec<String>, String> {
+    let actor = Actor::new(&request.operator).map_err(|e| format!("--operator: {e}"))?;
+    let audit = |action: &str, admin: &Username, org: &OrgId| {
+        tracing::info!(
+            target: "orgkey::audit",
+            actor = %actor,
+            action,
+            admin = %admin,
+            org = %org,
+            "admin account changed by an operator"
+        );
+    };
+    match &request.command {
+        Command::Org(OrgCommand::Create { id }) => {
+            let org = org_id(id)?;
+            keys.create_org(&org)
+                .await
+                .map_err(|e| format!("org {org}: {e}"))?;
+            let info = keys
+                .subscribe(&org, &actor)
+                .await
+                .map_err(|e| format!("org {org} was created, but not subscribed: {e}"))?;
+            Ok(key_lines(&org, &info))
+        }
+        Command::Org(OrgCommand::Subscribe { id }) => {
+            let org = org_id(id)?;
+            let info = keys
+                .subscribe(&org, &actor)
+                .await
+                .map_err(|e| format!("org {org}: {e}"))?;
+            Ok(key_lines(&org, &info))
+        }
+        Command::Org(OrgCommand::Unsubscribe { id }) => {
+            let org = org_id(id)?;
+            let info = keys
+                .unsubscribe(&org, &actor)
+                .await
+                .map_err(|e| format!("org {org}: {e}"))?;
+            let mut lines = vec![format!("org id: {org}"), "subscribed: no".to_owned()];
+            lines.extend(unconfirmed_line(&info));
+            Ok(lines)
+        }
+        Command::Org(OrgCommand::Show { id }) => {
+            let org = org_id(id)?;
+            let info = keys.view(&org).map_err(|e| format!("org {org}: {e}"))?;
+            let mut lines = vec![format!("org id: {org}")];
+            lines.push(format!(
+                "subscribed: {}",
+                if keys
+                    .table()
+                    .state(org.as_str())
+                    .is_some_and(|s| s.is_subscribed())
+                {
+                    "yes"
+                } else {
+                    "no"
+                }
+            ));
+            lines.push(match info.key() {
+                Some(key) => format!("api key: {}", key.expose_secret()),
+                None => "api key: (none)".to_owned(),
+            });
+            lines.push(format!("generation: {}", info.generation().get()));
+            if let Some(by) = info.last_modified_by() {
+                lines.push(format!("last modified by: {by}"));
+            }
+            if let Some(at) = info.last_modified_on() {
+                let ms = crate::store::millis(at);
+                lines.push(format!("last modified on: {ms} (ms since the Unix epoch)"));
+            }
+            Ok(lines)
+        }
+        Command::Admin(AdminCommand::Create {
+            user,
+            org,
+            scopes: list,
+        }) => {
+            let user = username(user)?;
+            let org = org_id(org)?;
+            let scopes = scopes(list)?;
+            let (password, generated) = password(request.password.as_deref())?;
+            admins
+                .create(&user, &org, &password, scopes)
+                .await
+                .map_err(|e| format!("admin {user}: {e}"))?;
+            audit("admin-create", &user, &org);
+            let mut lines = vec![format!("admin: {user}"), format!("org id: {org}")];
+            if let Some(generated) = generated {
+                lines.push(format!("admin password: {}", generated.expose_secret()));
+            }
+            Ok(lines)
+        }
+        Command::Admin(AdminCommand::Disable { user }) => {
+            let user = username(user)?;
+            admins
+                .disable(&user)
+                .await
+                .map_err(|e| format!("admin {user}: {e}"))?;
+            admin_changed(admins, &user, "admin-disable", &audit);
+            Ok(vec![format!("admin: {user}"), "enabled: no".to_owned()])
+        }
+        Command::Admin(AdminCommand::Enable { user }) => {
+            let user = username(user)?;
+            admins
+                .enable(&user)
+                .await
+                .map_err(|e| format!("admin {user}: {e}"))?;
+            admin_changed(admins, &user, "admin-enable", &audit);
+            Ok(vec![format!("admin: {user}"), "enabled: yes".to_owned()])
+        }
+        Command::Admin(AdminCommand::Password { user }) => {
+            let user = username(user)?;
+            let (password, generated) = password(request.password.as_deref())?;
+            admins
+                .change_password(&user, &password)
+                .await
+                .map_err(|e| format!("admin {user}: {e}"))?;
+            admin_changed(admins, &user, "admin-password", &audit);
+            let mut lines = vec![format!("admin: {user}")];
+            match generated {
+                Some(generated) => {
+                    lines.push(format!("admin password: {}", generated.expose_secret()));
+                }
+                None => lines.push("password: changed".to_owned()),
+            }
+            Ok(lines)
+        }
+    }
+}
+
+fn admin_changed(
+    admins: &Admins,
+    user: &Username,
+    action: &str,
+    audit: &impl Fn(&str, &Username, &OrgId),
+) {
+    if let Some(status) = admins.get(user) {
+        audit(action, user, &status.org);
+    }
+}
+
+fn key_lines(org: &OrgId, info: &crate::KeyInfo) -> Vec<String> {
+    let mut lines = vec![format!("org id: {org}")];
+    if let Some(key) = info.key() {
+        lines.push(format!("api key: {}", key.expose_secret()));
+    }
+    lines.extend(unconfirmed_line(info));
+    lines
+}
+
+fn unconfirmed_line(info: &crate::KeyInfo) -> Option<String> {
+    info.unconfirmed().map(|u| format!("warning: {u}"))
+}
+
+/// The control socket of the gateway serving the SQLite state `state`.
+pub(crate) fn socket_path(state: &Path) -> PathBuf {
+    let mut path = state.as_os_str().to_owned();
+    path.push(".ctl");
+    PathBuf::from(path)
+}
+
+/// Prints an answer's lines; its error becomes the command's.
+pub(crate) fn print(answer: Result<Vec<String>, String>) -> Result<(), String> {
+    for line in answer? {
+        println!("{line}");
+    }
+    Ok(())
+}
+
+/// Sends `request` to the gateway listening on `socket`, and returns its answer.
+pub(crate) async fn send(socket: &Path, request: &Request) -> Result<Vec<String>, String> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let stream = tokio::net::UnixStream::connect(socket).await.map_err(|e| {
+        format!(
+            "the state is held by a running gateway, but its control socket {} does not \
+             answer ({e}); stop that gateway or run the command as its user",
+            socket.display()
+        )
+    })?;
+    let (read, mut write) = stream.into_split();
+    let mut line = serde_json::to_string(request).map_err(|e| e.to_string())?;
+    line.push('\n');
+    write
+        .write_all(line.as_bytes())
+        .await
+        .map_err(|e| format!("control socket: {e}"))?;
+    let mut reply = String::new();
+    BufReader::new(read)
+        .read_line(&mut reply)
+        .await
+        .map_err(|e| format!("control socket: {e}"))?;
+    let answer: Answer = serde_json::from_str(&reply)
+        .map_err(|_| "the running gateway gave no answer (it may have stopped)".to_owned())?;
+    match answer.error {
+        Some(error) => Err(error),
+        None => Ok(answer.lines),
+    }
+}
+
+/// Serves operator commands on `socket` for the gateway that owns the SQLite state (P5),
+/// until the returned task is aborted. Only the gateway's own user (or root) may send one.
+pub(crate) fn listen(
+    socket: PathBuf,
+    keys: KeyAdmin,
+    admins: Admins,
+) -> Result<tokio::task::JoinHandle<()>, String> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    // A socket file left by a gateway that died: this process holds the state's lock, so
+    // no live gateway uses it.
+    let _ = std::fs::remove_file(&socket);
+    let listener = tokio::net::UnixListener::bind(&socket)
+        .map_err(|e| format!("control socket {}: {e}", socket.display()))?;
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| format!("control socket {}: {e}", socket.display()))?;
+    let owner = std::fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .map_err(|e| format!("control socket: who am I: {e}"))?;
+    tracing::info!(socket = %socket.display(), "operator commands accepted on the control socket");
+    Ok(tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            };
+            let allowed = stream
+                .peer_cred()
+                .is_ok_and(|cred| cred.uid() == owner || cred.uid() == 0);
+            if !allowed {
+                tracing::warn!("control socket: a command from another user was refused");
+                continue;
+            }
+            let (keys, admins) = (keys.clone(), admins.clone());
+            tokio::spawn(async move { answer(stream, &keys, &admins).await });
+        }
+    }))
+}
+
+/// Reads one command from `stream`, runs it, writes the answer.
+async fn answer(stream: tokio::net::UnixStream, keys: &KeyAdmin, admins: &Admins) {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    // A command is small: at most 64 KiB.
+    let read = BufReader::new(read.take(64 * 1024))
+        .read_line(&mut line)
+        .await;
+    let result = match read {
+        Ok(_) => match serde_json::from_str::<Request>(&line) {
+            Ok(request) => execute(&request, keys, admins).await,
+            Err(_) => Err("the command could not be read".to_owned()),
+        },
+        Err(e) => Err(format!("control socket: {e}")),
+    };
+    let answer = match result {
+        Ok(lines) => Answer { lines, error: None },
+        Err(error) => Answer {
+            lines: Vec::new(),
+            error: Some(error),
+        },
+    };
+    if let Ok(mut reply) = serde_json::to_string(&answer) {
+        reply.push('\n');
+        let _ = write.write_all(reply.as_bytes()).await;
+    }
+}
