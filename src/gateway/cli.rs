@@ -201,7 +201,12 @@ pub fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(log_filter())
+        .with_env_filter(log_filter(if options.command.is_some() {
+            // An operator command prints its result; its log says only what went wrong.
+            tracing_subscriber::filter::LevelFilter::WARN
+        } else {
+            tracing_subscriber::filter::LevelFilter::INFO
+        }))
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -241,7 +246,7 @@ pub fn main() -> ExitCode {
 /// `RUST_LOG`, with info for every target it does not name unless it gives a bare level
 /// itself. (`EnvFilter`'s default directive applies only when `RUST_LOG` is empty, so
 /// `RUST_LOG=orgkey=debug` alone would silence the gateway's own info lines.)
-fn log_filter() -> tracing_subscriber::EnvFilter {
+fn log_filter(default: tracing_subscriber::filter::LevelFilter) -> tracing_subscriber::EnvFilter {
     use tracing_subscriber::filter::LevelFilter;
     let directives = std::env::var("RUST_LOG").unwrap_or_default();
     let filter = tracing_subscriber::EnvFilter::builder().parse_lossy(&directives);
@@ -254,7 +259,7 @@ fn log_filter() -> tracing_subscriber::EnvFilter {
     if bare_level {
         filter
     } else {
-        filter.add_directive(LevelFilter::INFO.into())
+        filter.add_directive(default.into())
     }
 }
 
