@@ -1,6 +1,7 @@
 //! [`PostgresStore`]: one PostgreSQL database shared by a fleet of replicas (P3, F1). The
 //! public documentation is on the type (this module is private).
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -186,23 +187,24 @@ const MIGRATIONS: &[&str] = &[
          PERFORM pg_notify(p_channel, s || '|' || p_kind || '|' || p_subject);
          RETURN s;
      END $$;
-     -- A replica's lease, from the database's clock now, and the last change it applied;
-     -- with p_ack, tells waiting writers (any replica) to look again.
+     -- A replica's lease, from the database's clock now, and the last change it applied.
+     -- Sent on the replica's feed connection, which must never NOTIFY: PostgreSQL
+     -- serializes the commits of transactions that notify, so a feed backend stopped in
+     -- such a commit would stop every replica. Not flushed to disk before it answers: a
+     -- database crash ends every feed connection, and a replica fails closed at once when
+     -- its feed connection ends.
      CREATE FUNCTION fleet_renew(
-         p_id TEXT, p_name TEXT, p_applied BIGINT, p_lease_ms BIGINT, p_channel TEXT,
-         p_ack BOOLEAN
+         p_id TEXT, p_name TEXT, p_applied BIGINT, p_lease_ms BIGINT
      ) RETURNS VOID
      LANGUAGE plpgsql AS $$
      BEGIN
+         SET LOCAL synchronous_commit = off;
          INSERT INTO fleet_replicas AS r (id, name, applied_seq, lease_until, started)
              VALUES (p_id, p_name, p_applied,
                      clock_timestamp() + p_lease_ms * INTERVAL '1 millisecond',
                      clock_timestamp())
              ON CONFLICT (id) DO UPDATE SET lease_until = EXCLUDED.lease_until,
                  applied_seq = GREATEST(r.applied_seq, EXCLUDED.applied_seq);
-         IF p_ack THEN
-             PERFORM pg_notify(p_channel, '~ack');
-         END IF;
      END $$;",
 ];
 
@@ -274,9 +276,6 @@ struct Inner {
     format: KeyFormat,
     conn: RwLock<Conn>,
     fleet: FleetConfig,
-    /// Counts the confirmations heard by this process's follower, so that writers waiting
-    /// for the fleet (strict mode) look again at once.
-    acks: tokio::sync::watch::Sender<u64>,
     /// The last change this process's follower applied (-1: no follower).
     applied: tokio::sync::watch::Sender<i64>,
 }
@@ -315,8 +314,6 @@ const HEALTHY_PERIOD: Duration = Duration::from_secs(5);
 
 /// The payload prefix of heartbeats; changes start with their sequence number.
 const HEARTBEAT_PREFIX: &str = "~hb:";
-/// The payload of a replica's confirmation that it applied changes.
-const ACK: &str = "~ack";
 
 /// How a fleet of replicas sharing a [`PostgresStore`] keeps F1's promise.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -408,6 +405,53 @@ impl FleetConfig {
     }
 }
 
+/// Runs the follower on a thread and runtime of its own, so that a flood of requests on the
+/// application's runtime cannot hold up its heartbeats and lease renewals (a replica under
+/// load would otherwise fence itself). Falls back to the current runtime if no runtime can
+/// be built; the thread ends when the task does (it is aborted when its handle is dropped).
+fn run_apart(follow: impl Future<Output = ()> + Send + 'static) -> tokio::task::JoinHandle<()> {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            tracing::warn!(%error, "no runtime of its own for the change feed; it shares the application's");
+            return tokio::spawn(follow);
+        }
+    };
+    let task = runtime.spawn(follow);
+    let watch = task.abort_handle();
+    let driven = std::thread::Builder::new()
+        .name("orgkey-follow".to_owned())
+        .spawn(move || {
+            runtime.block_on(async move {
+                while !watch.is_finished() {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            });
+        });
+    if let Err(error) = driven {
+        // The task cannot run: the table stays untrusted (fail closed), and says why.
+        tracing::error!(%error, "no thread for the change feed; failing closed");
+    }
+    task
+}
+
+/// A random id for a lease row and its heartbeats (unique enough without randomness: the
+/// process id and the time).
+fn random_id() -> String {
+    let mut id = [0u8; 8];
+    match crate::key::fill_random(&mut id) {
+        Ok(()) => id.iter().map(|b| format!("{b:02x}")).collect(),
+        Err(_) => format!(
+            "{:x}{:x}",
+            std::process::id(),
+            crate::store::millis(SystemTime::now())
+        ),
+    }
+}
+
 /// One parsed change announcement: `<seq>|<kind>|<subject>`.
 struct Announcement<'a> {
     seq: i64,
@@ -455,26 +499,19 @@ impl Follower {
         self.fleet().mode == FleetMode::Strict
     }
 
-    /// Renews this replica's lease (strict mode) on the feed's own connection, so that a
-    /// stalled feed cannot renew, and, with `ack`, tells waiting writers to look again. The
+    /// Renews this replica's lease (strict mode) and records the last change it applied, on
+    /// the feed's own connection, so that a stalled feed can neither renew nor confirm. The
     /// lease counts from the moment the renewal was sent.
-    async fn renew(&self, client: &Client, ack: bool) -> Result<(), StoreError> {
+    async fn renew(&self, client: &Client) -> Result<(), StoreError> {
         if !self.strict() {
             return Ok(());
         }
         let fleet = self.fleet();
         let lease_ms = fleet.lease.as_millis() as i64;
-        let channel = channel(&self.store.inner.schema);
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
+            [&self.id, &fleet.name, &self.applied, &lease_ms];
         let sent = crate::table::monotonic_ms();
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] = [
-            &self.id,
-            &fleet.name,
-            &self.applied,
-            &lease_ms,
-            &channel,
-            &ack,
-        ];
-        let renewal = client.execute("SELECT fleet_renew($1, $2, $3, $4, $5, $6)", &params);
+        let renewal = client.execute("SELECT fleet_renew($1, $2, $3, $4)", &params);
         match tokio::time::timeout(fleet.stall_bound(), renewal).await {
             Ok(Ok(_)) => {
                 self.replica
@@ -656,17 +693,24 @@ impl Follower {
                 .await
                 .map_err(backend)?;
             // Strict mode: hold a lease *before* the reload, so that a writer committing
-            // between the reload and our first confirmation waits for us.
+            // between the reload and our first confirmation waits for us. Each life of the
+            // connection is a new lease row: the last life's backend may be stopped while it
+            // holds its row's lock. That row is deleted unless locked (this replica fails
+            // closed until it has reloaded, so nobody need wait for its last life), else it
+            // runs out; rows long dead go too.
             if self.strict() {
+                let previous = std::mem::replace(&mut self.id, random_id());
                 client
                     .execute(
-                        "DELETE FROM fleet_replicas
-                         WHERE lease_until < clock_timestamp() - INTERVAL '1 hour'",
-                        &[],
+                        "DELETE FROM fleet_replicas WHERE id IN (
+                             SELECT id FROM fleet_replicas
+                             WHERE id = $1 OR lease_until < clock_timestamp() - INTERVAL '1 hour'
+                             FOR UPDATE SKIP LOCKED)",
+                        &[&previous],
                     )
                     .await
                     .map_err(backend)?;
-                self.renew(&client, false).await?;
+                self.renew(&client).await?;
             }
             client
                 .batch_execute(&format!("LISTEN \"{}\"", channel(&inner.schema)))
@@ -676,7 +720,7 @@ impl Follower {
             let head = self.reload(&mut client).await?;
             self.applied = self.applied.max(head);
             inner.applied.send_replace(self.applied);
-            self.renew(&client, true).await?;
+            self.renew(&client).await?;
             self.replica.table.set_trusted(true);
             let mut last_heard = tokio::time::Instant::now();
             let mut ticker = tokio::time::interval(fleet.renewal);
@@ -700,7 +744,7 @@ impl Follower {
                                 tracing::debug!(%error, "heartbeat not sent");
                             }
                         });
-                        self.renew(&client, false).await?;
+                        self.renew(&client).await?;
                         continue;
                     }
                 };
@@ -713,8 +757,6 @@ impl Follower {
                         if beat == self.id {
                             last_heard = tokio::time::Instant::now();
                         }
-                    } else if payload == ACK {
-                        inner.acks.send_modify(|n| *n = n.wrapping_add(1));
                     } else if let Some(change) = parse_announcement(&payload) {
                         if change.seq > self.applied {
                             if change.seq != self.applied + 1 {
@@ -730,7 +772,7 @@ impl Follower {
                 }
                 if applied_any {
                     inner.applied.send_replace(self.applied);
-                    self.renew(&client, true).await?;
+                    self.renew(&client).await?;
                 }
             }
             Err(corrupt("the change feed connection closed"))
@@ -870,7 +912,6 @@ impl PostgresStore {
                 format,
                 conn: RwLock::new(conn),
                 fleet,
-                acks: tokio::sync::watch::Sender::new(0),
                 applied: tokio::sync::watch::Sender::new(-1),
             }),
         })
@@ -928,24 +969,14 @@ impl PostgresStore {
         if let Some(admins) = &replica.admins {
             admins.followed();
         }
-        let mut id = [0u8; 8];
-        let id = match crate::key::fill_random(&mut id) {
-            Ok(()) => id.iter().map(|b| format!("{b:02x}")).collect(),
-            // Unique enough among replicas: the process id and the time.
-            Err(_) => format!(
-                "{:x}{:x}",
-                std::process::id(),
-                crate::store::millis(SystemTime::now())
-            ),
-        };
         let sessions = replica.sessions.clone();
         let mut follower = Follower {
             store: self.clone(),
             replica,
-            id,
+            id: random_id(),
             applied: 0,
         };
-        let task = tokio::spawn(async move {
+        let follow = async move {
             const FIRST_BACKOFF: Duration = Duration::from_millis(50);
             let mut backoff = FIRST_BACKOFF;
             loop {
@@ -964,8 +995,8 @@ impl PostgresStore {
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(2));
             }
-        });
-        let mut handle = ChangeFollower::new(task);
+        };
+        let mut handle = ChangeFollower::new(run_apart(follow));
         if let Some(sessions) = sessions {
             handle.also(tokio::spawn(sessions.share_use(Arc::new(self.clone()))));
         }
@@ -989,9 +1020,10 @@ impl PostgresStore {
             return Ok(());
         }
         let started = tokio::time::Instant::now();
-        let mut acks = self.inner.acks.subscribe();
+        // Replicas confirm by writing their progress (never by NOTIFY, see `fleet_renew`):
+        // look at 1 ms, then every 2 ms, for the first 20 ms, then every 5 ms.
+        let mut look = 0u32;
         loop {
-            acks.borrow_and_update();
             let pending = async {
                 let conn = self.shared().await?;
                 conn.client
@@ -1022,22 +1054,13 @@ impl PostgresStore {
                     .collect();
                 return Err(StoreError::Unconfirmed(Unconfirmed { replicas, waited }));
             }
-            // Look again at the next confirmation, when the first lease runs out, or after
-            // a short while (a writer in a process without a follower hears no
-            // confirmations).
-            let lease_left = rows
-                .iter()
-                .filter_map(|row| row.try_get::<_, i64>(1).ok())
-                .min()
-                .unwrap_or(0)
-                .max(0) as u64;
-            let nap = Duration::from_millis(lease_left + 1)
-                .min(Duration::from_millis(5))
-                .min(fleet.wait - waited);
-            tokio::select! {
-                _ = acks.changed() => {}
-                _ = tokio::time::sleep(nap) => {}
-            }
+            look += 1;
+            let nap = match look {
+                1 => Duration::from_millis(1),
+                _ if waited < Duration::from_millis(20) => Duration::from_millis(2),
+                _ => Duration::from_millis(5),
+            };
+            tokio::time::sleep(nap.min(fleet.wait - waited)).await;
         }
     }
 
@@ -1129,8 +1152,7 @@ impl Statements {
             )
             .await?,
             unconfirmed: prepare(
-                "SELECT name,
-                     CEIL(EXTRACT(EPOCH FROM (lease_until - clock_timestamp())) * 1000)::BIGINT
+                "SELECT name
                  FROM fleet_replicas
                  WHERE applied_seq < $1 AND lease_until > clock_timestamp()
                  ORDER BY name",
