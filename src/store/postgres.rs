@@ -517,6 +517,10 @@ impl Follower {
                 self.replica
                     .table
                     .set_lease_until(Some(sent + fleet.local_lease_ms()));
+                let took = crate::table::monotonic_ms().saturating_sub(sent);
+                if took > fleet.renewal.as_millis() as u64 {
+                    tracing::warn!(schema = %self.store.inner.schema, took_ms = took, "a lease renewal was slow (the database or this host is overloaded)");
+                }
                 Ok(())
             }
             Ok(Err(error)) => Err(backend(error)),
