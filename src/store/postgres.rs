@@ -544,13 +544,7 @@ impl Follower {
             .await
             .and_then(|row| row.try_get(0))
             .map_err(backend)?;
-        let rows = tx
-            .query(
-                "SELECT id, subscribed, api_key, generation, modified_by, modified_ms FROM orgs",
-                &[],
-            )
-            .await
-            .map_err(backend)?;
+        let rows = tx.query(SELECT_ORGS, &[]).await.map_err(backend)?;
         for row in &rows {
             let (org, state) = state_of(org_from_row(row, inner.format)?);
             self.replica.table.install_if_newer(org, Arc::new(state));
@@ -595,15 +589,8 @@ impl Follower {
                 {
                     return Ok(()); // already have it (or newer)
                 }
-                let row = client
-                    .query_opt(
-                        "SELECT id, subscribed, api_key, generation, modified_by, modified_ms
-                         FROM orgs WHERE id = $1",
-                        &[&org.as_str()],
-                    )
-                    .await
-                    .map_err(backend)?;
-                if let Some(row) = row {
+                let sql = format!("{SELECT_ORGS} WHERE id = $1");
+                if let Some(row) = one_row(client, &sql, &org.as_str()).await? {
                     let (org, state) = state_of(org_from_row(&row, format)?);
                     self.replica.table.install_if_newer(org, Arc::new(state));
                 }
@@ -614,15 +601,8 @@ impl Follower {
                 else {
                     return Ok(());
                 };
-                let row = client
-                    .query_opt(
-                        "SELECT username, org, enabled, scopes, password_hash, credential_version
-                         FROM admins WHERE username = $1",
-                        &[&username.as_str()],
-                    )
-                    .await
-                    .map_err(backend)?;
-                match row {
+                let sql = format!("{SELECT_ADMINS_ONLY} WHERE username = $1");
+                match one_row(client, &sql, &username.as_str()).await? {
                     Some(row) => admins.stored(admin_from_row(&row)?),
                     None => admins.deleted(&username),
                 }
@@ -633,16 +613,8 @@ impl Follower {
                 else {
                     return Ok(());
                 };
-                let row = client
-                    .query_opt(
-                        "SELECT digest, org, admin, generation, credential_version, created_ms,
-                             last_used_ms
-                         FROM sessions WHERE digest = $1",
-                        &[&&digest[..]],
-                    )
-                    .await
-                    .map_err(backend)?;
-                if let Some(row) = row {
+                let sql = format!("{SELECT_SESSIONS} WHERE digest = $1");
+                if let Some(row) = one_row(client, &sql, &&digest[..]).await? {
                     sessions.stored(session_from_row(&row)?);
                 }
             }
@@ -785,6 +757,21 @@ impl Follower {
         driver.abort();
         result
     }
+}
+
+const SELECT_ORGS: &str =
+    "SELECT id, subscribed, api_key, generation, modified_by, modified_ms FROM orgs";
+
+const SELECT_ADMINS_ONLY: &str =
+    "SELECT username, org, enabled, scopes, password_hash, credential_version FROM admins";
+
+/// The row `sql` selects by its one parameter, if any.
+async fn one_row(
+    client: &Client,
+    sql: &str,
+    key: &(dyn tokio_postgres::types::ToSql + Sync),
+) -> Result<Option<Row>, StoreError> {
+    client.query_opt(sql, &[key]).await.map_err(backend)
 }
 
 const SELECT_ADMINS: &str =
