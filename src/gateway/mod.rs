@@ -7,12 +7,15 @@
 //! - [`cli`]: the command line (flags, the first start's provisioning, what it prints);
 //! - [`serve`](serve::serve): the HTTP/1.1 server with header-read, body-read and idle
 //!   timeouts, a connection cap and accept back-off (G2);
+//! - [`forwarded`]: `--trusted-proxy`, the peers that may vouch for `X-Forwarded-For` and
+//!   `X-Forwarded-Proto`, and [`ClientInfo`](forwarded::ClientInfo), who sent a request;
 //! - [`Upstream`]: the reverse proxy (G1), with [`ProxyHeaders`](crate::http::proxy::ProxyHeaders);
 //! - [`Site`]: what the gateway serves: `/metrics` (O2), the demo API or the upstream behind
 //!   [`OrgKey::wrap`](crate::OrgKey::wrap), and a redirect to the admin page for a browser
 //!   that opens `/` (demo) or `/admin/`.
 
 pub mod cli;
+pub mod forwarded;
 pub mod serve;
 mod site;
 mod upstream;
