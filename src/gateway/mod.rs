@@ -5,8 +5,12 @@
 //! limits, in front of either a built-in demo API or an upstream it proxies to:
 //!
 //! - [`cli`]: the command line (flags, the first start's provisioning, what it prints);
-//! - [`serve`](serve::serve): the HTTP/1.1 server with header-read, body-read and idle
-//!   timeouts, a connection cap and accept back-off (G2);
+//! - [`serve`](serve::serve): the server with header-read, body-read and idle timeouts, a
+//!   connection cap and accept back-off (G2), over plain HTTP/1.1 or TLS
+//!   ([`serve_with`](serve::serve_with));
+//! - [`tls`]: rustls with a certificate reloaded on `SIGHUP`, HTTP/2 by ALPN, and
+//!   [`SecureTransport`](tls::SecureTransport): no login over plain HTTP, `Secure` session
+//!   cookies over https (G3);
 //! - [`forwarded`]: `--trusted-proxy`, the peers that may vouch for `X-Forwarded-For` and
 //!   `X-Forwarded-Proto`, and [`ClientInfo`](forwarded::ClientInfo), who sent a request;
 //! - [`Upstream`]: the reverse proxy (G1), with [`ProxyHeaders`](crate::http::proxy::ProxyHeaders);
@@ -18,6 +22,7 @@ pub mod cli;
 pub mod forwarded;
 pub mod serve;
 mod site;
+pub mod tls;
 mod upstream;
 
 use std::pin::Pin;
