@@ -29,6 +29,7 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{HeaderValue, SET_COOKIE};
 use http::{Method, Request, Response, StatusCode};
+use pin_project_lite::pin_project;
 use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
@@ -427,11 +428,10 @@ impl<S> SecureTransport<S> {
 impl<S> Service<Request<GatewayBody>> for SecureTransport<S>
 where
     S: Service<Request<GatewayBody>, Response = Response<SiteBody>, Error = Infallible>,
-    S::Future: Send + 'static,
 {
     type Response = Response<SiteBody>;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<SiteBody>, Infallible>> + Send>>;
+    type Future = SecureTransportFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
@@ -443,7 +443,8 @@ where
             .get::<ClientInfo>()
             .is_some_and(ClientInfo::is_https);
         if self.refuses(&request, https) {
-            tracing::warn!(
+            // At info, like every failed login: a client can send as many as it likes.
+            tracing::info!(
                 target: "orgkey::gateway::tls",
                 peer = ?request.extensions().get::<ClientInfo>().map(ClientInfo::peer),
                 "login over plain HTTP refused (TLS_REQUIRED)"
@@ -452,16 +453,64 @@ where
                 StatusCode::FORBIDDEN,
                 TLS_REQUIRED,
             );
-            return Box::pin(std::future::ready(Ok(site_response(response))));
+            return SecureTransportFuture {
+                kind: Kind::Refused {
+                    response: Some(site_response(response)),
+                },
+            };
         }
-        let future = self.inner.call(request);
-        Box::pin(async move {
-            let mut response = future.await?;
-            if https {
-                secure_session_cookies(&mut response);
+        SecureTransportFuture {
+            kind: Kind::Inner {
+                future: self.inner.call(request),
+                https,
+            },
+        }
+    }
+}
+
+pin_project! {
+    /// The future of [`SecureTransport`]: the refusal, or the inner service's answer (with
+    /// `Secure` session cookies over https).
+    pub struct SecureTransportFuture<F> {
+        #[pin]
+        kind: Kind<F>,
+    }
+}
+
+pin_project! {
+    #[project = KindProjection]
+    enum Kind<F> {
+        Refused {
+            response: Option<Response<SiteBody>>,
+        },
+        Inner {
+            #[pin]
+            future: F,
+            https: bool,
+        },
+    }
+}
+
+impl<F> Future for SecureTransportFuture<F>
+where
+    F: Future<Output = Result<Response<SiteBody>, Infallible>>,
+{
+    type Output = Result<Response<SiteBody>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().kind.project() {
+            // Taken on the first poll; a future polled after it finished stays pending.
+            KindProjection::Refused { response } => response
+                .take()
+                .map_or(Poll::Pending, |r| Poll::Ready(Ok(r))),
+            KindProjection::Inner { future, https } => {
+                let Ok(mut response) = std::task::ready!(future.poll(cx));
+                if *https {
+                    secure_session_cookies(&mut response);
+                }
+                Poll::Ready(Ok(response))
             }
-            Ok(response)
-        })
+        }
     }
 }
 
