@@ -457,6 +457,20 @@ async fn https_serves_http2_by_alpn_and_http1_otherwise() {
             )
             .await;
         assert_eq!(status, StatusCode::UNAUTHORIZED);
+        // HEAD: the head alone (hyper would send an HTTP/2 HEAD answer's body as DATA frames,
+        // which clients take for a protocol error).
+        let head = Request::head("/healthz").body(Full::default()).unwrap();
+        let (status, _, _, body) = client.send(head).await;
+        assert_eq!(
+            (status, body.as_str()),
+            (StatusCode::OK, ""),
+            "ALPN {alpn:?}"
+        );
+        assert_eq!(
+            client.send(gw.whoami()).await.0,
+            StatusCode::OK,
+            "still usable"
+        );
     }
     // A client that does not trust the CA fails the handshake; plain HTTP gets no answer.
     let stranger = Pki::new("stranger");
@@ -480,6 +494,18 @@ async fn https_serves_http2_by_alpn_and_http1_otherwise() {
         return;
     }
     for (flag, expected) in [("--http2", "HTTP/2 200"), ("--http1.1", "HTTP/1.1 200")] {
+        let output = Command::new("curl")
+            .args(["-sS", "-I", flag, "--cacert"])
+            .arg(pki.ca_pem())
+            .arg(gw.base_url.replace("/api/v1", "/healthz"))
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success() && stdout.starts_with(expected),
+            "curl -I {flag}: {stdout} {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
         let output = Command::new("curl")
             .args(["-sS", "-i", flag, "--cacert"])
             .arg(pki.ca_pem())

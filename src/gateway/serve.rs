@@ -582,6 +582,7 @@ where
     let remote = peer.remote;
     let (mut parts, body) = request.into_parts();
     let http2 = parts.version == http::Version::HTTP_2;
+    let head = parts.method == http::Method::HEAD;
     let client = peer
         .trusted_proxies
         .client_info(remote, peer.tls, &parts.headers);
@@ -620,6 +621,10 @@ where
             headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         timeout
+    } else if http2 && head {
+        // hyper drops the body of a HEAD answer on HTTP/1.1 but sends it on HTTP/2, where a
+        // client takes the DATA frames for a protocol error: the head goes alone.
+        response.map(|_| super::full(Bytes::new()))
     } else {
         response
     };
