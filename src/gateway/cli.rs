@@ -13,8 +13,10 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use super::forwarded::{ProxyRange, TrustedProxies};
 use super::ops;
-use super::serve::{self, Limits};
+use super::serve::{self, Limits, Transport};
+use super::tls::{PlainHttpLogin, SecureTransport, Tls};
 use super::{Site, Upstream};
 use crate::store::SqliteStore;
 use crate::{Actor, ApiKey, KeyFormat, OrgId, OrgKey, Password, Scopes, Username};
@@ -27,6 +29,10 @@ use crate::{Actor, ApiKey, KeyFormat, OrgId, OrgKey, Password, Scopes, Username}
 /// X-Org-Id:
 ///     curl -H 'X-Org-Id: acme' -H 'X-API-Key: <key>' http://127.0.0.1:8080/api/v1/whoami
 /// or log in as the admin through POST /api/v1/authenticatedSession (see the README).
+///
+/// With --tls-cert and --tls-key it serves HTTPS (HTTP/2 or HTTP/1.1 by ALPN); SIGHUP reloads
+/// both files. Over plain HTTP on a non-loopback address the login is refused (403
+/// TLS_REQUIRED) unless --insecure-http, or a --trusted-proxy says X-Forwarded-Proto: https.
 ///
 /// Logs go to stderr, at info by default. RUST_LOG changes the levels of the targets it names
 /// (RUST_LOG=orgkey=debug shows every decision); the others stay at info unless it also gives
@@ -53,7 +59,7 @@ pub struct Options {
     #[arg(long, value_name = "PW")]
     password: Option<String>,
     /// Base URL to advertise; https:// makes the session cookie Secure
-    /// [default: http://<listen>/api/v1].
+    /// [default: http://<listen>/api/v1, https://<listen>/api/v1 with --tls-cert].
     #[arg(long = "base-url", value_name = "URL")]
     base_url: Option<String>,
     /// The SQLite state file (created on first start; one gateway per file).
@@ -119,6 +125,30 @@ pub struct Options {
     /// mode).
     #[command(subcommand)]
     command: Option<ops::Command>,
+    /// Serve HTTPS with this certificate chain (PEM: the server's certificate first, then
+    /// its intermediates); needs --tls-key. HTTP/2 or HTTP/1.1 by ALPN. SIGHUP reloads both
+    /// files; open connections keep theirs.
+    #[arg(long = "tls-cert", value_name = "PATH", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1, unencrypted).
+    #[arg(long = "tls-key", value_name = "PATH", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Accept the ZIA login over plain HTTP on a non-loopback address (it shows characters
+    /// of the key on the wire; by default it is refused there with 403 TLS_REQUIRED).
+    #[arg(long = "insecure-http", conflicts_with = "tls_cert")]
+    insecure_http: bool,
+    /// A load balancer or proxy in front of the gateway (CIDR such as 10.0.0.0/8, or one
+    /// address; repeatable): only peers in these ranges may set X-Forwarded-For (the client
+    /// address the login throttle counts) and X-Forwarded-Proto (https counts as TLS). From
+    /// anyone else both are ignored.
+    #[arg(long = "trusted-proxy", value_name = "CIDR", value_parser = parse_proxy_range)]
+    trusted_proxy: Vec<ProxyRange>,
+}
+
+fn parse_proxy_range(value: &str) -> Result<ProxyRange, String> {
+    value
+        .parse()
+        .map_err(|e: super::forwarded::ProxyRangeError| e.to_string())
 }
 
 fn parse_org(value: &str) -> Result<OrgId, String> {
@@ -276,14 +306,27 @@ async fn run(checked: Checked) -> Result<(), String> {
         password,
         upstream,
     } = checked;
+    let tls = match (&options.tls_cert, &options.tls_key) {
+        (Some(cert), Some(key)) => Some(Tls::load(cert, key).map_err(|e| {
+            format!(
+                "{e}{}",
+                std::error::Error::source(&e)
+                    .map(|s| format!(" ({s})"))
+                    .unwrap_or_default()
+            )
+        })?),
+        // clap requires both or neither.
+        _ => None,
+    };
     let listener = tokio::net::TcpListener::bind(options.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", options.listen))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let base_url = options
         .base_url
         .clone()
-        .unwrap_or_else(|| format!("http://{local}/api/v1"));
+        .unwrap_or_else(|| format!("{scheme}://{local}/api/v1"));
     let admin = match options.admin.clone() {
         Some(admin) => admin,
         None => Username::new(&format!("admin@{}.example", options.org_id))
@@ -328,6 +371,12 @@ async fn run(checked: Checked) -> Result<(), String> {
             Some((socket, task))
         }
     };
+    // Before anything is printed: from here on SIGHUP reloads instead of ending the process.
+    #[cfg(unix)]
+    if let Some(tls) = &tls {
+        tls.reload_on_hangup()
+            .map_err(|e| format!("cannot install the SIGHUP handler: {e}"))?;
+    }
 
     println!("base url: {base_url}");
     println!("org id: {}", options.org_id);
@@ -344,7 +393,7 @@ async fn run(checked: Checked) -> Result<(), String> {
     }
     let site = base_url
         .strip_suffix("/api/v1")
-        .map_or_else(|| format!("http://{local}"), str::to_owned);
+        .map_or_else(|| format!("{scheme}://{local}"), str::to_owned);
     println!("admin page: {site}/admin");
 
     let limits = Limits {
@@ -363,14 +412,19 @@ async fn run(checked: Checked) -> Result<(), String> {
         max_connections = limits.max_connections,
         "limits"
     );
+    let plain_login = plain_http_login(&options);
+    log_transport(tls.as_ref(), &options, plain_login);
     tracing::info!(%local, "gateway listening");
-    serve::serve(
-        listener,
+    let transport = Transport {
+        tls,
+        trusted_proxies: TrustedProxies::new(options.trusted_proxy.iter().copied()),
+    };
+    let site = SecureTransport::new(
         Site::new(&orgkey, upstream),
-        limits,
-        shutdown_signal(),
-    )
-    .await;
+        api_path(&base_url),
+        plain_login,
+    );
+    serve::serve_with(listener, site, limits, transport, shutdown_signal()).await;
     if let Some((socket, task)) = control {
         task.abort();
         let _ = std::fs::remove_file(socket);
@@ -412,6 +466,68 @@ async fn operate(options: &Options, command: ops::Command) -> Result<(), String>
         .await
         .map_err(|e| format!("state: {e}"))?;
     ops::print(ops::execute(&request, &keys, &admins).await)
+}
+
+/// Whether the login may be used over plain HTTP: on a loopback listen address, or with
+/// `--insecure-http`. The listen address decides, not the client's: a gateway on `0.0.0.0`
+/// refuses a plain login even to a client that connects through 127.0.0.1.
+fn plain_http_login(options: &Options) -> PlainHttpLogin {
+    if options.insecure_http || options.listen.ip().to_canonical().is_loopback() {
+        PlainHttpLogin::Allowed
+    } else {
+        PlainHttpLogin::Refused
+    }
+}
+
+/// The path part of a base URL (`https://gw.example/api/v1` -> `/api/v1`).
+fn api_path(base_url: &str) -> &str {
+    let after_scheme = base_url
+        .split_once("://")
+        .map_or(base_url, |(_, rest)| rest);
+    after_scheme.find('/').map_or("", |at| &after_scheme[at..])
+}
+
+/// Says on stderr how clients reach the gateway: TLS or not, the login's policy, the
+/// trusted proxies.
+fn log_transport(tls: Option<&Tls>, options: &Options, plain_login: PlainHttpLogin) {
+    match tls {
+        Some(tls) => tracing::info!(
+            certificate = %tls.certificate_path().display(),
+            key = %tls.key_path().display(),
+            fingerprint = %tls.fingerprint(),
+            "TLS on (HTTP/2 or HTTP/1.1 by ALPN); SIGHUP reloads the certificate and key"
+        ),
+        None if options.insecure_http => tracing::warn!(
+            "--insecure-http: the login is accepted over plain HTTP, where it shows characters \
+             of the API key to anyone on the path"
+        ),
+        None if plain_login == PlainHttpLogin::Refused => tracing::info!(
+            "plain HTTP on a non-loopback address: the login is refused (403 TLS_REQUIRED) \
+             unless a trusted proxy says X-Forwarded-Proto: https; see --tls-cert, \
+             --trusted-proxy, --insecure-http"
+        ),
+        None => tracing::info!("plain HTTP on a loopback address: the login is accepted"),
+    }
+    for range in &options.trusted_proxy {
+        if range.is_everything() {
+            tracing::warn!(
+                %range,
+                "--trusted-proxy {range} trusts every peer: any client can choose its address \
+                 for the login throttle and claim https"
+            );
+        }
+    }
+    if !options.trusted_proxy.is_empty() {
+        let ranges: Vec<String> = options
+            .trusted_proxy
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        tracing::info!(
+            ranges = %ranges.join(", "),
+            "trusted proxies: X-Forwarded-For and X-Forwarded-Proto are read from these peers only"
+        );
+    }
 }
 
 /// On a first start (the org is not in the store), creates the org, its subscription and

@@ -7,17 +7,25 @@
 //! - [`cli`]: the command line (flags, the first start's provisioning, what it prints);
 //! - [`ops`]: the operator commands (G6: `org ...`, `admin ...`), direct or through the
 //!   running gateway's control socket;
-//! - [`serve`](serve::serve): the HTTP/1.1 server with header-read, body-read and idle
-//!   timeouts, a connection cap and accept back-off (G2);
+//! - [`serve`](serve::serve): the server with header-read, body-read and idle timeouts, a
+//!   connection cap and accept back-off (G2), over plain HTTP/1.1 or TLS
+//!   ([`serve_with`](serve::serve_with));
+//! - [`tls`]: rustls with a certificate reloaded on `SIGHUP`, HTTP/2 by ALPN, and
+//!   [`SecureTransport`](tls::SecureTransport): no login over plain HTTP, `Secure` session
+//!   cookies over https (G3);
+//! - [`forwarded`]: `--trusted-proxy`, the peers that may vouch for `X-Forwarded-For` and
+//!   `X-Forwarded-Proto`, and [`ClientInfo`](forwarded::ClientInfo), who sent a request;
 //! - [`Upstream`]: the reverse proxy (G1), with [`ProxyHeaders`](crate::http::proxy::ProxyHeaders);
 //! - [`Site`]: what the gateway serves: `/metrics` (O2), the demo API or the upstream behind
 //!   [`OrgKey::wrap`](crate::OrgKey::wrap), and a redirect to the admin page for a browser
 //!   that opens `/` (demo) or `/admin/`.
 
 pub mod cli;
+pub mod forwarded;
 pub mod ops;
 pub mod serve;
 mod site;
+pub mod tls;
 mod upstream;
 
 use std::pin::Pin;

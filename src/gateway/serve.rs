@@ -1,13 +1,19 @@
-//! The gateway's HTTP/1.1 server loop (G2): header-read, body-read and idle timeouts, a cap on
+//! The gateway's server loop (G2, G3): header-read, body-read and idle timeouts, a cap on
 //! the connections open at once, and accept errors that back off instead of spinning or
 //! flooding the log (G2). A slow or idle client cannot keep a connection (and a file
 //! descriptor) for as long as it likes, and a flood of them cannot take the process down.
 //!
+//! Plain connections speak HTTP/1.1. With [`Transport::tls`] every connection is TLS
+//! ([`Tls`]) and speaks HTTP/2 when the client chose `h2` by ALPN, else HTTP/1.1; the limits
+//! are the same, and the TLS handshake counts against the header-read timeout.
+//!
 //! Per connection, a watchdog follows one of three phases:
 //!
-//! - *head*: waiting for a request head, since the connection opened or since the first byte
-//!   of a further request arrived; closed when the head is not in after the header-read
-//!   timeout;
+//! - *head*: waiting for a request head, since the connection opened (TLS handshake
+//!   included) or since the first byte of a further request arrived; closed when the head is
+//!   not in after the header-read timeout. On HTTP/2 only the first request is timed so: its
+//!   frames (pings, window updates) do not start a request head, and a connection between
+//!   requests is idle whatever it receives;
 //! - *busy*: a request is in flight (its head is in and its response not fully handed to the
 //!   socket); its body must arrive within the body-read timeout (else 408 and close);
 //! - *idle*: a keep-alive connection between requests; closed after the idle timeout.
@@ -30,13 +36,16 @@ use http::{header, HeaderValue, Request, Response, StatusCode};
 use http_body::{Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify, Semaphore};
 use tokio::time::{sleep, sleep_until, Instant, Sleep};
 use tower_service::Service;
 
+use super::forwarded::TrustedProxies;
+use super::tls::Tls;
 use super::{BoxError, GatewayBody};
 use crate::http::ClientAddr;
 
@@ -77,6 +86,17 @@ pub struct Limits {
     pub max_connections: usize,
 }
 
+/// How clients reach the service: plain HTTP or TLS, and which peers may vouch for
+/// `X-Forwarded-For` and `X-Forwarded-Proto` ([`TrustedProxies`]). The default is plain HTTP
+/// that trusts no one.
+#[derive(Clone, Debug, Default)]
+pub struct Transport {
+    /// Serve every connection over TLS with this certificate (reloadable).
+    pub tls: Option<Tls>,
+    /// The proxies whose forwarding headers are believed.
+    pub trusted_proxies: TrustedProxies,
+}
+
 /// The default connection cap: the process's open-file soft limit minus a reserve, halved
 /// when proxying (each request forwarded upstream can hold a second socket), at most
 /// [`MAX_DEFAULT_CONNECTIONS`], at least 1.
@@ -101,12 +121,13 @@ fn open_files_soft_limit() -> Option<usize> {
     soft.parse().ok()
 }
 
-/// Serves `service` on `listener` within `limits` until `shutdown` completes; then stops
-/// accepting, lets requests in flight finish (up to 30 s) and returns.
+/// Serves `service` on `listener` over plain HTTP/1.1 within `limits` until `shutdown`
+/// completes; then stops accepting, lets requests in flight finish (up to 30 s) and returns.
 ///
 /// Each request carries the client's address in its extensions, as a [`ClientAddr`] (which
-/// the login throttle reads, A3) and as a `SocketAddr`, and its body as a [`GatewayBody`]
-/// under the body-read timeout.
+/// the login throttle reads, A3) and as a `SocketAddr`, with a
+/// [`ClientInfo`](super::forwarded::ClientInfo) beside them, and its body as a
+/// [`GatewayBody`] under the body-read timeout.
 pub async fn serve<S, B>(
     listener: TcpListener,
     service: S,
@@ -117,10 +138,33 @@ pub async fn serve<S, B>(
         + Clone
         + Send
         + 'static,
-    S::Future: Send,
+    S::Future: Send + 'static,
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
+    serve_with(listener, service, limits, Transport::default(), shutdown).await;
+}
+
+/// [`serve`] over `transport`: TLS (HTTP/2 or HTTP/1.1 by ALPN) when it has a certificate,
+/// and the client's address and scheme as its trusted proxies vouch for them: the
+/// [`ClientAddr`] is [`ClientInfo::client`](super::forwarded::ClientInfo::client), while the
+/// `SocketAddr` stays the peer's.
+pub async fn serve_with<S, B>(
+    listener: TcpListener,
+    service: S,
+    limits: Limits,
+    transport: Transport,
+    shutdown: impl Future<Output = ()>,
+) where
+    S: Service<Request<GatewayBody>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let transport = Arc::new(transport);
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let (stop, stopping) = watch::channel(());
     let mut shutdown = pin!(shutdown);
@@ -159,8 +203,9 @@ pub async fn serve<S, B>(
                 accept_errors.succeeded();
                 let service = service.clone();
                 let stopping = stopping.clone();
+                let transport = Arc::clone(&transport);
                 tokio::spawn(async move {
-                    connection(stream, remote, service, limits, stopping).await;
+                    connection(stream, remote, service, limits, &transport, stopping).await;
                     drop(permit);
                 });
             }
@@ -328,43 +373,156 @@ impl Drop for InFlight {
     }
 }
 
-/// Serves one connection until it ends, a limit closes it, or shutdown has let it finish.
+/// What one connection's requests share: who is at the other end and how.
+#[derive(Clone)]
+struct Peer {
+    remote: SocketAddr,
+    tls: bool,
+    trusted_proxies: TrustedProxies,
+}
+
+/// Which HTTP a connection speaks.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    Http1,
+    Http2,
+}
+
+/// Serves one connection until it ends, a limit closes it, or shutdown has let it finish:
+/// the TLS handshake first (within the header-read timeout), when there is TLS.
 async fn connection<S, B>(
     stream: TcpStream,
     remote: SocketAddr,
     service: S,
     limits: Limits,
+    transport: &Transport,
     mut stopping: watch::Receiver<()>,
 ) where
     S: Service<Request<GatewayBody>, Response = Response<B>, Error = Infallible>
         + Clone
         + Send
         + 'static,
-    S::Future: Send,
+    S::Future: Send + 'static,
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
+    let started = Instant::now();
     let activity = Arc::new(Activity {
-        phase: Mutex::new(Phase::Head {
-            since: Instant::now(),
-        }),
+        phase: Mutex::new(Phase::Head { since: started }),
         changed: Notify::new(),
     });
-    let io = TokioIo::new(Watched {
-        stream,
-        activity: Arc::clone(&activity),
-    });
+    let mut peer = Peer {
+        remote,
+        tls: false,
+        trusted_proxies: transport.trusted_proxies.clone(),
+    };
+    let Some(tls) = &transport.tls else {
+        let io = Watched {
+            stream,
+            activity: Arc::clone(&activity),
+        };
+        return serve_connection(
+            io,
+            Protocol::Http1,
+            peer,
+            service,
+            limits,
+            activity,
+            stopping,
+        )
+        .await;
+    };
+    let handshake = tls.acceptor().accept(stream);
+    let handshake = async move {
+        match started.checked_add(limits.header_read_timeout) {
+            Some(deadline) => tokio::time::timeout_at(deadline, handshake).await.ok(),
+            None => Some(handshake.await),
+        }
+    };
+    let stream = tokio::select! {
+        biased;
+        _ = stopping.changed() => return,
+        handshake = handshake => match handshake {
+            Some(Ok(stream)) => stream,
+            Some(Err(error)) => {
+                tracing::debug!(%remote, %error, "TLS handshake failed");
+                return;
+            }
+            None => {
+                tracing::debug!(
+                    %remote,
+                    "closing the connection: TLS handshake not finished within the header-read timeout"
+                );
+                return;
+            }
+        },
+    };
+    peer.tls = true;
+    if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+        serve_connection(
+            stream,
+            Protocol::Http2,
+            peer,
+            service,
+            limits,
+            activity,
+            stopping,
+        )
+        .await;
+    } else {
+        let io = Watched {
+            stream,
+            activity: Arc::clone(&activity),
+        };
+        serve_connection(
+            io,
+            Protocol::Http1,
+            peer,
+            service,
+            limits,
+            activity,
+            stopping,
+        )
+        .await;
+    }
+}
+
+/// Serves HTTP on an established connection (plain, or after the TLS handshake) under the
+/// watchdog.
+async fn serve_connection<I, S, B>(
+    io: I,
+    protocol: Protocol,
+    peer: Peer,
+    service: S,
+    limits: Limits,
+    activity: Arc<Activity>,
+    mut stopping: watch::Receiver<()>,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: Service<Request<GatewayBody>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let remote = peer.remote;
     let service = {
         let activity = Arc::clone(&activity);
         hyper::service::service_fn(move |request: Request<Incoming>| {
             let in_flight = InFlight::start(Arc::clone(&activity));
-            handle(request, remote, service.clone(), limits, in_flight)
+            handle(request, peer.clone(), service.clone(), limits, in_flight)
         })
     };
-    let mut http = hyper::server::conn::http1::Builder::new();
+    let mut http = auto::Builder::new(TokioExecutor::new());
     // Off: the watchdog below times request heads (see the module documentation).
-    http.header_read_timeout(None);
-    let mut conn = pin!(http.serve_connection(io, service));
+    http.http1().header_read_timeout(None);
+    let http = match protocol {
+        Protocol::Http1 => http.http1_only(),
+        Protocol::Http2 => http.http2_only(),
+    };
+    let mut conn = pin!(http.serve_connection(TokioIo::new(io), service));
     let mut draining = false;
     loop {
         let changed = activity.changed.notified();
@@ -406,11 +564,12 @@ async fn connection<S, B>(
     }
 }
 
-/// One request: the client's address in the extensions, the body under the body-read
-/// timeout, and a 408 that closes the connection when the body did not arrive in time.
+/// One request: who sent it in the extensions, the body under the body-read timeout, and a
+/// 408 that closes the connection (HTTP/1.1; on HTTP/2 it ends the stream) when the body did
+/// not arrive in time.
 async fn handle<S, B>(
     request: Request<Incoming>,
-    remote: SocketAddr,
+    peer: Peer,
     mut service: S,
     limits: Limits,
     in_flight: InFlight,
@@ -420,9 +579,16 @@ where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
+    let remote = peer.remote;
     let (mut parts, body) = request.into_parts();
-    parts.extensions.insert(ClientAddr(remote.ip()));
+    let http2 = parts.version == http::Version::HTTP_2;
+    let head = parts.method == http::Method::HEAD;
+    let client = peer
+        .trusted_proxies
+        .client_info(remote, peer.tls, &parts.headers);
+    parts.extensions.insert(ClientAddr(client.client()));
     parts.extensions.insert(remote);
+    parts.extensions.insert(client);
     let expired = Arc::new(AtomicBool::new(false));
     let body = TimedBody {
         inner: body,
@@ -450,8 +616,15 @@ where
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
         // The rest of the body may still be on its way: do not read it as a next request.
-        headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        // (HTTP/2 has no such header: the stream ends, the connection's other streams go on.)
+        if !http2 {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         timeout
+    } else if http2 && head {
+        // hyper drops the body of a HEAD answer on HTTP/1.1 but sends it on HTTP/2, where a
+        // client takes the DATA frames for a protocol error: the head goes alone.
+        response.map(|_| super::full(Bytes::new()))
     } else {
         response
     };
@@ -542,13 +715,14 @@ impl http_body::Body for Tracked {
     }
 }
 
-/// The client's socket, telling [`Activity`] when bytes arrive.
-struct Watched {
-    stream: TcpStream,
+/// The client's connection (its socket, or the TLS stream over it), telling [`Activity`]
+/// when bytes of a request arrive (HTTP/1.1 only).
+struct Watched<I> {
+    stream: I,
     activity: Arc<Activity>,
 }
 
-impl AsyncRead for Watched {
+impl<I: AsyncRead + Unpin> AsyncRead for Watched<I> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -564,7 +738,7 @@ impl AsyncRead for Watched {
     }
 }
 
-impl AsyncWrite for Watched {
+impl<I: AsyncWrite + Unpin> AsyncWrite for Watched<I> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
