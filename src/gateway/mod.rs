@@ -7,8 +7,11 @@
 //! - [`cli`]: the command line (flags, the first start's provisioning, what it prints);
 //! - [`serve`](serve::serve): the HTTP/1.1 server with header-read, body-read and idle
 //!   timeouts, a connection cap and accept back-off (G2);
-//! - [`Upstream`]: the reverse proxy (G1), with [`ProxyHeaders`](crate::http::proxy::ProxyHeaders);
-//! - [`Site`]: what the gateway serves: `/metrics` (O2), the demo API or the upstream behind
+//! - [`Upstream`]: the reverse proxy (G1), with [`ProxyHeaders`](crate::http::proxy::ProxyHeaders):
+//!   http and https upstreams, streamed bodies, 502/504 answers;
+//! - [`Site`]: what the gateway serves: `/metrics` (O2), `/healthz` and `/readyz` (G5),
+//!   forward-auth at `/api/v1/verify` (G4, through [`OrgKey::wrap`](crate::OrgKey::wrap)),
+//!   the demo API or the upstream behind
 //!   [`OrgKey::wrap`](crate::OrgKey::wrap), and a redirect to the admin page for a browser
 //!   that opens `/` (demo) or `/admin/`.
 
@@ -25,7 +28,7 @@ use http_body::{Frame, SizeHint};
 
 pub use cli::main;
 pub use site::{DemoApi, Site};
-pub use upstream::Upstream;
+pub use upstream::{Upstream, DEFAULT_UPSTREAM_TIMEOUT};
 
 /// A boxed error, as hyper and tower use them.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
