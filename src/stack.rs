@@ -13,9 +13,11 @@
 //!   admin surface itself.
 //! - [`OrgKey::admin_surface`]: one tower service for the login (`<api>/authenticatedSession`
 //!   and the Go SDK's `/authenticatedSession`), key management (`<api>/apiKeys`), the audit
-//!   log (`<api>/auditLog`) and, with the `admin-page` feature, the admin page (`/admin`),
-//!   with the CSRF guard (W1), the keyless-session scope of key management (W2, K5), the
-//!   session carry-over (W2) and the client address for the login throttle (A3) inside.
+//!   log (`<api>/auditLog`), forward-auth (`<api>/verify` and below, G4: the layer's verdict
+//!   on the request's headers, for nginx, Traefik and Envoy; see [`crate::http::verify`]) and,
+//!   with the `admin-page` feature, the admin page (`/admin`), with the CSRF guard (W1), the
+//!   keyless-session scope of key management (W2, K5), the session carry-over (W2) and the
+//!   client address for the login throttle (A3) inside.
 //!   `<api>` is the base URL's path (`/api/v1` for `https://gw.example/api/v1`).
 //!
 //! Every service handed out keeps the change feed alive: it follows as long as anything built
@@ -79,6 +81,7 @@ use crate::http::audit::AuditLogEndpoint;
 use crate::http::csrf::{Csrf, CsrfLayer};
 use crate::http::keys::KeyManagementEndpoint;
 use crate::http::login::{default_client_addr, ClientAddrFn, SessionEndpoint};
+use crate::http::verify::{ForwardAuth, VerifyEndpoint, VERIFY_PATH};
 use crate::key::KeyFormat;
 use crate::keys::{KeyAdmin, KeyError};
 use crate::session::{SessionConfig, Sessions};
@@ -271,10 +274,16 @@ impl OrgKeyBuilder {
             .allow_keyless_sessions()
             .keep_alive(Arc::clone(&keep_alive) as _);
         let login = SessionEndpoint::new(sessions.clone()).client_addr_fn(self.client_addr);
+        let layer = ProtectLayer {
+            csrf: csrf.clone().cookie_requests_only(),
+            auth: protect,
+        };
         let surface =
             AdminSurface {
                 api_path: Arc::from(self.api_path.as_str()),
                 login: csrf.layer(login),
+                // G4: exactly the protection of application routes (no keyless sessions).
+                verify: ForwardAuth::new(layer.layer(VerifyEndpoint)),
                 keys: csrf.layer(management.layer(
                     KeyManagementEndpoint::new(keys.clone()).with_sessions(sessions.clone()),
                 )),
@@ -292,10 +301,7 @@ impl OrgKeyBuilder {
             keys,
             admins,
             sessions,
-            layer: ProtectLayer {
-                csrf: csrf.cookie_requests_only(),
-                auth: protect,
-            },
+            layer,
             surface,
         }
     }
@@ -431,6 +437,7 @@ impl<S> Layer<S> for ProtectLayer {
 pub struct AdminSurface {
     api_path: Arc<str>,
     login: Csrf<SessionEndpoint>,
+    verify: ForwardAuth<Csrf<OrgKeyAuth<VerifyEndpoint>>>,
     keys: Csrf<OrgKeyAuth<KeyManagementEndpoint>>,
     audit: Csrf<OrgKeyAuth<AuditLogEndpoint>>,
     #[cfg(feature = "admin-page")]
@@ -449,6 +456,7 @@ impl fmt::Debug for AdminSurface {
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Route {
     Login,
+    Verify,
     Keys,
     Audit,
     #[cfg(feature = "admin-page")]
@@ -472,6 +480,11 @@ impl AdminSurface {
             Some(Route::Keys)
         } else if tail == "/auditLog" {
             Some(Route::Audit)
+        } else if tail
+            .strip_prefix(VERIFY_PATH)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+        {
+            Some(Route::Verify)
         } else {
             None
         }
@@ -515,6 +528,7 @@ where
     fn call(&mut self, request: Request<B>) -> Self::Future {
         match self.route(request.uri().path()) {
             Some(Route::Login) => Box::pin(call_boxed(self.login.clone(), request)),
+            Some(Route::Verify) => Box::pin(call_boxed(self.verify.clone(), request)),
             Some(Route::Keys) => Box::pin(call_boxed(self.keys.clone(), request)),
             Some(Route::Audit) => Box::pin(call_boxed(self.audit.clone(), request)),
             #[cfg(feature = "admin-page")]
@@ -631,9 +645,9 @@ mod tests {
         response.status().as_u16()
     }
 
-    /// F3: while the orgs cannot be vouched for, the login, the session probe and the page's
-    /// session resource fail closed with 503 like the layer (they answered 200 and 500), a
-    /// logout still ends sessions, and the page's static files are still served.
+    /// F3: while the orgs cannot be vouched for, the login, the session probe, forward-auth and
+    /// the page's session resource fail closed with 503 like the layer (they answered 200 and
+    /// 500), a logout still ends sessions, and the page's static files are still served.
     #[tokio::test]
     async fn an_untrusted_table_fails_the_login_the_probe_and_the_page_session_closed() {
         let orgkey = OrgKey::builder("http://gw.example/api/v1")
@@ -656,6 +670,11 @@ mod tests {
             status(&surface, http::Method::GET, "/api/v1/auditLog").await,
             503
         );
+        // G4: forward-auth is the layer's verdict, so it fails closed too.
+        assert_eq!(
+            status(&surface, http::Method::GET, "/api/v1/verify").await,
+            503
+        );
         #[cfg(feature = "admin-page")]
         {
             assert_eq!(
@@ -666,6 +685,10 @@ mod tests {
         }
         orgkey.table().set_trusted(true);
         assert_eq!(status(&surface, http::Method::GET, login).await, 401);
+        assert_eq!(
+            status(&surface, http::Method::GET, "/api/v1/verify").await,
+            401
+        );
     }
 
     #[test]

@@ -95,10 +95,15 @@ pub struct Options {
     /// fleet_replicas table show it [default: <host name>:<process id>].
     #[arg(long = "replica-name", value_name = "NAME")]
     replica_name: Option<String>,
-    /// Forward authenticated requests to URL (http://host:port), without orgkey's credentials,
+    /// Forward authenticated requests to URL (http://host:port or https://host:port, checked
+    /// against the system's CA certificates or SSL_CERT_FILE), without orgkey's credentials,
     /// with x-orgkey-org, x-orgkey-admin and x-orgkey-auth set [default: the demo API answers].
     #[arg(long, value_name = "URL")]
     upstream: Option<String>,
+    /// With --upstream: the longest wait on the upstream (connecting, its answer once the
+    /// request is sent, each pause in its answer) before 504 (or a cut answer).
+    #[arg(long = "upstream-timeout", value_name = "SECS", default_value = "60", value_parser = parse_seconds)]
+    upstream_timeout: Duration,
     /// Close a connection whose request head is not in SECS after it opened, or after the
     /// first byte of a further request on it.
     #[arg(long = "header-read-timeout", value_name = "SECS", default_value = "10", value_parser = parse_seconds)]
@@ -196,7 +201,22 @@ fn check(mut options: Options) -> Result<Checked, String> {
     let upstream = options
         .upstream
         .as_deref()
-        .map(|url| Upstream::new(url).map_err(|e| format!("--upstream {e}")))
+        .map(|url| {
+            // The upstream hears X-Forwarded-Proto https behind TLS, and a load balancer's
+            // X-Forwarded-* only from the --trusted-proxy ranges (G1, G3).
+            let trusted = TrustedProxies::new(options.trusted_proxy.iter().copied());
+            let scheme = if options.tls_cert.is_some() {
+                http::uri::Scheme::HTTPS
+            } else {
+                http::uri::Scheme::HTTP
+            };
+            let headers = crate::http::proxy::ProxyHeaders::new()
+                .client_scheme(scheme)
+                .trust_forwarded_from(move |peer| trusted.contains(peer));
+            Upstream::new(url)
+                .map(|upstream| upstream.timeout(options.upstream_timeout).headers(headers))
+                .map_err(|e| format!("--upstream {e}"))
+        })
         .transpose()?;
     Ok(Checked {
         options,

@@ -15,8 +15,11 @@
 //!   cookies over https (G3);
 //! - [`forwarded`]: `--trusted-proxy`, the peers that may vouch for `X-Forwarded-For` and
 //!   `X-Forwarded-Proto`, and [`ClientInfo`](forwarded::ClientInfo), who sent a request;
-//! - [`Upstream`]: the reverse proxy (G1), with [`ProxyHeaders`](crate::http::proxy::ProxyHeaders);
-//! - [`Site`]: what the gateway serves: `/metrics` (O2), the demo API or the upstream behind
+//! - [`Upstream`]: the reverse proxy (G1), with [`ProxyHeaders`](crate::http::proxy::ProxyHeaders):
+//!   http and https upstreams, streamed bodies, 502/504 answers;
+//! - [`Site`]: what the gateway serves: `/metrics` (O2), `/healthz` and `/readyz` (G5),
+//!   forward-auth at `/api/v1/verify` (G4, through [`OrgKey::wrap`](crate::OrgKey::wrap)),
+//!   the demo API or the upstream behind
 //!   [`OrgKey::wrap`](crate::OrgKey::wrap), and a redirect to the admin page for a browser
 //!   that opens `/` (demo) or `/admin/`.
 
@@ -36,7 +39,7 @@ use http_body::{Frame, SizeHint};
 
 pub use cli::main;
 pub use site::{DemoApi, Site};
-pub use upstream::Upstream;
+pub use upstream::{Upstream, DEFAULT_UPSTREAM_TIMEOUT};
 
 /// A boxed error, as hyper and tower use them.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -7,6 +7,7 @@
 //! - [`page`]: the Cloud Service API Key page (`/admin`, W1), feature `admin-page`.
 //! - [`csrf`]: the guard for browser-originated writes (W1).
 //! - [`proxy`]: what a reverse proxy behind orgkey does to headers (G1).
+//! - [`verify`]: forward-auth for nginx, Traefik and Envoy (`/api/v1/verify`, G4).
 
 pub mod audit;
 pub mod csrf;
@@ -15,5 +16,6 @@ pub mod login;
 #[cfg(feature = "admin-page")]
 pub mod page;
 pub mod proxy;
+pub mod verify;
 
 pub use login::{default_client_addr, ClientAddr, ClientAddrFn, SessionEndpoint, MAX_LOGIN_BODY};
