@@ -11,6 +11,8 @@
 //! | `orgkey_requests_rejected_total` | `reason` ([`RejectionReason::as_str`]) | requests the layer refused |
 //! | `orgkey_logins_total` | `outcome` (`accepted`, or a [`LoginFailure::as_str`]) | login attempts |
 //! | `orgkey_key_changes_total` | `action` ([`KeyAction::as_str`]) | key and subscription changes |
+//! | `orgkey_auth_duration_seconds` | histogram | the layer's decision time, sampled: one request in [`AUTH_SAMPLE`] per thread is timed (timing every one would cost two clock reads per request) |
+//! | `orgkey_fleet_confirm_seconds` | histogram | strict fleet mode (F1): from a change's commit until every live replica confirmed it (the fleet's propagation lag, seen by the writer) |
 //!
 //! Labels carry reasons and actions only: never an org, a user or a key.
 
@@ -73,6 +75,114 @@ const ACTIONS: [KeyAction; 6] = [
     KeyAction::Regenerate,
     KeyAction::Delete,
 ];
+
+/// One request in this many (per thread) has its decision timed for
+/// `orgkey_auth_duration_seconds`.
+pub const AUTH_SAMPLE: u32 = 8;
+
+/// A Prometheus histogram with fixed upper bounds (in nanoseconds).
+struct Histogram {
+    bounds_ns: &'static [u64],
+    buckets: [AtomicU64; 16],
+    count: AtomicU64,
+    sum_ns: AtomicU64,
+}
+
+impl Histogram {
+    const fn new(bounds_ns: &'static [u64]) -> Self {
+        Self {
+            bounds_ns,
+            buckets: [const { AtomicU64::new(0) }; 16],
+            count: AtomicU64::new(0),
+            sum_ns: AtomicU64::new(0),
+        }
+    }
+
+    fn observe(&self, ns: u64) {
+        if let Some(i) = self.bounds_ns.iter().position(|bound| ns <= *bound) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_ns.fetch_add(ns, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (bound, bucket) in self.bounds_ns.iter().zip(&self.buckets) {
+            cumulative += bucket.load(Ordering::Relaxed);
+            let le = *bound as f64 / 1e9;
+            let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let sum = self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9;
+        let _ = writeln!(out, "{name}_sum {sum}");
+        let _ = writeln!(out, "{name}_count {count}");
+    }
+}
+
+const MICRO: u64 = 1_000;
+const MILLI: u64 = 1_000_000;
+
+static AUTH_TIME: Histogram = Histogram::new(&[
+    MICRO / 4,
+    MICRO / 2,
+    MICRO,
+    2 * MICRO,
+    5 * MICRO,
+    10 * MICRO,
+    50 * MICRO,
+    100 * MICRO,
+    MILLI,
+    10 * MILLI,
+]);
+
+static FLEET_CONFIRM: Histogram = Histogram::new(&[
+    MILLI,
+    2 * MILLI,
+    5 * MILLI,
+    10 * MILLI,
+    20 * MILLI,
+    50 * MILLI,
+    100 * MILLI,
+    250 * MILLI,
+    500 * MILLI,
+    1_000 * MILLI,
+    2_500 * MILLI,
+    5_000 * MILLI,
+    10_000 * MILLI,
+]);
+
+/// Times one decision of the layer, one request in [`AUTH_SAMPLE`] per thread.
+pub(crate) struct AuthTimer(Option<std::time::Instant>);
+
+impl AuthTimer {
+    pub(crate) fn start() -> Self {
+        thread_local! {
+            static NEXT: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+        }
+        let sampled = NEXT.with(|next| {
+            let n = next.get();
+            next.set(if n + 1 >= AUTH_SAMPLE { 0 } else { n + 1 });
+            n == 0
+        });
+        Self(sampled.then(std::time::Instant::now))
+    }
+
+    pub(crate) fn stop(self) {
+        if let Some(started) = self.0 {
+            AUTH_TIME.observe(started.elapsed().as_nanos() as u64);
+        }
+    }
+}
+
+/// A strict-mode change was confirmed by every live replica `after` its commit.
+#[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+pub(crate) fn fleet_confirmed(after: std::time::Duration) {
+    FLEET_CONFIRM.observe(after.as_nanos() as u64);
+}
 
 static ACCEPTED_KEY: Counter = Counter::new();
 static ACCEPTED_SESSION: Counter = Counter::new();
@@ -155,6 +265,16 @@ pub fn render() -> String {
             .zip(CHANGES.iter())
             .map(|(a, c)| (format!("action=\"{}\"", a.as_str()), c.get())),
     );
+    AUTH_TIME.render(
+        &mut out,
+        "orgkey_auth_duration_seconds",
+        "The layer's decision time, one request in 8 per thread.",
+    );
+    FLEET_CONFIRM.render(
+        &mut out,
+        "orgkey_fleet_confirm_seconds",
+        "Strict fleet mode: from a change's commit until every live replica confirmed it.",
+    );
     out
 }
 
@@ -168,6 +288,37 @@ mod tests {
             .and_then(|l| l.rsplit(' ').next())
             .and_then(|v| v.parse().ok())
             .unwrap()
+    }
+
+    #[test]
+    fn histograms_are_cumulative_with_sum_and_count() {
+        let h = Histogram::new(&[10, 100]);
+        for ns in [5, 50, 50, 500] {
+            h.observe(ns);
+        }
+        let mut out = String::new();
+        h.render(&mut out, "x", "help");
+        assert!(out.contains("# TYPE x histogram"), "{out}");
+        assert!(out.contains("x_bucket{le=\"0.00000001\"} 1"), "{out}");
+        assert!(out.contains("x_bucket{le=\"0.0000001\"} 3"), "{out}");
+        assert!(out.contains("x_bucket{le=\"+Inf\"} 4"), "{out}");
+        assert!(out.contains("x_count 4"), "{out}");
+        assert!(out.contains("x_sum 0.000000605"), "{out}");
+    }
+
+    #[test]
+    fn one_decision_in_eight_per_thread_is_timed() {
+        std::thread::spawn(|| {
+            let before = AUTH_TIME.count.load(Ordering::Relaxed);
+            for _ in 0..(8 * AUTH_SAMPLE) {
+                AuthTimer::start().stop();
+            }
+            let after = AUTH_TIME.count.load(Ordering::Relaxed);
+            // Other tests' threads may time decisions too: at least this thread's 8.
+            assert!(after - before >= 8, "{before} -> {after}");
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]

@@ -15,6 +15,9 @@ pin_project! {
     pub struct ResponseFuture<F, B> {
         #[pin]
         kind: Kind<F, B>,
+        // The decision's span (O1): the inner service runs inside it, so the caller's
+        // identity is on the application's traces. `Span::none()` costs nothing.
+        span: tracing::Span,
     }
 }
 
@@ -35,6 +38,7 @@ impl<F, B> ResponseFuture<F, B> {
     pub(crate) fn inner(future: F) -> Self {
         Self {
             kind: Kind::Inner { future },
+            span: tracing::Span::none(),
         }
     }
 
@@ -43,7 +47,14 @@ impl<F, B> ResponseFuture<F, B> {
             kind: Kind::Rejected {
                 response: Some(response),
             },
+            span: tracing::Span::none(),
         }
+    }
+
+    /// Polls the inner service inside `span`.
+    pub(crate) fn in_span(mut self, span: tracing::Span) -> Self {
+        self.span = span;
+        self
     }
 }
 
@@ -54,7 +65,9 @@ where
     type Output = Result<Response<ResponseBody<B>>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project().kind.project() {
+        let this = self.project();
+        let _entered = this.span.enter();
+        match this.kind.project() {
             KindProj::Inner { future } => future
                 .poll(cx)
                 .map(|result| result.map(|response| response.map(ResponseBody::inner))),

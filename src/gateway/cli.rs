@@ -306,10 +306,17 @@ fn log_filter(default: tracing_subscriber::filter::LevelFilter) -> tracing_subsc
         // ("" would parse as a level, ERROR.)
         .filter(|directive| !directive.is_empty())
         .any(|directive| directive.parse::<LevelFilter>().is_ok());
-    if bare_level {
+    let filter = if bare_level {
         filter
     } else {
         filter.add_directive(default.into())
+    };
+    // The decision spans (O1, target `orgkey::span`) are for tracing backends; a log on
+    // stderr does not need them, and they cost throughput. RUST_LOG=orgkey::span=info (or a
+    // level for it) turns them on.
+    match "orgkey::span=off".parse() {
+        Ok(off) if !directives.contains("orgkey::span") => filter.add_directive(off),
+        _ => filter,
     }
 }
 

@@ -1036,6 +1036,8 @@ impl PostgresStore {
                 }
             };
             if rows.is_empty() {
+                #[cfg(feature = "metrics")]
+                crate::metrics::fleet_confirmed(waited);
                 return Ok(());
             }
             if waited >= fleet.wait {
