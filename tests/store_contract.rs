@@ -1112,6 +1112,7 @@ async fn postgres_change_feed_propagates_and_recovers_after_losing_its_connectio
     // Strict mode (the default): B holds a lease, so A's `regenerate` returns only once B
     // has applied the change. B must never take the previous key after that.
     let mut stale_accepts = 0u32;
+    let mut judged = 0usize;
     let mut previous = first;
     let started = Instant::now();
     for _ in 0..rotations {
@@ -1121,6 +1122,7 @@ async fn postgres_change_feed_propagates_and_recovers_after_losing_its_connectio
         // B judges only while it vouches for its table (a B that lost its lease answers
         // 503, and then A does not wait for it).
         if b.table().is_trusted() {
+            judged += 1;
             if b.table().verify("acme", previous.as_bytes()).is_ok() {
                 stale_accepts += 1;
             }
@@ -1136,6 +1138,11 @@ async fn postgres_change_feed_propagates_and_recovers_after_losing_its_connectio
     assert_eq!(
         stale_accepts, 0,
         "B took a key that a returned call had retired"
+    );
+    // Not vacuous: B vouched for its table after (almost) every rotation.
+    assert!(
+        judged * 10 >= rotations * 9,
+        "B judged after only {judged} of {rotations} rotations"
     );
 
     // Kill the follower's connection; change the key while it is gone.

@@ -83,7 +83,7 @@ pub struct Options {
     #[arg(long, value_name = "SECS", default_value = "2", value_parser = parse_seconds)]
     lease: Duration,
     /// With --postgres: how often the lease is renewed and the feed's heartbeat sent (at
-    /// most half the lease; a stalled feed is detected within five of these).
+    /// most half the lease; a stalled feed is detected within seven of these).
     #[arg(long = "lease-renewal", value_name = "SECS", default_value = "0.25", value_parser = parse_seconds)]
     lease_renewal: Duration,
     /// With --postgres, strict mode: how long a change waits for every live replica to
@@ -306,11 +306,17 @@ fn log_filter(default: tracing_subscriber::filter::LevelFilter) -> tracing_subsc
         // ("" would parse as a level, ERROR.)
         .filter(|directive| !directive.is_empty())
         .any(|directive| directive.parse::<LevelFilter>().is_ok());
-    let filter = if bare_level {
+    let mut filter = if bare_level {
         filter
     } else {
         filter.add_directive(default.into())
     };
+    // Operator commands log warnings only, but their audit records always (G6).
+    if default == LevelFilter::WARN && !directives.contains("orgkey::audit") {
+        if let Ok(audit) = "orgkey::audit=info".parse() {
+            filter = filter.add_directive(audit);
+        }
+    }
     // The decision spans (O1, target `orgkey::span`) are for tracing backends; a log on
     // stderr does not need them, and they cost throughput. RUST_LOG=orgkey::span=info (or a
     // level for it) turns them on.

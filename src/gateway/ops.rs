@@ -385,6 +385,25 @@ pub(crate) async fn send(socket: &Path, request: &Request) -> Result<Vec<String>
             socket.display()
         )
     })?;
+    // Only to the gateway's own user (or root): a socket planted in a shared folder must
+    // not receive the password, nor answer for the gateway.
+    {
+        use std::os::unix::fs::MetadataExt;
+        let me = std::fs::metadata("/proc/self")
+            .map(|m| m.uid())
+            .map_err(|e| format!("control socket: who am I: {e}"))?;
+        let peer = stream
+            .peer_cred()
+            .map_err(|e| format!("control socket {}: {e}", socket.display()))?;
+        if peer.uid() != me && peer.uid() != 0 {
+            return Err(format!(
+                "the control socket {} belongs to another user (uid {}); refusing to send the \
+                 command",
+                socket.display(),
+                peer.uid()
+            ));
+        }
+    }
     let (read, mut write) = stream.into_split();
     let mut line = serde_json::to_string(request).map_err(|e| e.to_string())?;
     line.push('\n');

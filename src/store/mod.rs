@@ -188,6 +188,15 @@ pub struct Unconfirmed {
 
 impl fmt::Display for Unconfirmed {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.replicas.is_empty() {
+            return write!(
+                f,
+                "the change is committed, but the fleet could not be asked whether every \
+                 replica applied it (after {} ms); a replica that did not may judge by the old \
+                 state until its lease runs out",
+                self.waited.as_millis()
+            );
+        }
         write!(
             f,
             "the change is committed, but replica(s) {} did not confirm it within {} ms; they \

@@ -193,18 +193,25 @@ const MIGRATIONS: &[&str] = &[
      -- such a commit would stop every replica. Not flushed to disk before it answers: a
      -- database crash ends every feed connection, and a replica fails closed at once when
      -- its feed connection ends.
+     -- Answers whether the replica's lease had already run out in the database: writers
+     -- stopped waiting for it then, so it must reload before it may judge again.
      CREATE FUNCTION fleet_renew(
          p_id TEXT, p_name TEXT, p_applied BIGINT, p_lease_ms BIGINT
-     ) RETURNS VOID
+     ) RETURNS BOOLEAN
      LANGUAGE plpgsql AS $$
+     DECLARE
+         lapsed BOOLEAN;
      BEGIN
          SET LOCAL synchronous_commit = off;
+         SELECT r.lease_until <= clock_timestamp() INTO lapsed
+             FROM fleet_replicas r WHERE r.id = p_id;
          INSERT INTO fleet_replicas AS r (id, name, applied_seq, lease_until, started)
              VALUES (p_id, p_name, p_applied,
                      clock_timestamp() + p_lease_ms * INTERVAL '1 millisecond',
                      clock_timestamp())
              ON CONFLICT (id) DO UPDATE SET lease_until = EXCLUDED.lease_until,
                  applied_seq = GREATEST(r.applied_seq, EXCLUDED.applied_seq);
+         RETURN COALESCE(lapsed, FALSE);
      END $$;",
 ];
 
@@ -308,6 +315,9 @@ pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(250);
 /// [`HEARTBEAT_INTERVAL`] (1.75 s by default), inside DESIGN.md's bound of 2 s for a stalled,
 /// half-open or silently dropped feed.
 pub const STALL_BOUND: Duration = Duration::from_millis(1500);
+/// The longest the feed may take to connect, take its lease, LISTEN and reload everything.
+const SETUP_BOUND: Duration = Duration::from_secs(30);
+
 /// A connection that followed for this long is healthy: the next failure starts the
 /// reconnect back-off from the beginning again.
 const HEALTHY_PERIOD: Duration = Duration::from_secs(5);
@@ -511,9 +521,14 @@ impl Follower {
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
             [&self.id, &fleet.name, &self.applied, &lease_ms];
         let sent = crate::table::monotonic_ms();
-        let renewal = client.execute("SELECT fleet_renew($1, $2, $3, $4)", &params);
+        let renewal = client.query_one("SELECT fleet_renew($1, $2, $3, $4)", &params);
         match tokio::time::timeout(fleet.stall_bound(), renewal).await {
-            Ok(Ok(_)) => {
+            Ok(Ok(row)) => {
+                if row.try_get::<_, bool>(0).map_err(backend)? {
+                    // Writers stopped waiting for this replica: changes may have gone by
+                    // unapplied. Start a new life (reload) rather than judge again.
+                    return Err(corrupt("the lease had run out before it was renewed"));
+                }
                 self.replica
                     .table
                     .set_lease_until(Some(sent + fleet.local_lease_ms()));
@@ -645,6 +660,9 @@ impl Follower {
         let fleet = inner.fleet.clone();
         let mut config = inner.config.clone();
         config.application_name(format!("orgkey-follow:{}", fleet.name));
+        // Every wait on the feed's connection is bounded, so that a half-open connection is
+        // given up in seconds, not when TCP's keepalive (hours) notices.
+        config.connect_timeout(SETUP_BOUND);
         let (mut client, mut connection) = config.connect(NoTls).await.map_err(backend)?;
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let driver = tokio::spawn(async move {
@@ -661,6 +679,7 @@ impl Follower {
             }
         });
         let result = async {
+            let setup = async {
             client
                 .batch_execute(&format!(
                     "SET search_path TO \"{}\"; SET lock_timeout = '5s'",
@@ -697,6 +716,12 @@ impl Follower {
             self.applied = self.applied.max(head);
             inner.applied.send_replace(self.applied);
             self.renew(&client).await?;
+            Ok::<(), StoreError>(())
+            };
+            match tokio::time::timeout(SETUP_BOUND, setup).await {
+                Ok(done) => done?,
+                Err(_) => return Err(corrupt("the change feed did not start in time")),
+            }
             self.replica.table.set_trusted(true);
             let mut last_heard = tokio::time::Instant::now();
             let mut ticker = tokio::time::interval(fleet.renewal);
@@ -739,7 +764,15 @@ impl Follower {
                                 // A change went by unheard: start over from a reload.
                                 return Err(corrupt("the change feed skipped a change"));
                             }
-                            self.apply(&client, &change).await?;
+                            let applying = self.apply(&client, &change);
+                            match tokio::time::timeout(fleet.stall_bound(), applying).await {
+                                Ok(applied) => applied?,
+                                Err(_) => {
+                                    return Err(corrupt(
+                                        "the change feed stalled while reading a change",
+                                    ))
+                                }
+                            }
                             self.applied = change.seq;
                             applied_any = true;
                         }
@@ -989,7 +1022,7 @@ impl PostgresStore {
         };
         let mut handle = ChangeFollower::new(run_apart(follow));
         if let Some(sessions) = sessions {
-            handle.also(tokio::spawn(sessions.share_use(Arc::new(self.clone()))));
+            handle.also(run_apart(sessions.share_use(Arc::new(self.clone()))));
         }
         handle
     }
@@ -1580,16 +1613,22 @@ impl Store for PostgresStore {
             let idle = to_i64(idle_ms, range)?;
             let lifetime = to_i64(lifetime_ms, range)?;
             let conn = self.shared().await?;
-            // Dead on every replica by S2 and K6 alike, so nobody needs to be told.
+            // Dead by S2 and K6 alike, but announced all the same: a replica whose last use
+            // of a session has not reached the store yet must hear that the row went, or a
+            // later logout elsewhere (which finds no row) would never reach it.
             let deleted = conn
                 .client
                 .execute(
-                    "DELETE FROM sessions s
-                     WHERE s.created_ms <= $1::BIGINT - $3::BIGINT
-                        OR s.last_used_ms <= $1::BIGINT - $2::BIGINT
-                        OR NOT EXISTS (SELECT 1 FROM orgs o
-                                       WHERE o.id = s.org AND o.generation = s.generation)",
-                    &[&now, &idle, &lifetime],
+                    "WITH gone AS (
+                         DELETE FROM sessions s
+                         WHERE s.created_ms <= $1::BIGINT - $3::BIGINT
+                            OR s.last_used_ms <= $1::BIGINT - $2::BIGINT
+                            OR NOT EXISTS (SELECT 1 FROM orgs o
+                                           WHERE o.id = s.org AND o.generation = s.generation)
+                         RETURNING s.digest
+                     )
+                     SELECT fleet_announce($4, 's-', encode(digest, 'hex')) FROM gone",
+                    &[&now, &idle, &lifetime, &channel(&self.inner.schema)],
                 )
                 .await
                 .map_err(backend)?;
