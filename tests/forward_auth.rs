@@ -369,6 +369,35 @@ fn behind_nginx_a_session_passes_until_logged_out_and_its_cookie_stays_at_the_pr
     upstream.assert_nothing("a logged-out session");
 }
 
+/// W1 behind forward-auth: nginx asks with GET, but the recipe names the client's method, so
+/// a cross-site POST carrying the admin's cookie is refused before the upstream, while the
+/// same admin's same-site read passes.
+#[test]
+fn behind_nginx_a_cross_site_post_with_the_session_never_reaches_the_upstream() {
+    let Some((gw, upstream, nginx)) = behind_nginx("nginx-csrf") else {
+        return;
+    };
+    let session = login(&gw.addr, KEY).unwrap();
+    let cookie = format!("JSESSIONID={session}");
+    let forged = send(
+        &nginx.addr,
+        "POST",
+        "/app/transfer",
+        &[
+            ("Cookie", &cookie),
+            ("Origin", "https://evil.example"),
+            ("Sec-Fetch-Site", "cross-site"),
+            ("Content-Type", "application/x-www-form-urlencoded"),
+        ],
+        "amount=1000",
+    );
+    assert_eq!(forged.status, 403, "{forged:?} {}", nginx.error_log());
+    upstream.assert_nothing("a cross-site POST with the admin's session");
+    let read = get(&nginx.addr, "/app", &[("Cookie", &cookie)]);
+    assert_eq!(read.status, 200, "{read:?}");
+    let _ = upstream.next();
+}
+
 #[test]
 fn behind_nginx_a_regenerate_is_in_force_as_soon_as_it_returns() {
     let Some((gw, upstream, nginx)) = behind_nginx("nginx-regenerate") else {

@@ -123,8 +123,19 @@ impl<B> Service<Request<B>> for VerifyEndpoint {
     }
 }
 
+/// The method the client sent to the proxy that asks, from `X-Original-Method` or
+/// `X-Forwarded-Method`, when one of them names one.
+fn original_method(headers: &http::HeaderMap) -> Option<http::Method> {
+    ["x-original-method", "x-forwarded-method"]
+        .into_iter()
+        .find_map(|name| headers.get(name))
+        .and_then(|value| http::Method::from_bytes(value.as_bytes()).ok())
+}
+
 /// The forward-auth service: `inner` (a [`VerifyEndpoint`] behind the layer) with
-/// `Cache-Control: no-store` on every answer, the layer's refusals included.
+/// `Cache-Control: no-store` on every answer, the layer's refusals included. The CSRF guard
+/// in front of the layer judges the client's own method when the proxy names it in
+/// `X-Original-Method` or `X-Forwarded-Method` (W1 behind forward-auth).
 #[derive(Clone, Debug)]
 pub struct ForwardAuth<S> {
     inner: S,
@@ -150,6 +161,16 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
+        let mut request = request;
+        // W1 behind a proxy: nginx's auth_request and Traefik's forwardAuth ask with GET
+        // whatever the client's method was, and the CSRF guard judges only state-changing
+        // methods. The proxy's `X-Original-Method` (the nginx recipe sets it) or
+        // `X-Forwarded-Method` (Traefik) says what the client sent; the guard judges that.
+        // A client that calls this endpoint itself gains nothing by setting them: the
+        // verdict changes nothing, and is only stricter for an unsafe method.
+        if let Some(method) = original_method(request.headers()) {
+            *request.method_mut() = method;
+        }
         ForwardAuthFuture {
             inner: self.inner.call(request),
         }
