@@ -328,6 +328,22 @@ fn set_forwarded(
     scheme: &Scheme,
     host: Option<HeaderValue>,
 ) {
+    // Look-alikes with `_` (`X_Forwarded_For`) never pass, from anyone: servers that map `_`
+    // to `-` (WSGI, CGI) would read them as the real headers.
+    let lookalikes: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| {
+            let name = name.as_str();
+            name.contains('_') && {
+                let dashed = name.replace('_', "-");
+                dashed.starts_with("x-forwarded-") || dashed == "forwarded"
+            }
+        })
+        .cloned()
+        .collect();
+    for name in lookalikes {
+        headers.remove(name);
+    }
     let earlier: Vec<String> = if trusted {
         headers
             .get_all(FORWARDED_FOR)
@@ -755,5 +771,40 @@ mod tests {
         assert_eq!(headers[ADMIN_HEADER], "alice@acme.example");
         assert_eq!(headers[METHOD_HEADER], "session");
         assert_eq!(headers[ORG_HEADER], "acme");
+    }
+
+    #[test]
+    fn forwarded_lookalikes_with_underscores_never_pass() {
+        let mut headers = HeaderMap::new();
+        for name in [
+            "x_forwarded_for",
+            "x-forwarded_proto",
+            "X_FORWARDED_HOST",
+            "forwarded",
+        ] {
+            headers.insert(
+                HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes()).unwrap(),
+                HeaderValue::from_static("evil"),
+            );
+        }
+        headers.insert("x_custom", HeaderValue::from_static("kept"));
+        set_forwarded(
+            &mut headers,
+            false,
+            Some("192.0.2.7".parse().unwrap()),
+            &Scheme::HTTPS,
+            None,
+        );
+        for name in [
+            "x_forwarded_for",
+            "x-forwarded_proto",
+            "x_forwarded_host",
+            "forwarded",
+        ] {
+            assert!(!headers.contains_key(name), "{name} passed");
+        }
+        assert_eq!(headers["x-forwarded-for"], "192.0.2.7");
+        assert_eq!(headers["x-forwarded-proto"], "https");
+        assert_eq!(headers["x_custom"], "kept");
     }
 }
