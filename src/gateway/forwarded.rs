@@ -86,6 +86,20 @@ impl FromStr for ProxyRange {
                 network: net.trunc().to_string(),
             });
         }
+        // Peers are compared in their canonical form (IPv4-mapped IPv6 as IPv4), so a range
+        // of IPv4-mapped addresses becomes the IPv4 range it means.
+        if let IpNet::V6(v6) = net {
+            let mapped: ipnet::Ipv6Net = "::ffff:0:0/96"
+                .parse()
+                .map_err(|_| ProxyRangeError::Syntax)?;
+            if v6.prefix_len() >= 96 && mapped.contains(&v6.network()) {
+                if let IpAddr::V4(v4) = IpAddr::V6(v6.network()).to_canonical() {
+                    let v4 = ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96)
+                        .map_err(|_| ProxyRangeError::Syntax)?;
+                    return Ok(Self(IpNet::V4(v4)));
+                }
+            }
+        }
         Ok(Self(net))
     }
 }
@@ -397,5 +411,13 @@ mod tests {
         );
         assert!(info.is_https());
         assert_eq!(info.client(), "10.0.0.1".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn an_ipv4_mapped_range_means_its_ipv4_range() {
+        let range: ProxyRange = "::ffff:10.0.0.0/104".parse().unwrap();
+        assert!(range.contains("10.1.2.3".parse().unwrap()));
+        assert!(!range.contains("11.0.0.1".parse().unwrap()));
+        assert_eq!(range.to_string(), "10.0.0.0/8");
     }
 }
