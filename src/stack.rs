@@ -233,11 +233,13 @@ impl OrgKeyBuilder {
         // Last: the feed follows from the state just loaded (it reloads after LISTEN). Until
         // its first reload the table is untrusted (503, F3); give it a moment, so that a
         // healthy start serves at once.
-        let follower = store.follow_changes(
-            Replica::new(table.clone())
-                .with_admins(Arc::new(admins.clone()))
-                .with_sessions(Arc::new(sessions.clone())),
-        );
+        let replica = Replica::new(table.clone());
+        // Admins and sessions follow a shared store's feed too (F2); only PostgreSQL has one.
+        #[cfg(feature = "postgres")]
+        let replica = replica
+            .with_admins(Arc::new(admins.clone()))
+            .with_sessions(Arc::new(sessions.clone()));
+        let follower = store.follow_changes(replica);
         #[cfg(feature = "postgres")]
         if follower.is_some() {
             let waited = tokio::time::Instant::now();

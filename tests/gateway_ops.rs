@@ -1,7 +1,8 @@
 //! G6: the operator commands on the gateway binary, against a running gateway (SQLite: through
 //! its control socket; PostgreSQL: every replica), against a state no gateway holds, and with
 //! bad input (a clear error, nothing changed).
-#![cfg(feature = "gateway")]
+// The HTTP helpers are the fleet test's (tests/common/fleet.rs, with PostgreSQL).
+#![cfg(all(feature = "gateway", feature = "postgres"))]
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -280,7 +281,6 @@ fn operator_commands_work_on_a_state_no_gateway_holds() {
     assert!(!std::path::Path::new(&missing).exists());
 }
 
-#[cfg(feature = "postgres")]
 #[test]
 fn operator_commands_on_postgres_are_in_force_on_every_replica_when_they_return() {
     let Some(schema) = common::pg::TempSchema::new(

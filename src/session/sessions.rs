@@ -9,6 +9,8 @@ use std::time::{Duration, SystemTime};
 use dashmap::DashMap;
 
 mod carry;
+// Only a shared store (PostgreSQL) has a change feed that applies to sessions.
+#[cfg(feature = "postgres")]
 mod fleet;
 
 pub(crate) use carry::KeyChange;
@@ -290,6 +292,25 @@ impl SessionEntry {
             created: crate::store::from_millis(self.created_ms as i64),
             last_used: crate::store::from_millis(self.last_seen_ms.load(Ordering::Relaxed) as i64),
         }
+    }
+}
+
+impl SessionEntry {
+    /// The entry of a stored session, and its digest.
+    fn from_record(record: crate::store::SessionRecord) -> (Self, [u8; 32]) {
+        let created = millis_u64(record.created);
+        let last_used = millis_u64(record.last_used).max(created);
+        (
+            Self::new(
+                record.org,
+                record.admin,
+                record.generation,
+                record.credential_version,
+                created,
+                last_used,
+            ),
+            record.digest,
+        )
     }
 }
 

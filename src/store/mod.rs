@@ -388,6 +388,7 @@ pub trait Store: Send + Sync + 'static {
 /// table, and, when [`OrgKey::builder`](crate::OrgKey::builder) builds it, the admin
 /// directory and the session table too (F2).
 #[derive(Clone)]
+#[cfg_attr(not(feature = "postgres"), allow(dead_code))]
 pub struct Replica {
     pub(crate) table: OrgTable,
     pub(crate) admins: Option<Arc<dyn FollowAdmins>>,
@@ -415,12 +416,14 @@ impl Replica {
     }
 
     /// Follows admin account changes into `admins` too.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     pub(crate) fn with_admins(mut self, admins: Arc<dyn FollowAdmins>) -> Self {
         self.admins = Some(admins);
         self
     }
 
     /// Follows logins and logouts into `sessions` too.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     pub(crate) fn with_sessions(mut self, sessions: Arc<dyn FollowSessions>) -> Self {
         self.sessions = Some(sessions);
         self
@@ -434,6 +437,7 @@ impl Replica {
 
 /// What a change feed applies to the admin directory (implemented by `Admins`; the store
 /// does not know the directory).
+#[cfg_attr(not(feature = "postgres"), allow(dead_code))] // only PostgreSQL's feed calls it
 pub(crate) trait FollowAdmins: Send + Sync {
     /// From now on the feed applies every change, this process's own included.
     fn followed(&self);
@@ -446,6 +450,7 @@ pub(crate) trait FollowAdmins: Send + Sync {
 }
 
 /// What a change feed applies to the session table (implemented by `Sessions`).
+#[cfg_attr(not(feature = "postgres"), allow(dead_code))] // only PostgreSQL's feed calls it
 pub(crate) trait FollowSessions: Send + Sync {
     /// A session created on any replica.
     fn stored(&self, record: SessionRecord);

@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{millis_u64, SessionEntry, Sessions};
+use super::{SessionEntry, Sessions};
 use std::future::Future;
 use std::pin::Pin;
 
@@ -24,24 +24,6 @@ pub(super) fn share_interval(idle: Duration) -> Duration {
 
 /// How often a replica deletes dead sessions from the store.
 const COLLECT_EVERY: Duration = Duration::from_secs(60);
-
-impl SessionEntry {
-    pub(super) fn from_record(record: SessionRecord) -> (Self, [u8; 32]) {
-        let created = millis_u64(record.created);
-        let last_used = millis_u64(record.last_used).max(created);
-        (
-            Self::new(
-                record.org,
-                record.admin,
-                record.generation,
-                record.credential_version,
-                created,
-                last_used,
-            ),
-            record.digest,
-        )
-    }
-}
 
 impl FollowSessions for Sessions {
     /// A session another replica created (a login or a carry-over): known here from now on.
