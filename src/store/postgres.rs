@@ -1027,6 +1027,20 @@ impl PostgresStore {
         handle
     }
 
+    /// Runs a statement that changes one row and announces it (`fleet_announce`): the
+    /// change's number, or `None` if it changed nothing (so announced nothing).
+    async fn announced(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Option<i64>, StoreError> {
+        let conn = self.shared().await?;
+        let row = conn.client.query_opt(sql, params).await.map_err(backend)?;
+        row.map(|row| row.try_get::<_, i64>(0))
+            .transpose()
+            .map_err(backend)
+    }
+
     /// Waits until every replica with a live lease has applied change `seq` (strict mode);
     /// at most the wait bound, then [`StoreError::Unconfirmed`] naming the others.
     async fn settle(&self, seq: i64) -> Result<(), StoreError> {
@@ -1460,20 +1474,13 @@ impl Store for PostgresStore {
 
     fn delete_admin<'a>(&'a self, username: &'a Username) -> StoreFuture<'a, ()> {
         Box::pin(async move {
-            let seq = {
-                let conn = self.shared().await?;
-                conn.client
-                    .query_opt(
-                        "WITH gone AS (DELETE FROM admins WHERE username = $1 RETURNING username)
-                         SELECT fleet_announce($2, 'a', username) FROM gone",
-                        &[&username.as_str(), &channel(&self.inner.schema)],
-                    )
-                    .await
-                    .map_err(backend)?
-                    .map(|row| row.try_get::<_, i64>(0))
-                    .transpose()
-                    .map_err(backend)?
-            };
+            let seq = self
+                .announced(
+                    "WITH gone AS (DELETE FROM admins WHERE username = $1 RETURNING username)
+                     SELECT fleet_announce($2, 'a', username) FROM gone",
+                    &[&username.as_str(), &channel(&self.inner.schema)],
+                )
+                .await?;
             match seq {
                 Some(seq) => self.settle(seq).await,
                 None => Err(StoreError::NotFound),
@@ -1496,35 +1503,28 @@ impl Store for PostgresStore {
     fn put_session<'a>(&'a self, session: &'a SessionRecord) -> StoreFuture<'a, ()> {
         Box::pin(async move {
             let generation = to_i64(session.generation.get(), "generation out of range")?;
-            let seq = {
-                let conn = self.shared().await?;
-                conn.client
-                    .query_opt(
-                        "WITH saved AS (
-                             INSERT INTO sessions (digest, org, admin, generation,
-                                 credential_version, created_ms, last_used_ms)
-                             VALUES ($1, $2, $3, $4, $5, $6, $7)
-                             ON CONFLICT (digest) DO NOTHING
-                             RETURNING digest
-                         )
-                         SELECT fleet_announce($8, 's+', encode(digest, 'hex')) FROM saved",
-                        &[
-                            &&session.digest[..],
-                            &session.org.as_str(),
-                            &session.admin.as_str(),
-                            &generation,
-                            &(session.credential_version as i64),
-                            &millis(session.created),
-                            &millis(session.last_used).max(millis(session.created)),
-                            &channel(&self.inner.schema),
-                        ],
-                    )
-                    .await
-                    .map_err(backend)?
-                    .map(|row| row.try_get::<_, i64>(0))
-                    .transpose()
-                    .map_err(backend)?
-            };
+            let seq = self
+                .announced(
+                    "WITH saved AS (
+                         INSERT INTO sessions (digest, org, admin, generation,
+                             credential_version, created_ms, last_used_ms)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7)
+                         ON CONFLICT (digest) DO NOTHING
+                         RETURNING digest
+                     )
+                     SELECT fleet_announce($8, 's+', encode(digest, 'hex')) FROM saved",
+                    &[
+                        &&session.digest[..],
+                        &session.org.as_str(),
+                        &session.admin.as_str(),
+                        &generation,
+                        &(session.credential_version as i64),
+                        &millis(session.created),
+                        &millis(session.last_used).max(millis(session.created)),
+                        &channel(&self.inner.schema),
+                    ],
+                )
+                .await?;
             match seq {
                 Some(seq) => self.settle(seq).await,
                 None => Ok(()), // already stored
@@ -1534,20 +1534,13 @@ impl Store for PostgresStore {
 
     fn delete_session<'a>(&'a self, digest: &'a [u8; 32]) -> StoreFuture<'a, ()> {
         Box::pin(async move {
-            let seq = {
-                let conn = self.shared().await?;
-                conn.client
-                    .query_opt(
-                        "WITH gone AS (DELETE FROM sessions WHERE digest = $1 RETURNING digest)
-                         SELECT fleet_announce($2, 's-', encode(digest, 'hex')) FROM gone",
-                        &[&&digest[..], &channel(&self.inner.schema)],
-                    )
-                    .await
-                    .map_err(backend)?
-                    .map(|row| row.try_get::<_, i64>(0))
-                    .transpose()
-                    .map_err(backend)?
-            };
+            let seq = self
+                .announced(
+                    "WITH gone AS (DELETE FROM sessions WHERE digest = $1 RETURNING digest)
+                     SELECT fleet_announce($2, 's-', encode(digest, 'hex')) FROM gone",
+                    &[&&digest[..], &channel(&self.inner.schema)],
+                )
+                .await?;
             match seq {
                 Some(seq) => self.settle(seq).await,
                 None => Ok(()), // already gone, announced by whoever deleted it
