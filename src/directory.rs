@@ -242,6 +242,17 @@ impl Admins {
 
     /// Writes `account` to the store (if any), then makes it visible.
     async fn save(&self, username: &Username, account: Account) -> Result<(), AccountError> {
+        self.write(username, account, false).await
+    }
+
+    /// Writes `account` to the store (if any), then makes it visible; with `create`, only if
+    /// no process created the account first ([`AccountError::AdminExists`], nothing written).
+    async fn write(
+        &self,
+        username: &Username,
+        account: Account,
+        create: bool,
+    ) -> Result<(), AccountError> {
         if let Some(store) = &self.inner.store {
             let record = AdminRecord {
                 username: username.clone(),
@@ -251,11 +262,17 @@ impl Admins {
                 password_hash: account.password_hash.to_string(),
                 credential_version: account.status.credential_version,
             };
-            match store.put_admin(&record).await {
+            let written = if create {
+                store.create_admin(&record).await
+            } else {
+                store.put_admin(&record).await
+            };
+            match written {
                 Ok(()) => {}
                 Err(StoreError::Unconfirmed(unconfirmed)) => {
                     tracing::warn!(target: "orgkey::directory", admin = %username, %unconfirmed, "admin changed");
                 }
+                Err(StoreError::Exists) => return Err(AccountError::AdminExists),
                 Err(error) => return Err(AccountError::Store(error)),
             }
             if self.is_followed() {
@@ -337,7 +354,7 @@ impl Admins {
             },
             password_hash,
         };
-        self.save(username, account).await?;
+        self.write(username, account, true).await?;
         tracing::info!(target: "orgkey::directory", admin = %username, org = %org, scopes = ?scopes, "admin created");
         Ok(())
     }

@@ -296,10 +296,17 @@ impl KeyAdmin {
             return Err(KeyError::OrgExists);
         }
         if let Some(store) = &self.store {
-            store.create_org(org).await.map_err(|e| match e {
-                StoreError::Exists => KeyError::OrgExists,
-                other => KeyError::Store(other),
-            })?;
+            match store.create_org(org).await {
+                // Created by this call: this process's change feed may have installed it
+                // already (a fleet), which is the same org.
+                Ok(()) | Err(StoreError::Unconfirmed(_)) => {
+                    self.table.insert_new(org.clone());
+                    tracing::info!(target: "orgkey::keys", org = %org, "organization created");
+                    return Ok(());
+                }
+                Err(StoreError::Exists) => return Err(KeyError::OrgExists),
+                Err(other) => return Err(KeyError::Store(other)),
+            }
         }
         if self.table.insert_new(org.clone()) {
             tracing::info!(target: "orgkey::keys", org = %org, "organization created");

@@ -363,3 +363,58 @@ async fn idle_time_counts_the_last_use_on_any_replica_and_dead_rows_are_collecte
     assert!(deleted >= 1, "the dead session's row was not collected");
     assert!(store.load_sessions().await.unwrap().is_empty());
 }
+
+/// Replicas starting together race to create the same org and admin: exactly one create of
+/// each wins, the others are told it exists (nothing overwritten), and every replica then
+/// knows both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_creates_of_one_org_and_one_admin_have_exactly_one_winner() {
+    let Some(schema) = schema() else { return };
+    let sessions = SessionConfig::for_base_url("http://x");
+    let a = replica_with(&schema, "a", fleet(FleetMode::Strict), sessions.clone()).await;
+    let b = replica_with(&schema, "b", fleet(FleetMode::Strict), sessions.clone()).await;
+    let c = replica_with(&schema, "c", fleet(FleetMode::Strict), sessions).await;
+    let org = OrgId::new("globex").unwrap();
+    let (ra, rb, rc) = tokio::join!(
+        a.keys().create_org(&org),
+        b.keys().create_org(&org),
+        c.keys().create_org(&org)
+    );
+    let created = [&ra, &rb, &rc].iter().filter(|r| r.is_ok()).count();
+    assert_eq!(created, 1, "{ra:?} {rb:?} {rc:?}");
+    for r in [ra, rb, rc] {
+        assert!(
+            matches!(r, Ok(()) | Err(orgkey::KeyError::OrgExists)),
+            "{r:?}"
+        );
+    }
+    for replica in [&a, &b, &c] {
+        assert!(replica.table().state("globex").is_some());
+    }
+    let bob = Username::new("bob@globex.example").unwrap();
+    let passwords = ["FirstPassword1!", "SecondPassword2!", "ThirdPassword3!"];
+    let given = passwords.map(Password::new);
+    let (pa, pb, pc) = tokio::join!(
+        a.admins().create(&bob, &org, &given[0], Scopes::ALL),
+        b.admins().create(&bob, &org, &given[1], Scopes::ALL),
+        c.admins().create(&bob, &org, &given[2], Scopes::ALL)
+    );
+    let results = [pa, pb, pc];
+    let winners: Vec<usize> = (0..3).filter(|&i| results[i].is_ok()).collect();
+    assert_eq!(winners.len(), 1, "{results:?}");
+    for r in &results {
+        assert!(
+            matches!(r, Ok(()) | Err(orgkey::AccountError::AdminExists)),
+            "{r:?}"
+        );
+    }
+    // The winner's password is the one in force, on every replica.
+    let store = schema.connect().await;
+    let stored = store.load_admins().await.unwrap();
+    let bob_record = stored.iter().find(|r| r.username == bob).unwrap();
+    let hash = argon2::PasswordHash::new(&bob_record.password_hash).unwrap();
+    use argon2::PasswordVerifier;
+    assert!(argon2::Argon2::default()
+        .verify_password(passwords[winners[0]].as_bytes(), &hash)
+        .is_ok());
+}

@@ -574,9 +574,28 @@ async fn provision(
 ) -> Result<Provisioned, String> {
     let keys = orgkey.keys();
     let mut new_key = None;
-    if keys.table().state(org.as_str()).is_none() {
+    // Replicas starting together on an empty schema race here: the one whose create wins
+    // provisions; the others use what it made.
+    let created = match keys.table().state(org.as_str()) {
+        Some(_) => false,
+        None => match keys.create_org(org).await {
+            Ok(()) => true,
+            Err(crate::KeyError::OrgExists) => {
+                // Another replica's: this one's feed brings it (at once in strict mode).
+                let waited = tokio::time::Instant::now();
+                while keys.table().state(org.as_str()).is_none() {
+                    if waited.elapsed() > std::time::Duration::from_secs(10) {
+                        return Err(format!("org {org} exists in the store but never arrived"));
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+                false
+            }
+            Err(e) => return Err(e.to_string()),
+        },
+    };
+    if created {
         let provisioning = Actor::new("provisioning").map_err(|e| e.to_string())?;
-        keys.create_org(org).await.map_err(|e| e.to_string())?;
         let mut info = keys
             .subscribe(org, &provisioning)
             .await
@@ -599,11 +618,16 @@ async fn provision(
                 password
             }
         };
-        orgkey
+        match orgkey
             .admins()
             .create(admin, org, &password, Scopes::ALL)
             .await
-            .map_err(|e| format!("admin: {e}"))?;
+        {
+            Ok(()) => {}
+            // Another replica created it first: its password stands, this one is not shown.
+            Err(crate::AccountError::AdminExists) => generated_password = None,
+            Err(e) => return Err(format!("admin: {e}")),
+        }
     }
     Ok(Provisioned {
         new_key,

@@ -301,6 +301,14 @@ pub trait Store: Send + Sync + 'static {
     /// Creates or replaces the account `admin.username`; durable when it returns.
     fn put_admin<'a>(&'a self, admin: &'a AdminRecord) -> StoreFuture<'a, ()>;
 
+    /// Creates the account `admin.username` unless it exists, atomically across every process
+    /// sharing the store ([`StoreError::Exists`] then, and nothing written), so two processes
+    /// creating one admin at once get one success. The default, for stores one process owns
+    /// (whose caller has checked), is [`Store::put_admin`].
+    fn create_admin<'a>(&'a self, admin: &'a AdminRecord) -> StoreFuture<'a, ()> {
+        self.put_admin(admin)
+    }
+
     /// Deletes an account; [`StoreError::NotFound`] if there is none.
     fn delete_admin<'a>(&'a self, username: &'a Username) -> StoreFuture<'a, ()>;
 
@@ -519,6 +527,9 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
     }
     fn put_admin<'a>(&'a self, admin: &'a AdminRecord) -> StoreFuture<'a, ()> {
         (**self).put_admin(admin)
+    }
+    fn create_admin<'a>(&'a self, admin: &'a AdminRecord) -> StoreFuture<'a, ()> {
+        (**self).create_admin(admin)
     }
     fn delete_admin<'a>(&'a self, username: &'a Username) -> StoreFuture<'a, ()> {
         (**self).delete_admin(username)

@@ -1161,8 +1161,12 @@ impl Statements {
             )
             .await?,
             create_org: prepare(
-                "INSERT INTO orgs (id, subscribed, generation) VALUES ($1, FALSE, 0)
-                 ON CONFLICT (id) DO NOTHING",
+                "WITH saved AS (
+                     INSERT INTO orgs (id, subscribed, generation) VALUES ($1, FALSE, 0)
+                     ON CONFLICT (id) DO NOTHING
+                     RETURNING id
+                 )
+                 SELECT fleet_announce($2, 'o', id || ':0') FROM saved",
             )
             .await?,
             lock_org: prepare("SELECT generation FROM orgs WHERE id = $1 FOR UPDATE").await?,
@@ -1321,16 +1325,25 @@ impl Store for PostgresStore {
 
     fn create_org<'a>(&'a self, org: &'a OrgId) -> StoreFuture<'a, ()> {
         Box::pin(async move {
-            let conn = self.shared().await?;
-            let inserted = conn
-                .client
-                .execute(&conn.statements.create_org, &[&org.as_str()])
-                .await
-                .map_err(backend)?;
-            if inserted == 0 {
-                Err(StoreError::Exists)
-            } else {
-                Ok(())
+            let seq = {
+                let conn = self.shared().await?;
+                let row = conn
+                    .client
+                    .query_opt(
+                        &conn.statements.create_org,
+                        &[&org.as_str(), &channel(&self.inner.schema)],
+                    )
+                    .await
+                    .map_err(backend)?;
+                row.map(|row| row.try_get::<_, i64>(0))
+                    .transpose()
+                    .map_err(backend)?
+            };
+            match seq {
+                // Every replica knows the org when this returns (strict mode), so an admin
+                // can be created for it through any of them.
+                Some(seq) => self.settle(seq).await,
+                None => Err(StoreError::Exists),
             }
         })
     }
@@ -1436,6 +1449,37 @@ impl Store for PostgresStore {
                 .await
                 .map_err(backend)?;
             rows.iter().map(admin_from_row).collect()
+        })
+    }
+
+    fn create_admin<'a>(&'a self, admin: &'a AdminRecord) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let seq = self
+                .announced(
+                    "WITH saved AS (
+                         INSERT INTO admins (username, org, enabled, scopes, password_hash,
+                             credential_version)
+                         VALUES ($1, $2, $3, $4, $5, $6)
+                         ON CONFLICT (username) DO NOTHING
+                         RETURNING username
+                     )
+                     SELECT fleet_announce($7, 'a', username) FROM saved",
+                    &[
+                        &admin.username.as_str(),
+                        &admin.org.as_str(),
+                        &admin.enabled,
+                        &i16::from(admin.scopes.bits()),
+                        &admin.password_hash,
+                        &(admin.credential_version as i64),
+                        &channel(&self.inner.schema),
+                    ],
+                )
+                .await?;
+            match seq {
+                Some(seq) => self.settle(seq).await,
+                // Another process created it first: nothing was written.
+                None => Err(StoreError::Exists),
+            }
         })
     }
 
