@@ -418,3 +418,57 @@ async fn concurrent_creates_of_one_org_and_one_admin_have_exactly_one_winner() {
         .verify_password(passwords[winners[0]].as_bytes(), &hash)
         .is_ok());
 }
+
+/// W2 across replicas: a regenerate through a session on A (which carries the session over)
+/// racing a logout of the same session on B has exactly one winner, decided by the store:
+/// either the logout ended the session and no successor lives, or the carry-over won and the
+/// logout ended nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_logout_on_one_replica_racing_a_carry_over_on_another_has_one_winner() {
+    use http_body_util::Full;
+    use tower::ServiceExt;
+    let Some(schema) = schema() else { return };
+    let fleet = three(&schema, FleetMode::Strict).await;
+    let (a, b) = (&fleet[0], &fleet[1]);
+    let (mut logouts, mut carried) = (0, 0);
+    for round in 0..30u32 {
+        let session = login(a, PASSWORD).await.unwrap();
+        let regenerate = http::Request::post("/api/v1/apiKeys/1/regenerate")
+            .header("cookie", format!("JSESSIONID={session}"))
+            .body(Full::new(bytes::Bytes::new()))
+            .unwrap();
+        let surface = a.admin_surface();
+        // The logout starts later and later, so that rounds land before, inside and after
+        // the carry-over (which follows the regenerate's commit and confirmations).
+        let delay = Duration::from_micros(600 * u64::from(round));
+        let (answer, logged_out) = tokio::join!(surface.oneshot(regenerate), async {
+            tokio::time::sleep(delay).await;
+            b.sessions().logout(session.as_bytes()).await
+        });
+        let answer = answer.unwrap();
+        let logged_out = logged_out.unwrap();
+        let successor = answer
+            .headers()
+            .get_all("set-cookie")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .find_map(|c| c.strip_prefix("JSESSIONID=")?.split(';').next())
+            .filter(|id| !id.is_empty())
+            .map(str::to_owned);
+        let successor_lives = successor
+            .as_deref()
+            .is_some_and(|id| accepts_session(a, id) || accepts_session(b, id));
+        assert!(
+            logged_out != successor_lives,
+            "round {round}: logout ended it: {logged_out}, a successor lives: {successor_lives} \
+             (status {})",
+            answer.status()
+        );
+        logouts += usize::from(logged_out);
+        carried += usize::from(successor_lives);
+        // The next round starts from the key in force.
+        let _ = successor;
+    }
+    eprintln!("logouts won {logouts}, carry-overs won {carried}");
+    assert_eq!(logouts + carried, 30);
+}

@@ -239,6 +239,9 @@ struct SessionEntry {
 const ALIVE: u8 = 0;
 const LOGGED_OUT: u8 = 1;
 const CARRIED: u8 = 2;
+/// Its row left the store, as the fleet's feed said (the deleting replica decided how it
+/// ended: a store shared by replicas lets exactly one caller delete a row).
+const REMOVED: u8 = 3;
 
 impl SessionEntry {
     /// A live record, last used at `last_seen_ms`.
@@ -264,17 +267,30 @@ impl SessionEntry {
     /// Ends it by a logout (here or on another replica); false if a carry-over ended it
     /// first.
     fn end_by_logout(&self) -> bool {
-        self.ended
-            .compare_exchange(ALIVE, LOGGED_OUT, Ordering::SeqCst, Ordering::SeqCst)
-            .is_ok()
-            || self.ended.load(Ordering::SeqCst) == LOGGED_OUT
+        self.claim(LOGGED_OUT) || self.ended.load(Ordering::SeqCst) == LOGGED_OUT
     }
 
     /// Ends it by carrying it over a key change; false if a logout ended it first.
     fn end_by_carry_over(&self) -> bool {
-        self.ended
-            .compare_exchange(ALIVE, CARRIED, Ordering::SeqCst, Ordering::SeqCst)
-            .is_ok()
+        self.claim(CARRIED)
+    }
+
+    /// Marks it as removed through the fleet's feed (unless it ended otherwise already).
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    fn end_by_feed(&self) {
+        let _ = self
+            .ended
+            .compare_exchange(ALIVE, REMOVED, Ordering::SeqCst, Ordering::SeqCst);
+    }
+
+    /// Sets how it ended, if it had not ended, or had only been removed through the feed:
+    /// a caller that deleted the row itself (the store's answer) owns that removal.
+    fn claim(&self, how: u8) -> bool {
+        [ALIVE, REMOVED].into_iter().any(|from| {
+            self.ended
+                .compare_exchange(from, how, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+        })
     }
 
     fn has_ended(&self) -> bool {
@@ -744,8 +760,17 @@ impl Sessions {
             .get(&digest)
             .map(|r| Arc::clone(r.value()));
         if let Some(store) = &self.inner.store {
-            match store.delete_session(&digest).await {
-                Ok(()) => {}
+            match store.take_session(&digest).await {
+                Ok(true) => {}
+                // Gone from the store already: another replica's carry-over, logout or
+                // expiry ended it first (the store decides between replicas, W2).
+                Ok(false) => {
+                    if let Some(record) = &known {
+                        self.inner.sessions.remove(&digest);
+                        record.end_by_feed();
+                    }
+                    return Ok(false);
+                }
                 // Deleted; a replica behind dies with its lease if it does not catch up.
                 Err(StoreError::Unconfirmed(unconfirmed)) => {
                     tracing::warn!(target: "orgkey::session", %unconfirmed, "logout");

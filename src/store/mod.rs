@@ -321,6 +321,17 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes a session (logout, expiry); deleting one that is not there is not an error.
     fn delete_session<'a>(&'a self, digest: &'a [u8; 32]) -> StoreFuture<'a, ()>;
 
+    /// Deletes a session and answers whether this call deleted it (it was there): the one
+    /// decision between a logout and a carry-over of the same session on two replicas (W2,
+    /// S3). The default, for stores one process owns (whose callers decide in memory),
+    /// deletes and answers `true`.
+    fn take_session<'a>(&'a self, digest: &'a [u8; 32]) -> StoreFuture<'a, bool> {
+        Box::pin(async move {
+            self.delete_session(digest).await?;
+            Ok(true)
+        })
+    }
+
     /// Shares session use across the processes of a fleet (F2, idle time counts the last use
     /// on any replica): records that each session of `used` was last used at its time (only
     /// ever moving a use later), and returns every session whose recorded last use is after
@@ -542,6 +553,9 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
     }
     fn delete_session<'a>(&'a self, digest: &'a [u8; 32]) -> StoreFuture<'a, ()> {
         (**self).delete_session(digest)
+    }
+    fn take_session<'a>(&'a self, digest: &'a [u8; 32]) -> StoreFuture<'a, bool> {
+        (**self).take_session(digest)
     }
     fn sync_session_use<'a>(
         &'a self,

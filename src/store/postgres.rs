@@ -1577,6 +1577,10 @@ impl Store for PostgresStore {
     }
 
     fn delete_session<'a>(&'a self, digest: &'a [u8; 32]) -> StoreFuture<'a, ()> {
+        Box::pin(async move { self.take_session(digest).await.map(|_| ()) })
+    }
+
+    fn take_session<'a>(&'a self, digest: &'a [u8; 32]) -> StoreFuture<'a, bool> {
         Box::pin(async move {
             let seq = self
                 .announced(
@@ -1586,8 +1590,17 @@ impl Store for PostgresStore {
                 )
                 .await?;
             match seq {
-                Some(seq) => self.settle(seq).await,
-                None => Ok(()), // already gone, announced by whoever deleted it
+                Some(seq) => match self.settle(seq).await {
+                    Ok(()) => Ok(true),
+                    // Deleted by this call all the same.
+                    Err(StoreError::Unconfirmed(unconfirmed)) => {
+                        tracing::warn!(schema = %self.inner.schema, %unconfirmed, "session deleted");
+                        Ok(true)
+                    }
+                    Err(other) => Err(other),
+                },
+                // Already gone, announced by whoever deleted it.
+                None => Ok(false),
             }
         })
     }

@@ -114,9 +114,24 @@ impl Sessions {
         // admin asked to be signed out: the successor goes too. A logout that comes later
         // reports that it ended nothing. Decided before the predecessor's deletion is
         // announced, so that announcement is never taken for a logout.
-        let carried = old.end_by_carry_over();
+        //
+        // Between replicas the store decides: the predecessor's row goes now, and only the
+        // call that deleted it may carry it over (a logout elsewhere that deleted it first
+        // wins). A store one process owns answers yes, and the compare-and-swap decides.
+        let took = match &self.inner.store {
+            Some(store) => match store.take_session(&old_digest).await {
+                Ok(took) => took,
+                Err(StoreError::Unconfirmed(_)) => true,
+                Err(error) => {
+                    self.inner.sessions.remove(&digest);
+                    self.forget(vec![digest]);
+                    return Err(error);
+                }
+            },
+            None => true,
+        };
+        let carried = took && old.end_by_carry_over();
         self.inner.sessions.remove(&old_digest);
-        self.forget(vec![old_digest]);
         if !carried {
             self.inner.sessions.remove(&digest);
             self.forget(vec![digest]);

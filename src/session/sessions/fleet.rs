@@ -48,7 +48,7 @@ impl FollowSessions for Sessions {
             .get(digest)
             .map(|r| Arc::clone(r.value()))
         {
-            record.end_by_logout();
+            record.end_by_feed();
             self.inner.sessions.remove(digest);
         }
     }
@@ -60,7 +60,7 @@ impl FollowSessions for Sessions {
         self.inner.sessions.retain(|digest, record| {
             let keep = stored.contains(digest);
             if !keep {
-                record.end_by_logout();
+                record.end_by_feed();
             }
             keep
         });
