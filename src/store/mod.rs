@@ -27,7 +27,12 @@
 //! - [`Store::put_admin`] / [`Store::delete_admin`] / [`Store::load_admins`] keep admin
 //!   accounts (passwords only as argon2id PHC strings).
 //! - [`Store::put_session`] / [`Store::delete_session`] / [`Store::load_sessions`] keep
-//!   sessions by the SHA-256 digest of their id (never the id).
+//!   sessions by the SHA-256 digest of their id (never the id); [`Store::take_session`]
+//!   deletes one and says whether this call did (between replicas, the one decision between
+//!   a logout and a carry-over); [`Store::sync_session_use`] and [`Store::collect_sessions`]
+//!   share idle time and delete dead rows in a fleet.
+//! - [`Store::create_admin`] creates an account unless it exists, atomically across the
+//!   processes sharing the store.
 //! - [`Store::throttle_take`] / [`Store::throttle_succeeded`] / [`Store::throttle_collect`]
 //!   keep the failed-login throttle (A3) where every process sharing the store sees it (F2):
 //!   token buckets per source address and per username, and the addresses each admin logged
