@@ -846,7 +846,6 @@ struct Conn {
 
 struct Statements {
     load_orgs: Statement,
-    create_org: Statement,
     lock_org: Statement,
     update_org: Statement,
     insert_audit: Statement,
@@ -1041,6 +1040,38 @@ impl PostgresStore {
             .map_err(backend)
     }
 
+    /// Inserts `admin`, `on_conflict` (`DO NOTHING`, or `DO UPDATE ...`) when it exists, and
+    /// announces it if a row was written; the change's number, if any.
+    async fn write_admin(
+        &self,
+        admin: &AdminRecord,
+        on_conflict: &str,
+    ) -> Result<Option<i64>, StoreError> {
+        let sql = format!(
+            "WITH saved AS (
+                 INSERT INTO admins (username, org, enabled, scopes, password_hash,
+                     credential_version)
+                 VALUES ($1, $2, $3, $4, $5, $6)
+                 ON CONFLICT (username) {on_conflict}
+                 RETURNING username
+             )
+             SELECT fleet_announce($7, 'a', username) FROM saved"
+        );
+        self.announced(
+            &sql,
+            &[
+                &admin.username.as_str(),
+                &admin.org.as_str(),
+                &admin.enabled,
+                &i16::from(admin.scopes.bits()),
+                &admin.password_hash,
+                &(admin.credential_version as i64),
+                &channel(&self.inner.schema),
+            ],
+        )
+        .await
+    }
+
     /// Waits until every replica with a live lease has applied change `seq` (strict mode);
     /// at most the wait bound, then [`StoreError::Unconfirmed`] naming the others.
     async fn settle(&self, seq: i64) -> Result<(), StoreError> {
@@ -1160,15 +1191,7 @@ impl Statements {
                  FROM orgs ORDER BY id",
             )
             .await?,
-            create_org: prepare(
-                "WITH saved AS (
-                     INSERT INTO orgs (id, subscribed, generation) VALUES ($1, FALSE, 0)
-                     ON CONFLICT (id) DO NOTHING
-                     RETURNING id
-                 )
-                 SELECT fleet_announce($2, 'o', id || ':0') FROM saved",
-            )
-            .await?,
+
             lock_org: prepare("SELECT generation FROM orgs WHERE id = $1 FOR UPDATE").await?,
             update_org: prepare(
                 "UPDATE orgs SET subscribed = $2, api_key = $3, generation = $4,
@@ -1325,20 +1348,17 @@ impl Store for PostgresStore {
 
     fn create_org<'a>(&'a self, org: &'a OrgId) -> StoreFuture<'a, ()> {
         Box::pin(async move {
-            let seq = {
-                let conn = self.shared().await?;
-                let row = conn
-                    .client
-                    .query_opt(
-                        &conn.statements.create_org,
-                        &[&org.as_str(), &channel(&self.inner.schema)],
-                    )
-                    .await
-                    .map_err(backend)?;
-                row.map(|row| row.try_get::<_, i64>(0))
-                    .transpose()
-                    .map_err(backend)?
-            };
+            let seq = self
+                .announced(
+                    "WITH saved AS (
+                         INSERT INTO orgs (id, subscribed, generation) VALUES ($1, FALSE, 0)
+                         ON CONFLICT (id) DO NOTHING
+                         RETURNING id
+                     )
+                     SELECT fleet_announce($2, 'o', id || ':0') FROM saved",
+                    &[&org.as_str(), &channel(&self.inner.schema)],
+                )
+                .await?;
             match seq {
                 // Every replica knows the org when this returns (strict mode), so an admin
                 // can be created for it through any of them.
@@ -1454,28 +1474,7 @@ impl Store for PostgresStore {
 
     fn create_admin<'a>(&'a self, admin: &'a AdminRecord) -> StoreFuture<'a, ()> {
         Box::pin(async move {
-            let seq = self
-                .announced(
-                    "WITH saved AS (
-                         INSERT INTO admins (username, org, enabled, scopes, password_hash,
-                             credential_version)
-                         VALUES ($1, $2, $3, $4, $5, $6)
-                         ON CONFLICT (username) DO NOTHING
-                         RETURNING username
-                     )
-                     SELECT fleet_announce($7, 'a', username) FROM saved",
-                    &[
-                        &admin.username.as_str(),
-                        &admin.org.as_str(),
-                        &admin.enabled,
-                        &i16::from(admin.scopes.bits()),
-                        &admin.password_hash,
-                        &(admin.credential_version as i64),
-                        &channel(&self.inner.schema),
-                    ],
-                )
-                .await?;
-            match seq {
+            match self.write_admin(admin, "DO NOTHING").await? {
                 Some(seq) => self.settle(seq).await,
                 // Another process created it first: nothing was written.
                 None => Err(StoreError::Exists),
@@ -1485,34 +1484,12 @@ impl Store for PostgresStore {
 
     fn put_admin<'a>(&'a self, admin: &'a AdminRecord) -> StoreFuture<'a, ()> {
         Box::pin(async move {
-            let seq = {
-                let conn = self.shared().await?;
-                conn.client
-                    .query_one(
-                        "WITH saved AS (
-                             INSERT INTO admins (username, org, enabled, scopes, password_hash,
-                                 credential_version)
-                             VALUES ($1, $2, $3, $4, $5, $6)
-                             ON CONFLICT (username) DO UPDATE SET org = $2, enabled = $3,
-                                 scopes = $4, password_hash = $5, credential_version = $6
-                             RETURNING username
-                         )
-                         SELECT fleet_announce($7, 'a', username) FROM saved",
-                        &[
-                            &admin.username.as_str(),
-                            &admin.org.as_str(),
-                            &admin.enabled,
-                            &i16::from(admin.scopes.bits()),
-                            &admin.password_hash,
-                            &(admin.credential_version as i64),
-                            &channel(&self.inner.schema),
-                        ],
-                    )
-                    .await
-                    .and_then(|row| row.try_get::<_, i64>(0))
-                    .map_err(backend)?
-            };
-            self.settle(seq).await
+            let replace = "DO UPDATE SET org = $2, enabled = $3, scopes = $4, password_hash = $5,
+                 credential_version = $6";
+            match self.write_admin(admin, replace).await? {
+                Some(seq) => self.settle(seq).await,
+                None => Err(corrupt("an admin upsert wrote nothing")),
+            }
         })
     }
 
