@@ -351,6 +351,35 @@ mod throttle {
         ThrottleKeys::new(ip(address), Some(&Username::new(user).unwrap()))
     }
 
+    /// `n` takes at once (a barrier), spread over `stores`: the even ones for one username
+    /// from as many addresses, the odd ones for as many usernames from one address. Answers
+    /// how many of each were charged: [username, address].
+    pub(super) async fn race_takes(stores: &[Arc<dyn Store>], n: u32, now: u64) -> [usize; 2] {
+        let barrier = Arc::new(tokio::sync::Barrier::new(n as usize));
+        let tasks: Vec<_> = (0..n)
+            .map(|i| {
+                let store = Arc::clone(&stores[i as usize % stores.len()]);
+                let barrier = Arc::clone(&barrier);
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    let k = if i % 2 == 0 {
+                        keys(1_000 + i, "alice@acme.example")
+                    } else {
+                        keys(1, &user(i))
+                    };
+                    take(&*store, &k, now).await
+                })
+            })
+            .collect();
+        let mut charged_count = [0, 0];
+        for (i, task) in tasks.into_iter().enumerate() {
+            if matches!(task.await.unwrap(), ThrottleVerdict::Charged { .. }) {
+                charged_count[i % 2] += 1;
+            }
+        }
+        charged_count
+    }
+
     pub(super) fn charged(username_charged: bool) -> ThrottleVerdict {
         ThrottleVerdict::Charged { username_charged }
     }
@@ -607,28 +636,8 @@ async fn throttle_collect_deletes_only_what_no_longer_matters(store: Arc<dyn Sto
 
 async fn throttle_concurrent_takes_never_exceed_the_burst(store: Arc<dyn Store>) {
     use throttle::*;
-    let barrier = Arc::new(tokio::sync::Barrier::new(40));
-    let tasks: Vec<_> = (0..40u32)
-        .map(|i| {
-            let (store, barrier) = (Arc::clone(&store), Arc::clone(&barrier));
-            tokio::spawn(async move {
-                barrier.wait().await;
-                // Twenty for one username from twenty addresses, twenty from one address.
-                let k = if i % 2 == 0 {
-                    keys(1_000 + i, "alice@acme.example")
-                } else {
-                    keys(1, &user(i))
-                };
-                take(&*store, &k, T).await
-            })
-        })
-        .collect();
-    let mut charged_count = [0, 0];
-    for (i, task) in tasks.into_iter().enumerate() {
-        if matches!(task.await.unwrap(), ThrottleVerdict::Charged { .. }) {
-            charged_count[i % 2] += 1;
-        }
-    }
+    // Twenty for one username from twenty addresses, twenty from one address.
+    let charged_count = race_takes(&[store], 40, T).await;
     assert_eq!(
         charged_count,
         [5, 10],
@@ -1301,28 +1310,7 @@ async fn postgres_throttle_takes_racing_on_three_connections_never_exceed_the_bu
     ];
     for round in 0..5u32 {
         let now = T + u64::from(round) * 3_600_000; // every bucket full again
-        let barrier = Arc::new(tokio::sync::Barrier::new(60));
-        let tasks: Vec<_> = (0..60u32)
-            .map(|i| {
-                let store = Arc::clone(&stores[i as usize % 3]);
-                let barrier = Arc::clone(&barrier);
-                tokio::spawn(async move {
-                    barrier.wait().await;
-                    let k = if i % 2 == 0 {
-                        keys(1_000 + i, "alice@acme.example")
-                    } else {
-                        keys(1, &user(i))
-                    };
-                    take(&*store, &k, now).await
-                })
-            })
-            .collect();
-        let mut charged_count = [0, 0];
-        for (i, task) in tasks.into_iter().enumerate() {
-            if matches!(task.await.unwrap(), ThrottleVerdict::Charged { .. }) {
-                charged_count[i % 2] += 1;
-            }
-        }
+        let charged_count = race_takes(&stores, 60, now).await;
         assert_eq!(
             charged_count,
             [5, 10],
