@@ -2,11 +2,12 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
+#[path = "support/gateway.rs"]
+mod support;
 
 use common::TempDb;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
@@ -90,7 +91,8 @@ fn get(addr: &str, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
     send(addr, "GET", path, headers, "").1
 }
 
-/// One HTTP/1.1 exchange: (the response head, (status, body)).
+/// One HTTP/1.1 exchange: (the response head, (status, body)), through the raw client the
+/// other gateway tests share (`tests/support/gateway.rs`).
 fn send(
     addr: &str,
     method: &str,
@@ -98,22 +100,8 @@ fn send(
     headers: &[(&str, &str)],
     body: &str,
 ) -> (String, (u16, String)) {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    let mut request = format!(
-        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\ncontent-length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in headers {
-        request.push_str(&format!("{k}: {v}\r\n"));
-    }
-    request.push_str("\r\n");
-    request.push_str(body);
-    stream.write_all(request.as_bytes()).unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let status = response[9..12].parse().unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-    (head.to_owned(), (status, body.to_owned()))
+    let answer = support::send(addr, method, path, headers, body);
+    (answer.head, (answer.status, answer.body))
 }
 
 /// Logs in with the obfuscated key; returns the status and the session id, if any.
