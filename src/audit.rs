@@ -26,6 +26,9 @@ pub enum KeyAction {
     Regenerate,
     /// The key was deleted (K5).
     Delete,
+    /// The org's state was restored from a backup (P4): its key is the backup's again, and
+    /// every session of the state ended.
+    Restore,
 }
 
 impl KeyAction {
@@ -38,6 +41,7 @@ impl KeyAction {
             Self::Edit => "edit",
             Self::Regenerate => "regenerate",
             Self::Delete => "delete",
+            Self::Restore => "restore",
         }
     }
 }
@@ -52,6 +56,7 @@ impl KeyAction {
             "edit" => Self::Edit,
             "regenerate" => Self::Regenerate,
             "delete" => Self::Delete,
+            "restore" => Self::Restore,
             _ => return None,
         })
     }

@@ -232,6 +232,11 @@ impl KeyAdmin {
         }
     }
 
+    /// The store this handle commits to, if any.
+    pub(crate) fn store(&self) -> Option<&Arc<dyn Store>> {
+        self.store.as_ref()
+    }
+
     /// A handle whose changes are committed to `store` before they take effect (P1), over
     /// `table` filled with the store's orgs as last committed (P2).
     ///

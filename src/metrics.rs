@@ -67,13 +67,14 @@ const LOGIN_OUTCOMES: [&str; 11] = [
     "internal",
 ];
 
-const ACTIONS: [KeyAction; 6] = [
+const ACTIONS: [KeyAction; 7] = [
     KeyAction::Subscribe,
     KeyAction::Unsubscribe,
     KeyAction::Add,
     KeyAction::Edit,
     KeyAction::Regenerate,
     KeyAction::Delete,
+    KeyAction::Restore,
 ];
 
 /// One request in this many (per thread) has its decision timed for

@@ -108,7 +108,8 @@ struct Gateway {
 impl Gateway {
     async fn start(name: &str) -> Self {
         let state = common::TempDb::new(name);
-        let store = SqliteStore::open(&state.0, KeyFormat::default()).unwrap();
+        let store = SqliteStore::open(&state.0, KeyFormat::default(), common::master_for(&state.0))
+            .unwrap();
         let gateway = common::served::serve_gateway(store, KEY, ADMIN, PASSWORD).await;
         gateway
             .orgkey

@@ -21,7 +21,7 @@ const PASSWORD: &str = "CorrectHorse12!";
 
 /// The admin, the key admin and the sessions over one SQLite file.
 async fn open(path: &str) -> (KeyAdmin, Admins, Sessions) {
-    let store = Arc::new(SqliteStore::open(path, KeyFormat::default()).unwrap());
+    let store = Arc::new(SqliteStore::open(path, KeyFormat::default(), master_for(path)).unwrap());
     let keys = KeyAdmin::open(OrgTable::default(), Arc::clone(&store))
         .await
         .unwrap();
@@ -203,7 +203,7 @@ fn sigkill_during_rotations_never_loses_an_acknowledged_key() {
 
         let (generation, key) = last;
         runtime.block_on(async {
-            let store = SqliteStore::open(&path, KeyFormat::default()).unwrap();
+            let store = SqliteStore::open(&path, KeyFormat::default(), master_for(&path)).unwrap();
             if !store.integrity_check().await.unwrap() {
                 violations.push(format!("round {round}: integrity check failed"));
             }
@@ -253,4 +253,12 @@ fn sigkill_during_rotations_never_loses_an_acknowledged_key() {
         violations.len()
     );
     assert!(violations.is_empty(), "{violations:#?}");
+}
+
+/// The master key file beside the state (`<path>.master-key`), created on first use, so the
+/// child that writes and the parent that reopens seal and open with one key.
+fn master_for(path: impl AsRef<std::path::Path>) -> orgkey::MasterKeys {
+    let mut file = path.as_ref().as_os_str().to_owned();
+    file.push(".master-key");
+    orgkey::MasterKeys::load_or_create(std::path::PathBuf::from(file)).unwrap()
 }

@@ -647,7 +647,7 @@ async fn throttle_concurrent_takes_never_exceed_the_burst(store: Arc<dyn Store>)
 
 /// How many schema migrations orgkey has (one row each in `orgkey_schema_version`).
 #[cfg(feature = "postgres")]
-const PG_MIGRATIONS: i64 = 5;
+const PG_MIGRATIONS: i64 = 6;
 
 macro_rules! contract {
     ($($name:ident),* $(,)?) => {
@@ -666,7 +666,7 @@ macro_rules! contract {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
                     let db = TempDb::new(stringify!($name));
-                    let store = SqliteStore::open(&db.0, KeyFormat::default()).unwrap();
+                    let store = SqliteStore::open(&db.0, KeyFormat::default(), common::master_for(&db.0)).unwrap();
                     super::$name(Arc::new(store)).await;
                 }
             )*
@@ -705,7 +705,8 @@ contract!(
 async fn sqlite_state_survives_reopening_and_uses_wal() {
     let db = TempDb::new("reopen");
     {
-        let store = SqliteStore::open(&db.0, KeyFormat::default()).unwrap();
+        let store =
+            SqliteStore::open(&db.0, KeyFormat::default(), common::master_for(&db.0)).unwrap();
         store.create_org(&org("acme")).await.unwrap();
         store
             .commit(
@@ -719,7 +720,7 @@ async fn sqlite_state_survives_reopening_and_uses_wal() {
         assert!(std::path::Path::new(&wal).exists(), "WAL journal in use");
         assert!(store.integrity_check().await.unwrap());
     }
-    let store = SqliteStore::open(&db.0, KeyFormat::default()).unwrap();
+    let store = SqliteStore::open(&db.0, KeyFormat::default(), common::master_for(&db.0)).unwrap();
     let r = find(&store, "acme").await;
     assert_eq!(r.key.unwrap().expose_secret(), "AbCdEf123456");
     assert_eq!(r.generation, Generation::new(1));
@@ -737,7 +738,8 @@ async fn sqlite_state_survives_reopening_and_uses_wal() {
 async fn sqlite_refuses_a_key_that_does_not_match_the_deployment_format() {
     let db = TempDb::new("format");
     {
-        let store = SqliteStore::open(&db.0, KeyFormat::default()).unwrap();
+        let store =
+            SqliteStore::open(&db.0, KeyFormat::default(), common::master_for(&db.0)).unwrap();
         store.create_org(&org("acme")).await.unwrap();
         store
             .commit(
@@ -750,12 +752,29 @@ async fn sqlite_refuses_a_key_that_does_not_match_the_deployment_format() {
     }
     // Reopened by a deployment configured for 22-character keys: a clear error, not a
     // silently unusable key.
-    let store = SqliteStore::open(&db.0, KeyFormat::with_len(22).unwrap()).unwrap();
+    let store = SqliteStore::open(
+        &db.0,
+        KeyFormat::with_len(22).unwrap(),
+        common::master_for(&db.0),
+    )
+    .unwrap();
     let err = store.load_orgs().await.unwrap_err();
-    assert!(matches!(err, StoreError::Backend(_)));
-    let source = std::error::Error::source(&err).unwrap().to_string();
-    assert!(source.contains("key format"), "{source}");
-    assert!(!source.contains("AbCdEf123456"));
+    assert!(
+        matches!(
+            &err,
+            StoreError::Sealed {
+                error: orgkey::SealError::NotAKey,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let message = err.to_string();
+    assert!(
+        message.contains("org acme") && message.contains("key format"),
+        "{message}"
+    );
+    assert!(!message.contains("AbCdEf123456"));
 }
 
 #[cfg(feature = "postgres")]
@@ -845,10 +864,19 @@ async fn postgres_a_commit_waits_for_the_row_lock_then_sees_the_new_generation()
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!waiting.is_finished(), "the commit waits for the row lock");
     // ... and commits generation 1 first: the waiting commit must see it (no lost update).
+    // Another writer's commit: its key sealed as the store seals it (P4).
+    let theirs = schema
+        .master
+        .seal(
+            &org("acme"),
+            Generation::new(1),
+            &orgkey::ApiKey::parse("Theirs000000").unwrap(),
+        )
+        .unwrap();
     tx.execute(
-        "UPDATE orgs SET subscribed = TRUE, api_key = 'Theirs000000', generation = 1
+        "UPDATE orgs SET subscribed = TRUE, sealed_key = $1, generation = 1
          WHERE id = 'acme'",
-        &[],
+        &[&theirs],
     )
     .await
     .unwrap();
@@ -1011,6 +1039,7 @@ async fn postgres_refuses_schema_names_it_cannot_quote_safely() {
             "postgres://postgres@127.0.0.1:1/none",
             bad,
             KeyFormat::default(),
+            orgkey::MasterKeys::generate().unwrap(),
         )
         .await
         .unwrap_err();
@@ -1034,9 +1063,14 @@ async fn postgres_refuses_a_schema_written_by_a_newer_orgkey() {
     ))
     .await
     .unwrap();
-    let err = PostgresStore::connect(&schema.url, &schema.name, KeyFormat::default())
-        .await
-        .unwrap_err();
+    let err = PostgresStore::connect(
+        &schema.url,
+        &schema.name,
+        KeyFormat::default(),
+        schema.master.clone(),
+    )
+    .await
+    .unwrap_err();
     let source = std::error::Error::source(&err).unwrap().to_string();
     assert!(source.contains("newer orgkey"), "{source}");
 }
@@ -1061,10 +1095,22 @@ async fn postgres_refuses_a_key_that_does_not_match_the_deployment_format() {
     }
     let store = schema.connect_with(KeyFormat::with_len(22).unwrap()).await;
     let err = store.load_orgs().await.unwrap_err();
-    assert!(matches!(err, StoreError::Backend(_)));
-    let source = std::error::Error::source(&err).unwrap().to_string();
-    assert!(source.contains("key format"), "{source}");
-    assert!(!source.contains("AbCdEf123456"));
+    assert!(
+        matches!(
+            &err,
+            StoreError::Sealed {
+                error: orgkey::SealError::NotAKey,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let message = err.to_string();
+    assert!(
+        message.contains("org acme") && message.contains("key format"),
+        "{message}"
+    );
+    assert!(!message.contains("AbCdEf123456"));
 }
 
 /// F1: a change committed through one replica reaches another replica's table through the

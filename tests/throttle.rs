@@ -459,7 +459,7 @@ async fn sqlite_a_restart_refills_nothing() {
     let open = || async {
         // A background collection may hold the store a moment after the last replica went.
         for _ in 0..100 {
-            match SqliteStore::open(&db.0, KeyFormat::default()) {
+            match SqliteStore::open(&db.0, KeyFormat::default(), common::master_for(&db.0)) {
                 Ok(store) => return store,
                 Err(StoreError::InUse { .. }) => {
                     tokio::time::sleep(Duration::from_millis(20)).await;

@@ -161,7 +161,7 @@ async fn changes_survive_a_restart_on_sqlite_and_old_keys_stay_dead() {
     let (old, new) = {
         let admin = KeyAdmin::open(
             OrgTable::default(),
-            SqliteStore::open(&db.0, KeyFormat::default()).unwrap(),
+            SqliteStore::open(&db.0, KeyFormat::default(), common::master_for(&db.0)).unwrap(),
         )
         .await
         .unwrap();
@@ -174,7 +174,7 @@ async fn changes_survive_a_restart_on_sqlite_and_old_keys_stay_dead() {
         )
     };
     // A new process: a fresh table, loaded from the file.
-    let store = SqliteStore::open(&db.0, KeyFormat::default()).unwrap();
+    let store = SqliteStore::open(&db.0, KeyFormat::default(), common::master_for(&db.0)).unwrap();
     let audit = store.audit_page(&org(), None, 10).await.unwrap();
     let admin = KeyAdmin::open(OrgTable::default(), store).await.unwrap();
     assert!(admin.table().verify("acme", new.as_bytes()).is_ok());
@@ -203,14 +203,14 @@ async fn racing_regenerates_on_one_sqlite_file_have_exactly_one_winner() {
     {
         let admin = KeyAdmin::open(
             OrgTable::default(),
-            SqliteStore::open(&db.0, KeyFormat::default()).unwrap(),
+            SqliteStore::open(&db.0, KeyFormat::default(), common::master_for(&db.0)).unwrap(),
         )
         .await
         .unwrap();
         admin.create_org(&org()).await.unwrap();
         admin.subscribe(&org(), &alice()).await.unwrap();
     }
-    let store = SqliteStore::open(&db.0, KeyFormat::default()).unwrap();
+    let store = SqliteStore::open(&db.0, KeyFormat::default(), common::master_for(&db.0)).unwrap();
     let mut writers = Vec::new();
     for _ in 0..8 {
         writers.push(
@@ -224,7 +224,7 @@ async fn racing_regenerates_on_one_sqlite_file_have_exactly_one_winner() {
     assert_eq!((winners.len(), conflicts), (1, 7));
     let reopened = KeyAdmin::open(
         OrgTable::default(),
-        SqliteStore::open(&db.0, KeyFormat::default()).unwrap(),
+        SqliteStore::open(&db.0, KeyFormat::default(), common::master_for(&db.0)).unwrap(),
     )
     .await
     .unwrap();
@@ -240,7 +240,9 @@ async fn admin_accounts_survive_a_restart_on_sqlite() {
     let db = TempDb::new("admins");
     let alice = Username::new("alice@acme.example").unwrap();
     let version = {
-        let store = Arc::new(SqliteStore::open(&db.0, KeyFormat::default()).unwrap());
+        let store = Arc::new(
+            SqliteStore::open(&db.0, KeyFormat::default(), common::master_for(&db.0)).unwrap(),
+        );
         let keys = KeyAdmin::open(OrgTable::default(), Arc::clone(&store))
             .await
             .unwrap();
@@ -257,7 +259,9 @@ async fn admin_accounts_survive_a_restart_on_sqlite() {
             .unwrap();
         admins.get(&alice).unwrap().credential_version
     };
-    let store = Arc::new(SqliteStore::open(&db.0, KeyFormat::default()).unwrap());
+    let store = Arc::new(
+        SqliteStore::open(&db.0, KeyFormat::default(), common::master_for(&db.0)).unwrap(),
+    );
     let keys = KeyAdmin::open(OrgTable::default(), Arc::clone(&store))
         .await
         .unwrap();
@@ -276,7 +280,7 @@ async fn admin_accounts_survive_a_restart_on_sqlite() {
     );
     admins.delete(&alice).await.unwrap();
     drop((keys, admins));
-    let store = SqliteStore::open(&db.0, KeyFormat::default()).unwrap();
+    let store = SqliteStore::open(&db.0, KeyFormat::default(), common::master_for(&db.0)).unwrap();
     assert!(store.load_admins().await.unwrap().is_empty());
 }
 
@@ -290,7 +294,9 @@ async fn logged_out_sessions_stay_dead_across_a_restart_and_live_ones_survive() 
     let db = TempDb::new("sessions");
     let alice_name = Username::new("alice@acme.example").unwrap();
     let open = || async {
-        let store = Arc::new(SqliteStore::open(&db.0, KeyFormat::default()).unwrap());
+        let store = Arc::new(
+            SqliteStore::open(&db.0, KeyFormat::default(), common::master_for(&db.0)).unwrap(),
+        );
         let keys = KeyAdmin::open(OrgTable::default(), Arc::clone(&store))
             .await
             .unwrap();
@@ -367,12 +373,13 @@ async fn logged_out_sessions_stay_dead_across_a_restart_and_live_ones_survive() 
 async fn a_second_open_of_a_held_sqlite_file_is_refused_until_the_first_is_closed() {
     use orgkey::store::StoreError;
     let db = TempDb::new("p5");
-    let first = SqliteStore::open(&db.0, KeyFormat::default()).unwrap();
+    let first = SqliteStore::open(&db.0, KeyFormat::default(), common::master_for(&db.0)).unwrap();
     let keys = KeyAdmin::open(OrgTable::default(), first.clone())
         .await
         .unwrap();
     keys.create_org(&org()).await.unwrap();
-    let refused = SqliteStore::open(&db.0, KeyFormat::default()).unwrap_err();
+    let refused =
+        SqliteStore::open(&db.0, KeyFormat::default(), common::master_for(&db.0)).unwrap_err();
     match &refused {
         StoreError::InUse { pid } => assert_eq!(*pid, Some(std::process::id())),
         other => panic!("expected InUse, got {other:?}"),
@@ -388,11 +395,11 @@ async fn a_second_open_of_a_held_sqlite_file_is_refused_until_the_first_is_close
     );
     // A clone of the store is the same holder; dropping one clone keeps the lock.
     drop(first);
-    assert!(SqliteStore::open(&db.0, KeyFormat::default()).is_err());
+    assert!(SqliteStore::open(&db.0, KeyFormat::default(), common::master_for(&db.0)).is_err());
     drop(keys);
     let reopened = KeyAdmin::open(
         OrgTable::default(),
-        SqliteStore::open(&db.0, KeyFormat::default()).unwrap(),
+        SqliteStore::open(&db.0, KeyFormat::default(), common::master_for(&db.0)).unwrap(),
     )
     .await
     .unwrap();

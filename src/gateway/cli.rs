@@ -7,7 +7,7 @@
 //! generated) and `admin page:`. Later starts reuse the state and print no key.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -65,6 +65,17 @@ pub struct Options {
     /// The SQLite state file (created on first start; one gateway per file).
     #[arg(long, value_name = "PATH", default_value = "orgkey.db", global = true)]
     state: PathBuf,
+    /// The master key file that seals the keys at rest (P4; owner-only; keep it apart from
+    /// the state's backups). SIGHUP reads it again [default: <state>.master-key beside the
+    /// SQLite state, created on its first start; --postgres needs one named: create it with
+    /// `master-key create` and give every replica a copy].
+    #[arg(
+        long = "master-key-file",
+        value_name = "PATH",
+        env = "ORGKEY_MASTER_KEY_FILE",
+        global = true
+    )]
+    master_key_file: Option<PathBuf>,
     /// Keep the state in PostgreSQL instead (schema "orgkey"; needs the `postgres` feature:
     /// cargo run --features postgres --example gateway).
     #[arg(long, value_name = "URL", global = true)]
@@ -366,19 +377,15 @@ async fn run(checked: Checked) -> Result<(), String> {
             .map_err(|e| format!("default admin name: {e}"))?,
     };
     let builder = OrgKey::builder(&base_url).map_err(|e| format!("--base-url: {e}"))?;
+    let (master_file, master, created) = master_keys(&options)?;
+    let mut sqlite = None;
     let orgkey = match &options.postgres {
-        Some(url) => builder.open(postgres(url, &options).await?).await,
+        Some(url) => builder.open(postgres(url, &options, master).await?).await,
         None => {
-            let store = SqliteStore::open(&options.state, KeyFormat::default()).map_err(|e| {
-                format!(
-                    "state file {}: {e}{}",
-                    options.state.display(),
-                    std::error::Error::source(&e)
-                        .map(|s| format!(" ({s})"))
-                        .unwrap_or_default()
-                )
-            })?;
+            let store = SqliteStore::open(&options.state, KeyFormat::default(), master)
+                .map_err(|e| state_error(&options, &e))?;
             tracing::info!(state = %options.state.display(), "state file opened");
+            sqlite = Some(store.clone());
             builder.open(store).await
         }
     }
@@ -390,20 +397,33 @@ async fn run(checked: Checked) -> Result<(), String> {
                 .unwrap_or_default()
         )
     })?;
+    if created {
+        eprintln!(
+            "note: created the master key file {} (owner-only): it seals the keys in {}; \
+             without it they cannot be read. Keep it apart from the state's backups.",
+            master_file.display(),
+            options.state.display()
+        );
+    }
     let provisioned = provision(&orgkey, &options.org_id, api_key, &admin, password).await?;
+    let handles = ops::Handles {
+        keys: orgkey.keys().clone(),
+        admins: orgkey.admins().clone(),
+        master_file: master_file.clone(),
+        sqlite,
+    };
     // P5: this process owns the SQLite file; operator commands come through it (G6).
     let control = match &options.postgres {
         Some(_) => None,
         None => {
             let socket = ops::socket_path(&options.state);
-            let task = ops::listen(
-                socket.clone(),
-                orgkey.keys().clone(),
-                orgkey.admins().clone(),
-            )?;
+            let task = ops::listen(socket.clone(), handles.clone())?;
             Some((socket, task))
         }
     };
+    #[cfg(unix)]
+    reload_master_keys_on_hangup(handles)
+        .map_err(|e| format!("cannot install the SIGHUP handler: {e}"))?;
     // Before anything is printed: from here on SIGHUP reloads instead of ending the process.
     #[cfg(unix)]
     if let Some(tls) = &tls {
@@ -470,9 +490,20 @@ async fn run(checked: Checked) -> Result<(), String> {
 async fn operate(options: &Options, command: ops::Command) -> Result<(), String> {
     use crate::store::{Store, StoreError};
     use std::sync::Arc;
+    if let ops::Command::MasterKey(ops::MasterKeyCommand::Create) = command {
+        let (file, _) = master_key_path(options)?;
+        let master = crate::MasterKeys::create(&file).map_err(|e| e.to_string())?;
+        println!("master key file: {}", file.display());
+        println!("seals: {}", master.current());
+        return Ok(());
+    }
     let request = ops::Request::new(command, options.operator.clone())?;
-    let store: Arc<dyn Store> = match &options.postgres {
-        Some(url) => Arc::new(postgres(url, options).await?),
+    let mut sqlite = None;
+    let (master_file, store): (PathBuf, Arc<dyn Store>) = match &options.postgres {
+        Some(url) => {
+            let (file, master) = existing_master_keys(options)?;
+            (file, Arc::new(postgres(url, options, master).await?))
+        }
         None => {
             if !options.state.exists() {
                 return Err(format!(
@@ -481,24 +512,190 @@ async fn operate(options: &Options, command: ops::Command) -> Result<(), String>
                     options.state.display()
                 ));
             }
-            match SqliteStore::open(&options.state, KeyFormat::default()) {
-                Ok(store) => Arc::new(store),
+            let (file, master) = existing_master_keys(options)?;
+            match SqliteStore::open(&options.state, KeyFormat::default(), master) {
+                Ok(store) => {
+                    sqlite = Some(store.clone());
+                    (file, Arc::new(store))
+                }
                 // P5: a gateway holds the file; it runs the command itself.
                 Err(StoreError::InUse { .. }) => {
                     let socket = ops::socket_path(&options.state);
                     return ops::print(ops::send(&socket, &request).await);
                 }
-                Err(e) => return Err(format!("state file {}: {e}", options.state.display())),
+                Err(e) => return Err(state_error(options, &e)),
             }
         }
     };
+    if let ops::Command::Restore { path } = &request.command() {
+        return restore(options, sqlite, path).await;
+    }
     let keys = crate::KeyAdmin::open(crate::OrgTable::default(), Arc::clone(&store))
         .await
         .map_err(|e| format!("state: {e}"))?;
     let admins = crate::Admins::open(keys.table().clone(), store)
         .await
         .map_err(|e| format!("state: {e}"))?;
-    ops::print(ops::execute(&request, &keys, &admins).await)
+    let handles = ops::Handles {
+        keys,
+        admins,
+        master_file,
+        sqlite,
+    };
+    ops::print(ops::execute(&request, &handles).await)
+}
+
+/// `restore PATH` on a state no gateway holds (P4).
+async fn restore(
+    options: &Options,
+    sqlite: Option<SqliteStore>,
+    path: &Path,
+) -> Result<(), String> {
+    let Some(store) = sqlite else {
+        return Err(
+            "restore replaces an SQLite state; for PostgreSQL use pg_restore with every \
+             replica stopped (see the README)"
+                .to_owned(),
+        );
+    };
+    let operator = ops::operator(options.operator.clone())?;
+    let restored = store
+        .restore(path, operator.clone())
+        .await
+        .map_err(|e| format!("restore {}: {e}", path.display()))?;
+    tracing::info!(
+        target: "orgkey::audit",
+        actor = %operator,
+        action = "restore",
+        backup = %path.display(),
+        orgs = restored,
+        "state restored from a backup by an operator"
+    );
+    println!(
+        "restored: {} from {}",
+        options.state.display(),
+        path.display()
+    );
+    println!("orgs: {restored} (each audited as restore by {operator})");
+    println!("sessions: all ended");
+    Ok(())
+}
+
+/// The master key file the flags name: `--master-key-file` / `ORGKEY_MASTER_KEY_FILE`, else
+/// (SQLite) `<state>.master-key`; and whether it was named.
+fn master_key_path(options: &Options) -> Result<(PathBuf, bool), String> {
+    match (&options.master_key_file, &options.postgres) {
+        (Some(file), _) => Ok((file.clone(), true)),
+        (None, Some(_)) => Err(
+            "--postgres needs --master-key-file PATH (or ORGKEY_MASTER_KEY_FILE): create one \
+             with `orgkey-gateway --master-key-file PATH master-key create` and give every \
+             replica a copy"
+                .to_owned(),
+        ),
+        (None, None) => {
+            let mut path = options.state.as_os_str().to_owned();
+            path.push(".master-key");
+            Ok((PathBuf::from(path), false))
+        }
+    }
+}
+
+/// The master keys of an existing state (operator commands): the file must exist.
+fn existing_master_keys(options: &Options) -> Result<(PathBuf, crate::MasterKeys), String> {
+    let (file, named) = master_key_path(options)?;
+    match crate::MasterKeys::load(&file) {
+        Ok(master) => Ok((file, master)),
+        Err(crate::MasterKeyError::Missing(_)) if !named => Err(format!(
+            "master key file {} does not exist: name the state's with --master-key-file",
+            file.display()
+        )),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// The master keys to serve with (P4), the file, and whether this start created it: the
+/// named file, which must exist; else the one beside the SQLite state, created on the first
+/// start (a state that holds no sealed key yet). A missing or unreadable file stops the start
+/// before anything is served or changed.
+fn master_keys(options: &Options) -> Result<(PathBuf, crate::MasterKeys, bool), String> {
+    let (file, named) = master_key_path(options)?;
+    match crate::MasterKeys::load(&file) {
+        Ok(master) => Ok((file, master, false)),
+        Err(crate::MasterKeyError::Missing(_)) if named => Err(format!(
+            "master key file {} does not exist (--master-key-file or ORGKEY_MASTER_KEY_FILE); \
+             nothing was served or changed. Give the state's file, or create a new one for a \
+             new state with `orgkey-gateway --master-key-file {} master-key create`",
+            file.display(),
+            file.display()
+        )),
+        Err(crate::MasterKeyError::Missing(_)) => {
+            let sealed = SqliteStore::holds_sealed_keys(&options.state)
+                .map_err(|e| state_error(options, &e))?;
+            if sealed {
+                return Err(format!(
+                    "state file {} holds sealed keys, but its master key file {} does not \
+                     exist: name the right one with --master-key-file (or \
+                     ORGKEY_MASTER_KEY_FILE); nothing was served or changed",
+                    options.state.display(),
+                    file.display()
+                ));
+            }
+            let master = crate::MasterKeys::create(&file).map_err(|e| e.to_string())?;
+            Ok((file, master, true))
+        }
+        Err(e) => Err(format!("{e}; nothing was served or changed")),
+    }
+}
+
+/// The message for a state that cannot be opened, with its cause.
+fn state_error(options: &Options, e: &crate::store::StoreError) -> String {
+    format!(
+        "state file {}: {e}{}; nothing was served or changed",
+        options.state.display(),
+        std::error::Error::source(e)
+            .map(|s| format!(" ({s})"))
+            .unwrap_or_default()
+    )
+}
+
+/// On `SIGHUP`, reads the master key file again and hands it to the store, which takes it
+/// only if it opens every stored key (P4; a rotation's keys reach a running replica so).
+#[cfg(unix)]
+fn reload_master_keys_on_hangup(handles: ops::Handles) -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangups = signal(SignalKind::hangup())?;
+    tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            let file = &handles.master_file;
+            let reloaded = match crate::MasterKeys::load(file) {
+                Ok(master) => {
+                    let current = master.current();
+                    match handles.keys.store() {
+                        Some(store) => store
+                            .set_master_keys(master)
+                            .await
+                            .map(|()| current)
+                            .map_err(|e| e.to_string()),
+                        None => Ok(current),
+                    }
+                }
+                Err(e) => Err(e.to_string()),
+            };
+            match reloaded {
+                Ok(current) => tracing::info!(
+                    file = %file.display(),
+                    seals = %current,
+                    "master key file read again"
+                ),
+                Err(error) => tracing::error!(
+                    file = %file.display(),
+                    %error,
+                    "master key file not taken; the previous keys stay in use"
+                ),
+            }
+        }
+    });
+    Ok(())
 }
 
 /// Whether the login may be used over plain HTTP: on a loopback listen address, or with
@@ -636,7 +833,11 @@ async fn provision(
 }
 
 #[cfg(feature = "postgres")]
-async fn postgres(url: &str, options: &Options) -> Result<impl crate::store::Store, String> {
+async fn postgres(
+    url: &str,
+    options: &Options,
+    master: crate::MasterKeys,
+) -> Result<impl crate::store::Store, String> {
     use crate::store::{FleetConfig, FleetMode, PostgresStore};
     let mut fleet = FleetConfig {
         mode: if options.fleet_mode == "loose" {
@@ -661,7 +862,7 @@ async fn postgres(url: &str, options: &Options) -> Result<impl crate::store::Sto
         wait = ?fleet.wait,
         "fleet"
     );
-    PostgresStore::connect_with(url, &options.schema, KeyFormat::default(), fleet)
+    PostgresStore::connect_with(url, &options.schema, KeyFormat::default(), fleet, master)
         .await
         .map_err(|e| {
             format!(
@@ -674,7 +875,7 @@ async fn postgres(url: &str, options: &Options) -> Result<impl crate::store::Sto
 }
 
 #[cfg(not(feature = "postgres"))]
-async fn postgres(_: &str, _: &Options) -> Result<SqliteStore, String> {
+async fn postgres(_: &str, _: &Options, _: crate::MasterKeys) -> Result<SqliteStore, String> {
     Err(
         "--postgres needs the postgres feature: cargo run --features postgres --example gateway"
             .into(),

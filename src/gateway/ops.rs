@@ -1,5 +1,6 @@
-//! Operator commands (G6): `org create|subscribe|unsubscribe|show` and
-//! `admin create|disable|enable|password`, on the same binary as the gateway.
+//! Operator commands (G6): `org create|subscribe|unsubscribe|show`,
+//! `admin create|disable|enable|password`, `master-key create|status|rotate|retire` and
+//! `backup` / `restore` (P4), on the same binary as the gateway.
 //!
 //! A command changes the state the gateway serves, and is in force on the running gateway
 //! (every replica) when it returns:
@@ -18,6 +19,18 @@
 //! subscription changes are in the org's audit log (K7); admin account changes are recorded
 //! on the audit log target `orgkey::audit` of the process that makes them. Bad input gets a
 //! clear error and changes nothing.
+//!
+//! # Master keys and backups (P4)
+//!
+//! - `master-key rotate` puts a fresh master key first in the master key file (written
+//!   atomically, the old keys kept), makes the store use it, and seals every key again under
+//!   it, in batches, while the gateway serves. Interrupted (a crash, a kill), it leaves every
+//!   key sealed under one of the file's keys, and running it again finishes the same rotation
+//!   (it draws a new key only when every stored key is sealed under the file's first).
+//! - `master-key retire` drops from the file the keys no stored key is sealed under.
+//! - `backup PATH` copies the SQLite state while the gateway serves (SQLite's online
+//!   backup); `restore PATH` replaces a stopped gateway's state with a backup: its keys are
+//!   current again, every session ends, and each org's audit log says `restore`.
 
 use std::path::{Path, PathBuf};
 
@@ -27,6 +40,9 @@ use serde::{Deserialize, Serialize};
 use crate::directory::Admins;
 use crate::identity::{Scope, Scopes};
 use crate::keys::KeyAdmin;
+use crate::seal::{MasterKeyId, MasterKeys};
+#[cfg(feature = "sqlite")]
+use crate::store::SqliteStore;
 use crate::{Actor, OrgId, Password, Username};
 
 /// The operator commands (`orgkey-gateway <command>`; no command serves).
@@ -38,6 +54,38 @@ pub enum Command {
     /// Admin accounts: create, disable, enable, password.
     #[command(subcommand)]
     Admin(AdminCommand),
+    /// The master key file that seals the keys at rest (P4): create, status, rotate, retire.
+    #[command(subcommand, name = "master-key")]
+    MasterKey(MasterKeyCommand),
+    /// Writes a consistent copy of the SQLite state to PATH while the gateway serves (keys
+    /// sealed as in the state: the copy is useless without the master key file). PostgreSQL:
+    /// use pg_dump (see the README).
+    Backup {
+        /// The copy to write; it must not exist (created owner-only).
+        path: PathBuf,
+    },
+    /// Replaces the SQLite state with the backup at PATH; the gateway must be stopped. The
+    /// backup's keys are current again, every session ends, each org's audit log records
+    /// `restore`.
+    Restore {
+        /// The backup to restore.
+        path: PathBuf,
+    },
+}
+
+/// `master-key ...`
+#[derive(Subcommand, Debug, Clone, Serialize, Deserialize)]
+pub enum MasterKeyCommand {
+    /// Creates the master key file (--master-key-file, or the one beside --state) with one
+    /// fresh key, owner-only; never overwrites.
+    Create,
+    /// Shows the file's keys (the first seals) and the keys the stored keys are sealed under.
+    Status,
+    /// Seals every stored key under a fresh master key, while the gateway serves; run again
+    /// after an interruption to finish.
+    Rotate,
+    /// Drops from the file the master keys no stored key is sealed under.
+    Retire,
 }
 
 /// `org ...`
@@ -141,6 +189,18 @@ impl Request {
     }
 }
 
+impl Request {
+    /// The command.
+    pub(crate) fn command(&self) -> &Command {
+        &self.command
+    }
+}
+
+/// The actor of an operator command: `operator`, else the OS user.
+pub(crate) fn operator(operator: Option<String>) -> Result<Actor, String> {
+    Actor::new(&operator.unwrap_or_else(os_user)).map_err(|e| format!("--operator: {e}"))
+}
+
 /// The OS user's name ($USER, $LOGNAME), else `uid:<n>`.
 fn os_user() -> String {
     std::env::var("USER")
@@ -200,13 +260,23 @@ fn password(given: Option<&str>) -> Result<(Password, Option<Password>), String>
     }
 }
 
-/// Runs `request` through `keys` and `admins` (this process's, or the running gateway's);
-/// returns what to print.
-pub(crate) async fn execute(
-    request: &Request,
-    keys: &KeyAdmin,
-    admins: &Admins,
-) -> Result<Vec<String>, String> {
+/// What a command runs through: the serving process's handles (or the command's own, when no
+/// gateway holds the state), and the master key file they seal with.
+#[derive(Clone)]
+pub(crate) struct Handles {
+    pub(crate) keys: KeyAdmin,
+    pub(crate) admins: Admins,
+    /// The master key file of the store (P4).
+    pub(crate) master_file: PathBuf,
+    /// The SQLite store, for `backup`.
+    #[cfg(feature = "sqlite")]
+    pub(crate) sqlite: Option<SqliteStore>,
+}
+
+/// Runs `request` through `handles` (this process's, or the running gateway's); returns what
+/// to print.
+pub(crate) async fn execute(request: &Request, handles: &Handles) -> Result<Vec<String>, String> {
+    let (keys, admins) = (&handles.keys, &handles.admins);
     let actor = Actor::new(&request.operator).map_err(|e| format!("--operator: {e}"))?;
     let audit = |action: &str, admin: &Username, org: &OrgId| {
         tracing::info!(
@@ -333,7 +403,174 @@ pub(crate) async fn execute(
             }
             Ok(lines)
         }
+        Command::MasterKey(command) => master_key(command, handles, &actor).await,
+        Command::Backup { path } => backup(path, handles).await,
+        Command::Restore { .. } => Err(
+            "a gateway serves this state: stop it first (a restore replaces the state it \
+             serves, and its sessions)"
+                .to_owned(),
+        ),
     }
+}
+
+/// The store behind `handles`.
+fn store(handles: &Handles) -> Result<&std::sync::Arc<dyn crate::store::Store>, String> {
+    handles
+        .keys
+        .store()
+        .ok_or_else(|| "no store: nothing is kept at rest".to_owned())
+}
+
+fn ids(ids: impl IntoIterator<Item = MasterKeyId>) -> String {
+    let ids: Vec<String> = ids.into_iter().map(|id| id.to_hex()).collect();
+    if ids.is_empty() {
+        "(none)".to_owned()
+    } else {
+        ids.join(", ")
+    }
+}
+
+fn load_master(file: &Path) -> Result<MasterKeys, String> {
+    MasterKeys::load(file).map_err(|e| e.to_string())
+}
+
+/// `master-key status|rotate|retire` (P4), in the process that holds the store.
+async fn master_key(
+    command: &MasterKeyCommand,
+    handles: &Handles,
+    actor: &Actor,
+) -> Result<Vec<String>, String> {
+    let store = store(handles)?;
+    let file = &handles.master_file;
+    let in_use = store
+        .master_keys_in_use()
+        .await
+        .map_err(|e| format!("state: {e}"))?;
+    match command {
+        MasterKeyCommand::Create => Err(format!(
+            "master key file {} exists and is in use (it is never overwritten)",
+            file.display()
+        )),
+        MasterKeyCommand::Status => {
+            let master = load_master(file)?;
+            Ok(vec![
+                format!("master key file: {}", file.display()),
+                format!("seals: {}", master.current()),
+                format!("opens: {}", ids(master.ids())),
+                format!("stored keys sealed under: {}", ids(in_use)),
+            ])
+        }
+        MasterKeyCommand::Rotate => {
+            let master = load_master(file)?;
+            // An interrupted rotation has stored keys under an older key while the file's
+            // first key is the new one: finish that one instead of drawing another.
+            let resuming = in_use.iter().any(|id| *id != master.current());
+            let master = if resuming {
+                master
+            } else {
+                let rotated = master.with_new_key().map_err(|e| e.to_string())?;
+                rotated.save(file).map_err(|e| e.to_string())?;
+                rotated
+            };
+            let current = master.current();
+            store
+                .set_master_keys(master)
+                .await
+                .map_err(|e| format!("state: {e}"))?;
+            let resealed = store.reseal().await.map_err(|e| format!("state: {e}"))?;
+            tracing::info!(
+                target: "orgkey::audit",
+                actor = %actor,
+                action = "master-key-rotate",
+                master_key = %current,
+                resealed,
+                "master key rotated by an operator"
+            );
+            let left = store
+                .master_keys_in_use()
+                .await
+                .map_err(|e| format!("state: {e}"))?;
+            let mut lines = vec![
+                format!("master key file: {}", file.display()),
+                format!("seals: {current}"),
+                format!("resealed: {resealed}"),
+            ];
+            if resuming {
+                lines.push("resumed an interrupted rotation".to_owned());
+            }
+            if left.iter().any(|id| *id != current) {
+                lines.push(format!(
+                    "warning: stored keys are still sealed under {} (changes made meanwhile); \
+                     run master-key rotate again",
+                    ids(left.into_iter().filter(|id| *id != current))
+                ));
+            } else {
+                lines.push(
+                    "old master keys can be retired (master-key retire) once no backup you \
+                     keep was made under them"
+                        .to_owned(),
+                );
+            }
+            Ok(lines)
+        }
+        MasterKeyCommand::Retire => {
+            let master = load_master(file)?;
+            let retired: Vec<MasterKeyId> = master
+                .ids()
+                .filter(|id| *id != master.current() && !in_use.contains(id))
+                .collect();
+            if retired.is_empty() {
+                return Ok(vec![
+                    format!("master key file: {}", file.display()),
+                    format!(
+                        "retired: (none; stored keys are sealed under {})",
+                        ids(in_use)
+                    ),
+                ]);
+            }
+            let kept = master.without(|id| retired.contains(&id));
+            kept.save(file).map_err(|e| e.to_string())?;
+            store
+                .set_master_keys(kept)
+                .await
+                .map_err(|e| format!("state: {e}"))?;
+            tracing::info!(
+                target: "orgkey::audit",
+                actor = %actor,
+                action = "master-key-retire",
+                retired = %ids(retired.iter().copied()),
+                "master keys retired by an operator"
+            );
+            Ok(vec![
+                format!("master key file: {}", file.display()),
+                format!("retired: {}", ids(retired)),
+                "backups made under a retired key need a copy of the old file to be restored"
+                    .to_owned(),
+            ])
+        }
+    }
+}
+
+/// `backup PATH`: SQLite's online backup, by the process that holds the state.
+async fn backup(path: &Path, handles: &Handles) -> Result<Vec<String>, String> {
+    #[cfg(feature = "sqlite")]
+    if let Some(sqlite) = &handles.sqlite {
+        sqlite
+            .backup(path)
+            .await
+            .map_err(|e| format!("backup {}: {e}", path.display()))?;
+        let master = sqlite.master_keys();
+        return Ok(vec![
+            format!("backup: {}", path.display()),
+            format!(
+                "keys sealed under master key {}: keep {} apart from this copy",
+                master.current(),
+                handles.master_file.display()
+            ),
+        ]);
+    }
+    let _ = (path, handles);
+    Err("backup copies an SQLite state; for PostgreSQL use pg_dump (see the README)".to_owned())
 }
 
 fn admin_changed(
@@ -428,8 +665,7 @@ pub(crate) async fn send(socket: &Path, request: &Request) -> Result<Vec<String>
 /// until the returned task is aborted. Only the gateway's own user (or root) may send one.
 pub(crate) fn listen(
     socket: PathBuf,
-    keys: KeyAdmin,
-    admins: Admins,
+    handles: Handles,
 ) -> Result<tokio::task::JoinHandle<()>, String> {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     // A socket file left by a gateway that died: this process holds the state's lock, so
@@ -456,14 +692,14 @@ pub(crate) fn listen(
                 tracing::warn!("control socket: a command from another user was refused");
                 continue;
             }
-            let (keys, admins) = (keys.clone(), admins.clone());
-            tokio::spawn(async move { answer(stream, &keys, &admins).await });
+            let handles = handles.clone();
+            tokio::spawn(async move { answer(stream, &handles).await });
         }
     }))
 }
 
 /// Reads one command from `stream`, runs it, writes the answer.
-async fn answer(stream: tokio::net::UnixStream, keys: &KeyAdmin, admins: &Admins) {
+async fn answer(stream: tokio::net::UnixStream, handles: &Handles) {
     use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
@@ -473,7 +709,7 @@ async fn answer(stream: tokio::net::UnixStream, keys: &KeyAdmin, admins: &Admins
         .await;
     let result = match read {
         Ok(_) => match serde_json::from_str::<Request>(&line) {
-            Ok(request) => execute(&request, keys, admins).await,
+            Ok(request) => execute(&request, handles).await,
             Err(_) => Err("the command could not be read".to_owned()),
         },
         Err(e) => Err(format!("control socket: {e}")),

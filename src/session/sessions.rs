@@ -1056,8 +1056,14 @@ mod tests {
             std::process::id(),
             millis_u64(SystemTime::now())
         ));
-        let store: Arc<dyn Store> =
-            Arc::new(crate::store::SqliteStore::open(&path, crate::KeyFormat::default()).unwrap());
+        let store: Arc<dyn Store> = Arc::new(
+            crate::store::SqliteStore::open(
+                &path,
+                crate::KeyFormat::default(),
+                crate::MasterKeys::generate().unwrap(),
+            )
+            .unwrap(),
+        );
         let f = Arc::new(fixture(Some(store)).await);
         let (mut carried, mut ended) = (0, 0);
         for _ in 0..40 {

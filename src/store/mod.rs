@@ -46,8 +46,15 @@
 //! - [`Store::audit_page`] reads an org's audit log newest first, `limit` records before a
 //!   sequence number (exclusive), for paging. Audit records never contain key material.
 //!
-//! Keys are stored as they are (they must be shown to admins, K9, and compared in constant
-//! time): protect the database file or server like the keys themselves.
+//! # Keys at rest (P4)
+//!
+//! The durable stores keep an org's key only sealed ([`MasterKeys::seal`]: XChaCha20-Poly1305
+//! under a master key kept outside the store, bound to the org and its generation), and open
+//! it when they load or follow the org, so a copied file, dump or backup reveals no key without
+//! the master key file. A row that does not open is an error naming the org
+//! ([`StoreError::Sealed`]); nothing is served from it. Stores written by releases before
+//! sealing are sealed on their first open (see each backend). [`MemoryStore`] keeps nothing
+//! at rest.
 
 use std::fmt;
 use std::future::Future;
@@ -59,6 +66,7 @@ use crate::audit::AuditEvent;
 use crate::identity::{Scopes, Username};
 use crate::key::ApiKey;
 use crate::org::{Actor, Generation, OrgId};
+use crate::seal::{MasterKeyId, MasterKeys, SealError};
 use crate::table::OrgTable;
 
 mod memory;
@@ -179,6 +187,17 @@ pub enum StoreError {
     /// they apply it or their leases run out they may still judge by the old state. Callers
     /// treat the change as made and tell the admin which replicas are behind.
     Unconfirmed(Unconfirmed),
+    /// An org's stored key cannot be opened with the master key file (P4): sealed under a
+    /// master key the file does not hold, or altered, copied from another org, or replayed
+    /// from another generation. Nothing was loaded.
+    Sealed {
+        /// The org whose row failed.
+        org: OrgId,
+        /// Why.
+        error: SealError,
+        /// The master key file, as [`MasterKeys::describe`] says it.
+        file: String,
+    },
 }
 
 /// The replicas that had not confirmed a committed change when the strict-mode wait bound
@@ -230,6 +249,11 @@ impl fmt::Display for StoreError {
             }
             Self::Backend(_) => f.write_str("the store failed"),
             Self::Unconfirmed(unconfirmed) => fmt::Display::fmt(unconfirmed, f),
+            Self::Sealed { org, error, file } => write!(
+                f,
+                "the stored key of org {} cannot be opened with {file}: {error}",
+                org.as_str()
+            ),
         }
     }
 }
@@ -238,6 +262,7 @@ impl std::error::Error for StoreError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             Self::Backend(e) => Some(e),
+            Self::Sealed { error, .. } => Some(error),
             _ => None,
         }
     }
@@ -405,6 +430,27 @@ pub trait Store: Send + Sync + 'static {
     fn follow_changes(&self, replica: Replica) -> Option<ChangeFollower> {
         let _ = replica;
         None
+    }
+    /// The master keys that seal at least one stored key (P4); empty for stores that keep
+    /// nothing at rest.
+    fn master_keys_in_use(&self) -> StoreFuture<'_, Vec<MasterKeyId>> {
+        Box::pin(std::future::ready(Ok(Vec::new())))
+    }
+
+    /// Makes `master` this store's master keys (a master key file read again: `SIGHUP`, or a
+    /// rotation's first half), if they open every stored key; otherwise changes nothing and
+    /// fails with [`StoreError::Sealed`]. In a fleet, the store seals under a new key only
+    /// once every live replica holds it (see the backend).
+    fn set_master_keys(&self, master: MasterKeys) -> StoreFuture<'_, ()> {
+        let _ = master;
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    /// Seals again, under the sealing (first) master key, every stored key another master
+    /// key sealed (a rotation's second half, P4); returns how many. Requests and changes go
+    /// on meanwhile, and a crash leaves every key sealed under one of the file's keys.
+    fn reseal(&self) -> StoreFuture<'_, u64> {
+        Box::pin(std::future::ready(Ok(0)))
     }
 }
 
@@ -600,6 +646,15 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
     fn follow_changes(&self, replica: Replica) -> Option<ChangeFollower> {
         (**self).follow_changes(replica)
     }
+    fn master_keys_in_use(&self) -> StoreFuture<'_, Vec<MasterKeyId>> {
+        (**self).master_keys_in_use()
+    }
+    fn set_master_keys(&self, master: MasterKeys) -> StoreFuture<'_, ()> {
+        (**self).set_master_keys(master)
+    }
+    fn reseal(&self) -> StoreFuture<'_, u64> {
+        (**self).reseal()
+    }
 }
 
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
@@ -620,31 +675,58 @@ fn stored_u64(value: i64, what: &str) -> Result<u64, StoreError> {
 }
 
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
-/// An org from its stored columns, validated as the API validates them (shared by the SQL
-/// backends).
+/// An org from its stored columns, validated as the API validates them, its sealed key opened
+/// with `master` (shared by the SQL backends).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn org_record(
     id: &str,
     subscribed: bool,
-    key: Option<&str>,
+    sealed_key: Option<&[u8]>,
     generation: i64,
     modified_by: Option<&str>,
     modified_ms: Option<i64>,
     format: crate::key::KeyFormat,
+    master: &MasterKeys,
 ) -> Result<OrgRecord, StoreError> {
+    let org = OrgId::new(id).map_err(|_| corrupt("stored org id is invalid"))?;
+    let generation = Generation::new(stored_u64(generation, "stored generation is negative")?);
+    let key =
+        match sealed_key {
+            None => None,
+            Some(sealed) => Some(master.open(&org, generation, sealed, format).map_err(
+                |error| StoreError::Sealed {
+                    org: org.clone(),
+                    error,
+                    file: master.describe(),
+                },
+            )?),
+        };
     Ok(OrgRecord {
-        org: OrgId::new(id).map_err(|_| corrupt("stored org id is invalid"))?,
+        org,
         subscribed,
-        key: key
-            .map(|k| ApiKey::parse_with(k, format))
-            .transpose()
-            .map_err(|_| corrupt("stored key does not match the key format"))?,
-        generation: Generation::new(stored_u64(generation, "stored generation is negative")?),
+        key,
+        generation,
         last_modified_by: modified_by
             .map(Actor::new)
             .transpose()
             .map_err(|_| corrupt("stored actor is invalid"))?,
         last_modified_on: modified_ms.map(from_millis),
     })
+}
+
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+/// `record`'s key sealed with `master` for its row (shared by the SQL backends).
+pub(crate) fn sealed_key(
+    master: &MasterKeys,
+    under: crate::seal::MasterKeyId,
+    record: &OrgRecord,
+) -> Result<Option<Vec<u8>>, StoreError> {
+    record
+        .key
+        .as_ref()
+        .map(|key| master.seal_under(under, &record.org, record.generation, key))
+        .transpose()
+        .map_err(backend)
 }
 
 #[cfg(any(feature = "sqlite", feature = "postgres"))]

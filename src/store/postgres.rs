@@ -9,15 +9,18 @@ use tokio::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use tokio_postgres::{Client, Config, NoTls, Row, Statement};
 
 use super::{
-    admin_record, backend, corrupt, from_millis, millis, org_record, session_record, AdminRecord,
-    AuditRecord, ChangeFollower, OrgRecord, Replica, SessionRecord, Store, StoreError, StoreFuture,
-    ThrottleKeys, ThrottlePolicy, ThrottleVerdict, Unconfirmed, KNOWN_ADDRESSES_PER_ADMIN,
+    admin_record, backend, corrupt, from_millis, millis, org_record, sealed_key, session_record,
+    AdminRecord, AuditRecord, ChangeFollower, OrgRecord, Replica, SessionRecord, Store, StoreError,
+    StoreFuture, ThrottleKeys, ThrottlePolicy, ThrottleVerdict, Unconfirmed,
+    KNOWN_ADDRESSES_PER_ADMIN,
 };
 use crate::audit::{AuditEvent, KeyAction};
 use crate::identity::Username;
 use crate::key::{ApiKey, KeyFormat};
 use crate::org::{Actor, Generation, OrgId};
+use crate::seal::MasterKeys;
 use crate::table::OrgState;
+use arc_swap::ArcSwap;
 use std::time::Duration;
 use tokio_postgres::AsyncMessage;
 
@@ -213,6 +216,9 @@ const MIGRATIONS: &[&str] = &[
                  applied_seq = GREATEST(r.applied_seq, EXCLUDED.applied_seq);
          RETURN COALESCE(lapsed, FALSE);
      END $$;",
+    // 6: keys at rest only sealed (P4): `sealed_key` replaces `api_key`, which the first
+    // connect empties, sealing the keys a release before P4 wrote (in this transaction).
+    "ALTER TABLE orgs ADD COLUMN sealed_key BYTEA;",
 ];
 
 /// The first key of the advisory lock that serializes migrations (`orgk`); the second key is
@@ -281,6 +287,8 @@ struct Inner {
     config: Config,
     schema: String,
     format: KeyFormat,
+    /// The master keys that seal and open the stored keys (P4).
+    master: ArcSwap<MasterKeys>,
     conn: RwLock<Conn>,
     fleet: FleetConfig,
     /// The last change this process's follower applied (-1: no follower).
@@ -561,7 +569,7 @@ impl Follower {
             .map_err(backend)?;
         let rows = tx.query(SELECT_ORGS, &[]).await.map_err(backend)?;
         for row in &rows {
-            let (org, state) = state_of(org_from_row(row, inner.format)?);
+            let (org, state) = state_of(org_from_row(row, inner.format, &inner.master.load())?);
             self.replica.table.install_if_newer(org, Arc::new(state));
         }
         if let Some(admins) = &self.replica.admins {
@@ -606,7 +614,8 @@ impl Follower {
                 }
                 let sql = format!("{SELECT_ORGS} WHERE id = $1");
                 if let Some(row) = one_row(client, &sql, &org.as_str()).await? {
-                    let (org, state) = state_of(org_from_row(&row, format)?);
+                    let master = self.store.inner.master.load();
+                    let (org, state) = state_of(org_from_row(&row, format, &master)?);
                     self.replica.table.install_if_newer(org, Arc::new(state));
                 }
             }
@@ -793,7 +802,7 @@ impl Follower {
 }
 
 const SELECT_ORGS: &str =
-    "SELECT id, subscribed, api_key, generation, modified_by, modified_ms FROM orgs";
+    "SELECT id, subscribed, sealed_key, generation, modified_by, modified_ms FROM orgs";
 
 const SELECT_ADMINS_ONLY: &str =
     "SELECT username, org, enabled, scopes, password_hash, credential_version FROM admins";
@@ -899,8 +908,13 @@ impl PostgresStore {
     /// [`StoreError::Backend`] if the schema name is invalid, the connection string cannot be
     /// parsed, the server cannot be reached or refuses the connection, the schema was written
     /// by a newer orgkey, or a migration fails.
-    pub async fn connect(url: &str, schema: &str, format: KeyFormat) -> Result<Self, StoreError> {
-        Self::connect_with(url, schema, format, FleetConfig::default()).await
+    pub async fn connect(
+        url: &str,
+        schema: &str,
+        format: KeyFormat,
+        master: MasterKeys,
+    ) -> Result<Self, StoreError> {
+        Self::connect_with(url, schema, format, FleetConfig::default(), master).await
     }
 
     /// [`PostgresStore::connect`] with explicit fleet settings (strict or loose mode, lease,
@@ -915,6 +929,7 @@ impl PostgresStore {
         schema: &str,
         format: KeyFormat,
         fleet: FleetConfig,
+        master: MasterKeys,
     ) -> Result<Self, StoreError> {
         if !valid_schema(schema) {
             return Err(corrupt(
@@ -927,12 +942,13 @@ impl PostgresStore {
         if config.get_application_name().is_none() {
             config.application_name(format!("orgkey:{}", fleet.name));
         }
-        let conn = Conn::open(&config, schema).await?;
+        let conn = Conn::open(&config, schema, Some((&master, format))).await?;
         Ok(Self {
             inner: Arc::new(Inner {
                 config,
                 schema: schema.to_owned(),
                 format,
+                master: ArcSwap::from_pointee(master),
                 conn: RwLock::new(conn),
                 fleet,
                 applied: tokio::sync::watch::Sender::new(-1),
@@ -1152,7 +1168,7 @@ impl PostgresStore {
         let mut conn = self.inner.conn.write().await;
         if conn.client.is_closed() {
             tracing::info!(schema = %self.inner.schema, "reconnecting to PostgreSQL");
-            *conn = Conn::open(&self.inner.config, &self.inner.schema).await?;
+            *conn = Conn::open(&self.inner.config, &self.inner.schema, None).await?;
         }
         Ok(conn)
     }
@@ -1160,7 +1176,13 @@ impl PostgresStore {
 
 impl Conn {
     /// Connects, points `search_path` at `schema`, migrates, and prepares the statements.
-    async fn open(config: &Config, schema: &str) -> Result<Self, StoreError> {
+    /// Connects; `seal` (at the first connect) seals keys a release before P4 wrote in
+    /// clear, with the migration that adds `sealed_key`.
+    async fn open(
+        config: &Config,
+        schema: &str,
+        seal: Option<(&MasterKeys, KeyFormat)>,
+    ) -> Result<Self, StoreError> {
         let (mut client, connection) = config.connect(NoTls).await.map_err(backend)?;
         let name = schema.to_owned();
         tokio::spawn(async move {
@@ -1176,7 +1198,7 @@ impl Conn {
             ))
             .await
             .map_err(backend)?;
-        migrate(&mut client, schema).await?;
+        migrate(&mut client, schema, seal).await?;
         let statements = Statements::prepare(&client).await?;
         Ok(Self { client, statements })
     }
@@ -1187,15 +1209,15 @@ impl Statements {
         let prepare = |sql: &'static str| async move { client.prepare(sql).await.map_err(backend) };
         Ok(Self {
             load_orgs: prepare(
-                "SELECT id, subscribed, api_key, generation, modified_by, modified_ms
+                "SELECT id, subscribed, sealed_key, generation, modified_by, modified_ms
                  FROM orgs ORDER BY id",
             )
             .await?,
 
             lock_org: prepare("SELECT generation FROM orgs WHERE id = $1 FOR UPDATE").await?,
             update_org: prepare(
-                "UPDATE orgs SET subscribed = $2, api_key = $3, generation = $4,
-                     modified_by = $5, modified_ms = $6
+                "UPDATE orgs SET subscribed = $2, sealed_key = $3, generation = $4,
+                     modified_by = $5, modified_ms = $6, api_key = NULL
                  WHERE id = $1",
             )
             .await?,
@@ -1231,7 +1253,11 @@ impl Statements {
 
 /// Creates the schema if missing and runs the migrations it has not had, in one transaction
 /// under an advisory lock (so concurrent connects wait for each other).
-async fn migrate(client: &mut Client, schema: &str) -> Result<(), StoreError> {
+async fn migrate(
+    client: &mut Client,
+    schema: &str,
+    seal: Option<(&MasterKeys, KeyFormat)>,
+) -> Result<(), StoreError> {
     let tx = client.transaction().await.map_err(backend)?;
     tx.execute(
         "SELECT pg_advisory_xact_lock($1, hashtext($2))",
@@ -1296,10 +1322,61 @@ async fn migrate(client: &mut Client, schema: &str) -> Result<(), StoreError> {
         .await
         .map_err(backend)?;
     }
+    if let Some((master, format)) = seal {
+        seal_plaintext(&tx, master, format).await?;
+    }
     tx.commit().await.map_err(backend)
 }
 
-fn org_from_row(row: &Row, format: KeyFormat) -> Result<OrgRecord, StoreError> {
+/// Seals, in the migration's transaction, the keys a release before P4 stored in clear
+/// (`api_key`), and empties that column: all or nothing. The old row versions stay in the
+/// table's files until PostgreSQL reuses their space (and in WAL archives and dumps taken
+/// before): the README says to regenerate keys whose old copies cannot be destroyed.
+async fn seal_plaintext(
+    tx: &tokio_postgres::Transaction<'_>,
+    master: &MasterKeys,
+    format: KeyFormat,
+) -> Result<(), StoreError> {
+    let rows = tx
+        .query(
+            "SELECT id, api_key, generation FROM orgs WHERE api_key IS NOT NULL FOR UPDATE",
+            &[],
+        )
+        .await
+        .map_err(backend)?;
+    for row in &rows {
+        let id: &str = row.try_get(0).map_err(backend)?;
+        let key: &str = row.try_get(1).map_err(backend)?;
+        let generation: i64 = row.try_get(2).map_err(backend)?;
+        let org = OrgId::new(id).map_err(|_| corrupt("stored org id is invalid"))?;
+        let key = ApiKey::parse_with(key, format)
+            .map_err(|_| corrupt("a stored clear key does not match the key format"))?;
+        let generation = Generation::new(
+            u64::try_from(generation).map_err(|_| corrupt("stored generation is negative"))?,
+        );
+        let sealed = master.seal(&org, generation, &key).map_err(backend)?;
+        tx.execute(
+            "UPDATE orgs SET sealed_key = $2, api_key = NULL WHERE id = $1",
+            &[&id, &sealed],
+        )
+        .await
+        .map_err(backend)?;
+    }
+    if !rows.is_empty() {
+        tracing::info!(
+            target: "orgkey::store::postgres",
+            sealed = rows.len(),
+            "keys written before sealing (P4) are sealed"
+        );
+    }
+    Ok(())
+}
+
+fn org_from_row(
+    row: &Row,
+    format: KeyFormat,
+    master: &MasterKeys,
+) -> Result<OrgRecord, StoreError> {
     org_record(
         row.try_get(0).map_err(backend)?,
         row.try_get(1).map_err(backend)?,
@@ -1308,6 +1385,7 @@ fn org_from_row(row: &Row, format: KeyFormat) -> Result<OrgRecord, StoreError> {
         row.try_get(4).map_err(backend)?,
         row.try_get(5).map_err(backend)?,
         format,
+        master,
     )
 }
 
@@ -1340,8 +1418,9 @@ impl Store for PostgresStore {
                 .query(&conn.statements.load_orgs, &[])
                 .await
                 .map_err(backend)?;
+            let master = self.inner.master.load();
             rows.iter()
-                .map(|row| org_from_row(row, self.inner.format))
+                .map(|row| org_from_row(row, self.inner.format, &master))
                 .collect()
         })
     }
@@ -1378,6 +1457,8 @@ impl Store for PostgresStore {
             let expected = to_i64(expected.get(), "expected generation out of range")?;
             let generation = to_i64(next.generation.get(), "generation out of range")?;
             let audit_generation = to_i64(audit.generation.get(), "generation out of range")?;
+            let master = self.inner.master.load_full();
+            let sealed = sealed_key(&master, master.current(), next)?;
             let mut conn = self.exclusive().await?;
             let Conn { client, statements } = &mut *conn;
             // Dropping `tx` without committing (any early return) queues a ROLLBACK ahead of
@@ -1399,7 +1480,7 @@ impl Store for PostgresStore {
                 &[
                     &next.org.as_str(),
                     &next.subscribed,
-                    &next.key.as_ref().map(ApiKey::expose_secret),
+                    &sealed,
                     &generation,
                     &next.last_modified_by.as_ref().map(Actor::as_str),
                     &next.last_modified_on.map(millis),

@@ -23,17 +23,20 @@
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
+use arc_swap::ArcSwap;
+
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use super::{
-    admin_record, backend, corrupt, from_millis, millis, org_record, session_record, AdminRecord,
-    AuditRecord, OrgRecord, SessionRecord, Store, StoreError, StoreFuture, ThrottleKeys,
-    ThrottlePolicy, ThrottleVerdict, KNOWN_ADDRESSES_PER_ADMIN,
+    admin_record, backend, corrupt, from_millis, millis, org_record, sealed_key, session_record,
+    AdminRecord, AuditRecord, OrgRecord, SessionRecord, Store, StoreError, StoreFuture,
+    ThrottleKeys, ThrottlePolicy, ThrottleVerdict, KNOWN_ADDRESSES_PER_ADMIN,
 };
 use crate::audit::{AuditEvent, KeyAction};
 use crate::identity::Username;
 use crate::key::{ApiKey, KeyFormat};
 use crate::org::{Actor, Generation, OrgId};
+use crate::seal::{sealed_by, sealed_prefix, MasterKeyId, MasterKeys};
 
 /// The schema, one entry per version; `user_version` says how many have run.
 const MIGRATIONS: &[&str] = &[
@@ -85,6 +88,14 @@ const MIGRATIONS: &[&str] = &[
          expires_ms          INTEGER NOT NULL,
          PRIMARY KEY (username, address)
      ) WITHOUT ROWID;",
+    // 5: keys at rest only sealed (P4): `sealed_key` replaces `api_key`, which `open` empties
+    // (sealing the keys a release before P4 wrote, see `seal_plaintext`); `orgkey_meta` holds
+    // `scrub_pending` while the old plaintext may still be in free pages.
+    "ALTER TABLE orgs ADD COLUMN sealed_key BLOB;
+     CREATE TABLE orgkey_meta (
+         name                TEXT PRIMARY KEY,
+         value               TEXT NOT NULL
+     ) WITHOUT ROWID;",
 ];
 
 /// A [`Store`] in one SQLite file. Cheap to clone (shared connection).
@@ -97,6 +108,9 @@ const MIGRATIONS: &[&str] = &[
 pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
     format: KeyFormat,
+    /// The master keys that seal and open the stored keys (P4); replaced by
+    /// [`SqliteStore::set_master_keys`].
+    master: Arc<ArcSwap<MasterKeys>>,
     /// The exclusive lock on `<file>.lock`, held while any clone lives.
     _lock: Arc<std::fs::File>,
 }
@@ -109,14 +123,25 @@ impl std::fmt::Debug for SqliteStore {
 
 impl SqliteStore {
     /// Opens (creating if needed) the database at `path`, for keys of `format`, for this
-    /// process alone (P5).
+    /// process alone (P5), its keys sealed and opened with `master` (P4).
+    ///
+    /// A state written before sealing (schema 4 or older, keys in clear) is sealed here, in
+    /// one transaction, and its free pages and write-ahead log are then scrubbed of the old
+    /// keys (`secure_delete`, `VACUUM`, a truncating checkpoint; a crash before the scrub
+    /// ends is finished by the next open). `secure_delete` stays on.
     ///
     /// # Errors
     ///
     /// [`StoreError::InUse`] if another process (or another open store in this one) holds the
-    /// file; [`StoreError::Backend`] if the file or its lock file cannot be opened, WAL or
-    /// `synchronous=FULL` cannot be set (asserted by reading them back), or a migration fails.
-    pub fn open(path: impl AsRef<Path>, format: KeyFormat) -> Result<Self, StoreError> {
+    /// file; [`StoreError::Sealed`] if a stored key was sealed under a master key `master` does
+    /// not hold (a wrong master key file; nothing is changed); [`StoreError::Backend`] if the
+    /// file or its lock file cannot be opened, WAL or `synchronous=FULL` cannot be set
+    /// (asserted by reading them back), or a migration fails.
+    pub fn open(
+        path: impl AsRef<Path>,
+        format: KeyFormat,
+        master: MasterKeys,
+    ) -> Result<Self, StoreError> {
         let path = path.as_ref();
         let lock = lock_exclusively(path)?;
         let mut conn = Connection::open(path).map_err(backend)?;
@@ -128,8 +153,10 @@ impl SqliteStore {
         if !mode.eq_ignore_ascii_case("wal") {
             return Err(corrupt("SQLite refused WAL journal mode"));
         }
-        conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")
-            .map_err(backend)?;
+        conn.execute_batch(
+            "PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON; PRAGMA secure_delete=ON;",
+        )
+        .map_err(backend)?;
         let synchronous: i64 = conn
             .query_row("PRAGMA synchronous", [], |row| row.get(0))
             .map_err(backend)?;
@@ -137,11 +164,98 @@ impl SqliteStore {
             return Err(corrupt("SQLite refused synchronous=FULL"));
         }
         migrate(&mut conn)?;
+        // Before anything is written: a wrong master key file changes nothing.
+        check_master(&conn, &master)?;
+        seal_plaintext(&mut conn, format, &master)?;
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
             format,
+            master: Arc::new(ArcSwap::from_pointee(master)),
             _lock: Arc::new(lock),
         })
+    }
+
+    /// Whether the state at `path` holds keys sealed under some master key (so a new master
+    /// key file must not be made for it); `false` for no file, or a state written before
+    /// sealing. Reads without taking the state's lock.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Backend`] if the file exists but cannot be read as an SQLite state.
+    pub fn holds_sealed_keys(path: impl AsRef<Path>) -> Result<bool, StoreError> {
+        let path = path.as_ref();
+        if !path.exists() {
+            return Ok(false);
+        }
+        let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .map_err(backend)?;
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |row| row.get(0))
+            .map_err(backend)?;
+        if version < 5 {
+            return Ok(false);
+        }
+        conn.query_row(
+            "SELECT EXISTS (SELECT 1 FROM orgs WHERE sealed_key IS NOT NULL)",
+            [],
+            |row| row.get(0),
+        )
+        .map_err(backend)
+    }
+
+    /// The master keys this store seals and opens with.
+    pub fn master_keys(&self) -> Arc<MasterKeys> {
+        self.master.load_full()
+    }
+
+    /// Writes a consistent copy of the state to `to` with SQLite's online backup, while the
+    /// store serves (P4): the copy holds keys sealed as the state does, and is useless
+    /// without the master key file. `to` must not exist; it is created owner-only.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Backend`] if `to` exists or cannot be written.
+    pub async fn backup(&self, to: impl AsRef<Path>) -> Result<(), StoreError> {
+        let to = to.as_ref().to_owned();
+        self.run(move |conn, _| {
+            create_owner_only(&to)?;
+            let result = (|| {
+                let mut copy = Connection::open(&to).map_err(backend)?;
+                let backup = rusqlite::backup::Backup::new(conn, &mut copy).map_err(backend)?;
+                backup
+                    .run_to_completion(256, std::time::Duration::ZERO, None)
+                    .map_err(backend)?;
+                drop(backup);
+                // The copy stands alone: one file, no write-ahead log beside it.
+                copy.execute_batch("PRAGMA journal_mode=DELETE;")
+                    .map_err(backend)?;
+                Ok(())
+            })();
+            if result.is_err() {
+                let _ = std::fs::remove_file(&to);
+            }
+            result
+        })
+        .await
+    }
+
+    /// Replaces this store's state with the backup at `from` (P4), as one transaction: the
+    /// backup's keys are current again. Before anything changes, every key in the backup must
+    /// open with this store's master keys. Every session is ended (a session younger than
+    /// the backup must not outlive the keys it was born under, and an old one must not come
+    /// back), and each org gets a `restore` audit record by `actor`. Returns the orgs
+    /// restored. The state must then be loaded again (a gateway restarts).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Sealed`] if a key in the backup does not open (a backup of another
+    /// state, or a master key file without its key); [`StoreError::Backend`] if `from`
+    /// is not an orgkey state or cannot be read.
+    pub async fn restore(&self, from: impl AsRef<Path>, actor: Actor) -> Result<u64, StoreError> {
+        let from = from.as_ref().to_owned();
+        let master = self.master.load_full();
+        self.run(move |conn, format| restore_from(conn, format, &master, &from, &actor))
+            .await
     }
 
     /// Runs `f` with the connection on tokio's blocking pool (inline without a runtime).
@@ -287,37 +401,295 @@ fn ms(value: u64) -> Result<i64, StoreError> {
     i64::try_from(value).map_err(|_| corrupt("throttle time out of range"))
 }
 
-fn org_from_row(row: &rusqlite::Row<'_>, format: KeyFormat) -> Result<OrgRecord, StoreError> {
+fn org_from_row(
+    row: &rusqlite::Row<'_>,
+    format: KeyFormat,
+    master: &MasterKeys,
+) -> Result<OrgRecord, StoreError> {
     let id: String = row.get(0).map_err(backend)?;
-    let key: Option<String> = row.get(2).map_err(backend)?;
+    let sealed: Option<Vec<u8>> = row.get(2).map_err(backend)?;
     let by: Option<String> = row.get(4).map_err(backend)?;
     org_record(
         &id,
         row.get(1).map_err(backend)?,
-        key.as_deref(),
+        sealed.as_deref(),
         row.get(3).map_err(backend)?,
         by.as_deref(),
         row.get(5).map_err(backend)?,
         format,
+        master,
     )
+}
+
+/// Every org, its key opened.
+fn load_all(
+    conn: &Connection,
+    format: KeyFormat,
+    master: &MasterKeys,
+) -> Result<Vec<OrgRecord>, StoreError> {
+    let mut statement = conn
+        .prepare(
+            "SELECT id, subscribed, sealed_key, generation, modified_by, modified_ms
+             FROM orgs ORDER BY id",
+        )
+        .map_err(backend)?;
+    let mut rows = statement.query([]).map_err(backend)?;
+    let mut orgs = Vec::new();
+    while let Some(row) = rows.next().map_err(backend)? {
+        orgs.push(org_from_row(row, format, master)?);
+    }
+    Ok(orgs)
+}
+
+/// The master keys that seal at least one stored key.
+fn keys_in_use(conn: &Connection) -> Result<Vec<MasterKeyId>, StoreError> {
+    let mut statement = conn
+        .prepare("SELECT DISTINCT substr(sealed_key, 1, 9) FROM orgs WHERE sealed_key IS NOT NULL")
+        .map_err(backend)?;
+    let mut rows = statement.query([]).map_err(backend)?;
+    let mut ids = Vec::new();
+    while let Some(row) = rows.next().map_err(backend)? {
+        let head: Vec<u8> = row.get(0).map_err(backend)?;
+        ids.push(sealed_by(&head).ok_or_else(|| corrupt("a stored key is not a sealed value"))?);
+    }
+    Ok(ids)
+}
+
+/// Fails with [`StoreError::Sealed`] if a stored key was sealed under a key `master` lacks
+/// (before anything is written: a wrong master key file changes nothing).
+fn check_master(conn: &Connection, master: &MasterKeys) -> Result<(), StoreError> {
+    let mut statement = conn
+        .prepare(
+            "SELECT id, sealed_key FROM orgs WHERE sealed_key IS NOT NULL
+             AND substr(sealed_key, 1, 9) = ?1 LIMIT 1",
+        )
+        .map_err(backend)?;
+    for id in keys_in_use(conn)? {
+        if master.contains(id) {
+            continue;
+        }
+        let org: String = statement
+            .query_row(params![sealed_prefix(id).to_vec()], |row| row.get(0))
+            .map_err(backend)?;
+        return Err(StoreError::Sealed {
+            org: OrgId::new(&org).map_err(|_| corrupt("stored org id is invalid"))?,
+            error: crate::seal::SealError::UnknownMasterKey(id),
+            file: master.describe(),
+        });
+    }
+    Ok(())
+}
+
+/// Seals the keys a release before P4 stored in clear (migration 5), in one transaction, then
+/// scrubs the old bytes from free pages and the write-ahead log; `scrub_pending` makes a
+/// crash before the scrub ends finish it at the next open.
+fn seal_plaintext(
+    conn: &mut Connection,
+    format: KeyFormat,
+    master: &MasterKeys,
+) -> Result<(), StoreError> {
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(backend)?;
+    let mut plain: Vec<(String, String, i64)> = {
+        let mut statement = tx
+            .prepare("SELECT id, api_key, generation FROM orgs WHERE api_key IS NOT NULL")
+            .map_err(backend)?;
+        let rows = statement
+            .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
+            .map_err(backend)?;
+        rows.collect::<Result<_, _>>().map_err(backend)?
+    };
+    for (id, key, generation) in &plain {
+        let org = OrgId::new(id).map_err(|_| corrupt("stored org id is invalid"))?;
+        let key = ApiKey::parse_with(key, format)
+            .map_err(|_| corrupt("a stored clear key does not match the key format"))?;
+        let generation = Generation::new(
+            u64::try_from(*generation).map_err(|_| corrupt("stored generation is negative"))?,
+        );
+        let sealed = master.seal(&org, generation, &key).map_err(backend)?;
+        tx.execute(
+            "UPDATE orgs SET sealed_key = ?2, api_key = NULL WHERE id = ?1",
+            params![id, sealed],
+        )
+        .map_err(backend)?;
+    }
+    if !plain.is_empty() {
+        tx.execute(
+            "INSERT INTO orgkey_meta (name, value) VALUES ('scrub_pending', '1')
+             ON CONFLICT (name) DO UPDATE SET value = '1'",
+            [],
+        )
+        .map_err(backend)?;
+    }
+    let sealed = plain.len();
+    for (_, key, _) in &mut plain {
+        zeroize::Zeroize::zeroize(key);
+    }
+    tx.commit().map_err(backend)?;
+    let pending: Option<String> = conn
+        .query_row(
+            "SELECT value FROM orgkey_meta WHERE name = 'scrub_pending'",
+            [],
+            |row| row.get(0),
+        )
+        .optional()
+        .map_err(backend)?;
+    if pending.is_some() {
+        // VACUUM rewrites every page (free pages and slack included) and the truncating
+        // checkpoint moves it into the file and empties the log.
+        conn.execute_batch("VACUUM; PRAGMA wal_checkpoint(TRUNCATE);")
+            .map_err(backend)?;
+        conn.execute("DELETE FROM orgkey_meta WHERE name = 'scrub_pending'", [])
+            .map_err(backend)?;
+        conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
+            .map_err(backend)?;
+        tracing::info!(
+            target: "orgkey::store::sqlite",
+            sealed,
+            "keys written before sealing (P4) are sealed; old bytes scrubbed"
+        );
+    }
+    Ok(())
+}
+
+/// Rows per transaction when sealing again.
+const RESEAL_BATCH: usize = 1000;
+
+fn reseal_all(
+    conn: &mut Connection,
+    format: KeyFormat,
+    master: &MasterKeys,
+) -> Result<u64, StoreError> {
+    let head = sealed_prefix(master.current()).to_vec();
+    let mut done = 0u64;
+    loop {
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(backend)?;
+        let rows: Vec<(String, Vec<u8>, i64)> = {
+            let mut statement = tx
+                .prepare_cached(
+                    "SELECT id, sealed_key, generation FROM orgs
+                     WHERE sealed_key IS NOT NULL AND substr(sealed_key, 1, 9) <> ?1
+                     ORDER BY id LIMIT ?2",
+                )
+                .map_err(backend)?;
+            let rows = statement
+                .query_map(params![head, RESEAL_BATCH as i64], |row| {
+                    Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+                })
+                .map_err(backend)?;
+            rows.collect::<Result<_, _>>().map_err(backend)?
+        };
+        if rows.is_empty() {
+            return Ok(done);
+        }
+        for (id, sealed, generation) in &rows {
+            let org = OrgId::new(id).map_err(|_| corrupt("stored org id is invalid"))?;
+            let generation = Generation::new(
+                u64::try_from(*generation).map_err(|_| corrupt("stored generation is negative"))?,
+            );
+            let key = master
+                .open(&org, generation, sealed, format)
+                .map_err(|error| StoreError::Sealed {
+                    org: org.clone(),
+                    error,
+                    file: master.describe(),
+                })?;
+            let again = master.seal(&org, generation, &key).map_err(backend)?;
+            tx.execute(
+                "UPDATE orgs SET sealed_key = ?2 WHERE id = ?1",
+                params![id, again],
+            )
+            .map_err(backend)?;
+            done += 1;
+        }
+        tx.commit().map_err(backend)?;
+    }
+}
+
+/// Creates `path` empty and owner-only; an existing file is an error.
+fn create_owner_only(path: &Path) -> Result<(), StoreError> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    options.open(path).map(drop).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            corrupt("the backup file already exists (it is never overwritten)")
+        } else {
+            backend(e)
+        }
+    })
+}
+
+fn restore_from(
+    conn: &mut Connection,
+    format: KeyFormat,
+    master: &MasterKeys,
+    from: &Path,
+    actor: &Actor,
+) -> Result<u64, StoreError> {
+    // Prepare the restored state in memory: check it, end its sessions, audit; then copy it
+    // over the state in one step (SQLite's backup writes the destination as one transaction).
+    let source = Connection::open_with_flags(from, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .map_err(backend)?;
+    let mut staged = Connection::open_in_memory().map_err(backend)?;
+    {
+        let backup = rusqlite::backup::Backup::new(&source, &mut staged).map_err(backend)?;
+        backup
+            .run_to_completion(256, std::time::Duration::ZERO, None)
+            .map_err(backend)?;
+    }
+    drop(source);
+    let version: i64 = staged
+        .query_row("PRAGMA user_version", [], |row| row.get(0))
+        .map_err(|_| corrupt("the backup is not an orgkey state"))?;
+    if version < 1 || version > MIGRATIONS.len() as i64 {
+        return Err(corrupt(
+            "the backup is not an orgkey state this release can read",
+        ));
+    }
+    migrate(&mut staged)?;
+    check_master(&staged, master)?;
+    seal_plaintext(&mut staged, format, master)?;
+    let orgs = load_all(&staged, format, master)?;
+    let now = millis(std::time::SystemTime::now());
+    let tx = staged.transaction().map_err(backend)?;
+    tx.execute("DELETE FROM sessions", []).map_err(backend)?;
+    for org in &orgs {
+        tx.execute(
+            "INSERT INTO audit (org, actor, action, at_ms, generation)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                org.org.as_str(),
+                actor.as_str(),
+                KeyAction::Restore.as_str(),
+                now,
+                org.generation.get() as i64,
+            ],
+        )
+        .map_err(backend)?;
+    }
+    tx.commit().map_err(backend)?;
+    let backup = rusqlite::backup::Backup::new(&staged, conn).map_err(backend)?;
+    backup
+        .run_to_completion(256, std::time::Duration::ZERO, None)
+        .map_err(backend)?;
+    drop(backup);
+    conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
+        .map_err(backend)?;
+    Ok(orgs.len() as u64)
 }
 
 impl Store for SqliteStore {
     fn load_orgs(&self) -> StoreFuture<'_, Vec<OrgRecord>> {
-        self.run(|conn, format| {
-            let mut statement = conn
-                .prepare(
-                    "SELECT id, subscribed, api_key, generation, modified_by, modified_ms
-                     FROM orgs ORDER BY id",
-                )
-                .map_err(backend)?;
-            let mut rows = statement.query([]).map_err(backend)?;
-            let mut orgs = Vec::new();
-            while let Some(row) = rows.next().map_err(backend)? {
-                orgs.push(org_from_row(row, format)?);
-            }
-            Ok(orgs)
-        })
+        let master = self.master.load_full();
+        self.run(move |conn, format| load_all(conn, format, &master))
     }
 
     fn create_org<'a>(&'a self, org: &'a OrgId) -> StoreFuture<'a, ()> {
@@ -344,9 +716,12 @@ impl Store for SqliteStore {
         next: &'a OrgRecord,
         audit: &'a AuditEvent,
     ) -> StoreFuture<'a, ()> {
+        let master = self.master.load_full();
+        let sealed = sealed_key(&master, master.current(), next);
         let next = next.clone();
         let audit = audit.clone();
         self.run(move |conn, _| {
+            let sealed = sealed?;
             let tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(backend)?;
@@ -364,13 +739,13 @@ impl Store for SqliteStore {
                 Some(_) => {}
             }
             tx.execute(
-                "UPDATE orgs SET subscribed = ?2, api_key = ?3, generation = ?4,
-                     modified_by = ?5, modified_ms = ?6
+                "UPDATE orgs SET subscribed = ?2, sealed_key = ?3, generation = ?4,
+                     modified_by = ?5, modified_ms = ?6, api_key = NULL
                  WHERE id = ?1",
                 params![
                     next.org.as_str(),
                     next.subscribed,
-                    next.key.as_ref().map(ApiKey::expose_secret),
+                    sealed,
                     next.generation.get() as i64,
                     next.last_modified_by.as_ref().map(Actor::as_str),
                     next.last_modified_on.map(millis),
@@ -677,5 +1052,26 @@ impl Store for SqliteStore {
                 Ok((buckets + known) as u64)
             })
         })
+    }
+
+    fn master_keys_in_use(&self) -> StoreFuture<'_, Vec<MasterKeyId>> {
+        self.run(|conn, _| keys_in_use(conn))
+    }
+
+    fn set_master_keys(&self, master: MasterKeys) -> StoreFuture<'_, ()> {
+        let master = Arc::new(master);
+        let swap = Arc::clone(&self.master);
+        // Under the connection's lock: no commit seals under the old keys in between.
+        self.run(move |conn, _| {
+            check_master(conn, &master)?;
+            swap.store(master);
+            Ok(())
+        })
+    }
+
+    /// Batches of 1,000 rows, one transaction each (see [`Store::reseal`]).
+    fn reseal(&self) -> StoreFuture<'_, u64> {
+        let master = self.master.load_full();
+        self.run(move |conn, format| reseal_all(conn, format, &master))
     }
 }

@@ -300,3 +300,11 @@ pub async fn race_regenerates(writers: Vec<KeyAdmin>, org: OrgId) -> (Vec<String
     }
     (winners, conflicts)
 }
+
+/// The master key file of the state at `path` (`<path>.master-key`), created on first use, so
+/// a test that opens a state again (or from another process) opens it with the same key.
+pub fn master_for(path: impl AsRef<std::path::Path>) -> orgkey::MasterKeys {
+    let mut file = path.as_ref().as_os_str().to_owned();
+    file.push(".master-key");
+    orgkey::MasterKeys::load_or_create(std::path::PathBuf::from(file)).unwrap()
+}

@@ -7,6 +7,8 @@ use orgkey::KeyFormat;
 pub struct TempSchema {
     pub url: String,
     pub name: String,
+    /// The schema's master key (P4): every store on it opens with a copy.
+    pub master: orgkey::MasterKeys,
 }
 
 impl TempSchema {
@@ -21,6 +23,7 @@ impl TempSchema {
         Some(Self {
             url,
             name: format!("orgkey_test_{hex}"),
+            master: orgkey::MasterKeys::generate().unwrap(),
         })
     }
 
@@ -48,7 +51,7 @@ impl TempSchema {
             name: name.to_owned(),
             ..fleet
         };
-        PostgresStore::connect_with(&self.url, &self.name, format, fleet)
+        PostgresStore::connect_with(&self.url, &self.name, format, fleet, self.master.clone())
             .await
             .unwrap()
     }
