@@ -330,16 +330,19 @@ impl MasterKeys {
     pub fn create(path: impl AsRef<Path>) -> Result<Self, MasterKeyError> {
         let path = path.as_ref();
         let mut keys = Self::generate().map_err(MasterKeyError::Randomness)?;
-        let mut file = match owner_only().create_new(true).write(true).open(path) {
-            Ok(file) => file,
+        let io = |e| MasterKeyError::Io(path.to_owned(), e);
+        // Written whole beside it, then linked into place: the link fails if the file exists
+        // (never overwritten), and a crash leaves no file or the whole file, never a part.
+        let temporary = write_temporary(path, &keys.file_text()).map_err(io)?;
+        let linked = std::fs::hard_link(&temporary, path);
+        let _ = std::fs::remove_file(&temporary);
+        match linked {
+            Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 return Err(MasterKeyError::Exists(path.to_owned()))
             }
-            Err(e) => return Err(MasterKeyError::Io(path.to_owned(), e)),
-        };
-        let io = |e| MasterKeyError::Io(path.to_owned(), e);
-        file.write_all(keys.file_text().as_bytes()).map_err(io)?;
-        file.sync_all().map_err(io)?;
+            Err(e) => return Err(io(e)),
+        }
         sync_parent(path).map_err(io)?;
         keys.path = Some(path.to_owned());
         Ok(keys)
@@ -375,20 +378,8 @@ impl MasterKeys {
     pub fn save(&self, path: impl AsRef<Path>) -> Result<(), MasterKeyError> {
         let path = path.as_ref();
         let io = |e| MasterKeyError::Io(path.to_owned(), e);
-        let mut temporary = path.as_os_str().to_owned();
-        temporary.push(format!(".new-{}", std::process::id()));
-        let temporary = PathBuf::from(temporary);
-        let _ = std::fs::remove_file(&temporary);
-        let mut file = owner_only()
-            .create_new(true)
-            .write(true)
-            .open(&temporary)
-            .map_err(io)?;
-        let written = file
-            .write_all(self.file_text().as_bytes())
-            .and_then(|()| file.sync_all())
-            .and_then(|()| std::fs::rename(&temporary, path));
-        if let Err(e) = written {
+        let temporary = write_temporary(path, &self.file_text()).map_err(io)?;
+        if let Err(e) = std::fs::rename(&temporary, path) {
             let _ = std::fs::remove_file(&temporary);
             return Err(io(e));
         }
@@ -587,6 +578,28 @@ fn associated_data(id: MasterKeyId, org: &OrgId, generation: Generation) -> Vec<
     aad.extend_from_slice(&(org.len() as u16).to_be_bytes());
     aad.extend_from_slice(org);
     aad
+}
+
+/// Writes `text` to a new owner-only file beside `path` and syncs it; returns its path.
+fn write_temporary(path: &Path, text: &str) -> std::io::Result<PathBuf> {
+    let mut name = path.as_os_str().to_owned();
+    let mut nonce = [0u8; 6];
+    fill_random(&mut nonce).map_err(std::io::Error::other)?;
+    name.push(format!(
+        ".new-{}-{}",
+        std::process::id(),
+        nonce.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    ));
+    let temporary = PathBuf::from(name);
+    let mut file = owner_only().create_new(true).write(true).open(&temporary)?;
+    let written = file
+        .write_all(text.as_bytes())
+        .and_then(|()| file.sync_all());
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&temporary);
+        return Err(e);
+    }
+    Ok(temporary)
 }
 
 /// Options that create a file readable and writable by its owner only.

@@ -609,6 +609,8 @@ fn readiness_follows_the_change_feed() {
             &schema.name,
             "--replica-name",
             &replica,
+            "--master-key-file",
+            &schema.master_file(),
         ],
     );
     let ready = || get(&gw.addr, "/readyz", &[]).0;

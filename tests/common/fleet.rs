@@ -377,6 +377,8 @@ pub struct Fleet {
     pub url: String,
     pub schema: String,
     extra: Vec<String>,
+    /// The fleet's master key file (P4), shared by its replicas.
+    pub master_file: std::path::PathBuf,
     pub replicas: Vec<Replica>,
 }
 
@@ -389,6 +391,11 @@ impl Fleet {
             url: url.to_owned(),
             schema: schema.to_owned(),
             extra: extra.iter().map(|s| (*s).to_owned()).collect(),
+            master_file: {
+                let file = super::pg::master_file(schema);
+                orgkey::MasterKeys::load_or_create(&file).unwrap();
+                file
+            },
             replicas: Vec::new(),
         };
         for i in 0..n {
@@ -405,6 +412,8 @@ impl Fleet {
         let mut child = Command::new(env!("CARGO_BIN_EXE_orgkey-gateway"))
             .args(["--listen", "127.0.0.1:0", "--postgres", &self.url])
             .args(["--schema", &self.schema, "--replica-name", name])
+            .arg("--master-key-file")
+            .arg(&self.master_file)
             .args(["--api-key", KEY, "--org-id", ORG])
             .args(&self.extra)
             .env("ORGKEY_ADMIN_PASSWORD", PASSWORD)

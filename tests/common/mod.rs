@@ -265,7 +265,7 @@ impl TempDb {
 
 impl Drop for TempDb {
     fn drop(&mut self) {
-        for suffix in ["", "-wal", "-shm", ".lock"] {
+        for suffix in ["", "-wal", "-shm", ".lock", ".master-key", ".ctl"] {
             let _ = std::fs::remove_file(format!("{}{suffix}", self.0.display()));
         }
     }

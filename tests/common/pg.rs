@@ -22,8 +22,9 @@ impl TempSchema {
         let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
         Some(Self {
             url,
+            master: orgkey::MasterKeys::load_or_create(master_file(&format!("orgkey_test_{hex}")))
+                .unwrap(),
             name: format!("orgkey_test_{hex}"),
-            master: orgkey::MasterKeys::generate().unwrap(),
         })
     }
 
@@ -56,6 +57,11 @@ impl TempSchema {
             .unwrap()
     }
 
+    /// The schema's master key file (for gateways: `--master-key-file`).
+    pub fn master_file(&self) -> String {
+        master_file(&self.name).to_str().unwrap().to_owned()
+    }
+
     /// A plain driver connection to the test database, for what the store does not offer.
     pub async fn raw(&self) -> tokio_postgres::Client {
         let (client, connection) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
@@ -66,8 +72,15 @@ impl TempSchema {
     }
 }
 
+/// The master key file of the schema `name` (P4), in the temporary folder: every replica and
+/// operator command of a test's fleet uses it (created by whoever needs it first).
+pub fn master_file(name: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("orgkey-{name}.master-key"))
+}
+
 impl Drop for TempSchema {
     fn drop(&mut self) {
+        let _ = std::fs::remove_file(master_file(&self.name));
         // Drop runs outside async (and maybe while unwinding): use a runtime of its own on a
         // thread of its own.
         let url = self.url.clone();

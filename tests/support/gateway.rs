@@ -22,7 +22,7 @@ pub struct Gateway {
     /// `127.0.0.1:port`.
     pub addr: String,
     log: PathBuf,
-    _state: TempDb,
+    state: Option<TempDb>,
 }
 
 impl Drop for Gateway {
@@ -37,7 +37,11 @@ impl Gateway {
     /// Starts a gateway on a fresh state (org `acme`, key [`KEY`], admin
     /// `admin@acme.example` with [`PASSWORD`]) with `args` and `env` added.
     pub fn start(name: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
-        let state = TempDb::new(name);
+        Self::start_on(TempDb::new(name), args, env)
+    }
+
+    /// [`Gateway::start`] on `state` (a new one, or one a stopped gateway left).
+    pub fn start_on(state: TempDb, args: &[&str], env: &[(&str, &str)]) -> Self {
         let log = PathBuf::from(format!("{}.log", state.path()));
         let mut child = Command::new(env!("CARGO_BIN_EXE_orgkey-gateway"))
             .args(["--listen", "127.0.0.1:0", "--state", state.path()])
@@ -82,8 +86,20 @@ impl Gateway {
             child,
             addr,
             log,
-            _state: state,
+            state: Some(state),
         }
+    }
+
+    /// The state file.
+    pub fn state(&self) -> &str {
+        self.state.as_ref().map_or("", TempDb::path)
+    }
+
+    /// Stops the gateway (SIGKILL) and hands its state back, for a restart on it.
+    pub fn stop(mut self) -> TempDb {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.state.take().unwrap()
     }
 
     /// What the gateway logged so far.
