@@ -8,7 +8,9 @@
 
 mod common;
 
-use common::{race_regenerates, TempDb};
+#[cfg(feature = "postgres")]
+use common::race_regenerates;
+use common::TempDb;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};

@@ -562,7 +562,7 @@ async fn restore(
     let restored = store
         .restore(path, operator.clone())
         .await
-        .map_err(|e| format!("restore {}: {e}", path.display()))?;
+        .map_err(|e| format!("restore {}: {}", path.display(), ops::store_error(&e)))?;
     tracing::info!(
         target: "orgkey::audit",
         actor = %operator,
@@ -650,11 +650,9 @@ fn master_keys(options: &Options) -> Result<(PathBuf, crate::MasterKeys, bool), 
 /// The message for a state that cannot be opened, with its cause.
 fn state_error(options: &Options, e: &crate::store::StoreError) -> String {
     format!(
-        "state file {}: {e}{}; nothing was served or changed",
+        "state file {}: {}; nothing was served or changed",
         options.state.display(),
-        std::error::Error::source(e)
-            .map(|s| format!(" ({s})"))
-            .unwrap_or_default()
+        ops::store_error(e)
     )
 }
 

@@ -144,6 +144,19 @@ impl SqliteStore {
     ) -> Result<Self, StoreError> {
         let path = path.as_ref();
         let lock = lock_exclusively(path)?;
+        // A wrong master key file must not change a byte (a read-write open may checkpoint
+        // the write-ahead log when it closes): check it read-only first.
+        if path.exists() {
+            let reader =
+                Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+                    .map_err(backend)?;
+            let version: i64 = reader
+                .query_row("PRAGMA user_version", [], |row| row.get(0))
+                .map_err(backend)?;
+            if version >= 5 {
+                check_master(&reader, &master)?;
+            }
+        }
         let mut conn = Connection::open(path).map_err(backend)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(backend)?;

@@ -54,17 +54,20 @@ impl Gateway {
             .spawn()
             .unwrap();
         let stdout = BufReader::new(child.stdout.take().unwrap());
-        // base url, org id, api key, admin, admin page (a given password is not printed).
+        // base url, org id, api key (on a new state), admin, admin page (a given password is
+        // not printed): up to the admin page's line.
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            for line in stdout.lines().take(5) {
-                if tx.send(line.unwrap_or_default()).is_err() {
+            for line in stdout.lines() {
+                let line = line.unwrap_or_default();
+                let last = line.starts_with("admin page: ");
+                if tx.send(line).is_err() || last {
                     break;
                 }
             }
         });
-        let mut lines = Vec::new();
-        while lines.len() < 5 {
+        let mut lines: Vec<String> = Vec::new();
+        while !lines.last().is_some_and(|l| l.starts_with("admin page: ")) {
             match rx.recv_timeout(Duration::from_secs(60)) {
                 Ok(line) => lines.push(line),
                 Err(_) => {
