@@ -141,7 +141,7 @@ impl fmt::Display for KeyError {
             Self::Forbidden => {
                 f.write_str("managing the API key needs an admin session with the key-admin scope")
             }
-            Self::Store(_) => f.write_str("the change could not be stored; nothing was changed"),
+            Self::Store(_) => f.write_str("the store failed; nothing was changed"),
             Self::NoStore => f.write_str("no store is configured: the audit log is not kept"),
         }
     }

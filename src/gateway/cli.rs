@@ -351,14 +351,7 @@ async fn run(checked: Checked) -> Result<(), String> {
         upstream,
     } = checked;
     let tls = match (&options.tls_cert, &options.tls_key) {
-        (Some(cert), Some(key)) => Some(Tls::load(cert, key).map_err(|e| {
-            format!(
-                "{e}{}",
-                std::error::Error::source(&e)
-                    .map(|s| format!(" ({s})"))
-                    .unwrap_or_default()
-            )
-        })?),
+        (Some(cert), Some(key)) => Some(Tls::load(cert, key).map_err(|e| super::causes(&e))?),
         // clap requires both or neither.
         _ => None,
     };
@@ -389,14 +382,7 @@ async fn run(checked: Checked) -> Result<(), String> {
             builder.open(store).await
         }
     }
-    .map_err(|e| {
-        format!(
-            "state: {e}{}",
-            std::error::Error::source(&e)
-                .map(|s| format!(" ({s})"))
-                .unwrap_or_default()
-        )
-    })?;
+    .map_err(|e| format!("state: {}", super::causes(&e)))?;
     if created {
         eprintln!(
             "note: created the master key file {} (owner-only): it seals the keys in {}; \
@@ -862,14 +848,7 @@ async fn postgres(
     );
     PostgresStore::connect_with(url, &options.schema, KeyFormat::default(), fleet, master)
         .await
-        .map_err(|e| {
-            format!(
-                "--postgres: {e}{}",
-                std::error::Error::source(&e)
-                    .map(|s| format!(" ({s})"))
-                    .unwrap_or_default()
-            )
-        })
+        .map_err(|e| format!("--postgres: {}", super::causes(&e)))
 }
 
 #[cfg(not(feature = "postgres"))]

@@ -93,3 +93,19 @@ fn boxed(body: http_body_util::Full<Bytes>) -> SiteBody {
     use http_body_util::BodyExt;
     body.map_err(|never| match never {}).boxed_unsync()
 }
+
+/// An error and its causes, outermost first: `a (b: c)`. orgkey's messages never carry a
+/// secret, so the whole chain may be printed.
+pub(crate) fn causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut inner = Vec::new();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        inner.push(cause.to_string());
+        next = cause.source();
+    }
+    if inner.is_empty() {
+        e.to_string()
+    } else {
+        format!("{e} ({})", inner.join(": "))
+    }
+}

@@ -415,12 +415,7 @@ pub(crate) async fn execute(request: &Request, handles: &Handles) -> Result<Vec<
 
 /// A store error with its cause (a backend's message says what failed; never a secret).
 pub(crate) fn store_error(e: &crate::store::StoreError) -> String {
-    match std::error::Error::source(e) {
-        Some(source) if !matches!(e, crate::store::StoreError::Sealed { .. }) => {
-            format!("{e} ({source})")
-        }
-        _ => e.to_string(),
-    }
+    super::causes(e)
 }
 
 /// The store behind `handles`.

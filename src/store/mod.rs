@@ -262,7 +262,7 @@ impl std::error::Error for StoreError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             Self::Backend(e) => Some(e),
-            Self::Sealed { error, .. } => Some(error),
+            // `Sealed` says its reason in its message (the `error` field is the value).
             _ => None,
         }
     }
