@@ -514,7 +514,7 @@ async fn operate(options: &Options, command: ops::Command) -> Result<(), String>
         }
     };
     if let ops::Command::Restore { path } = &request.command() {
-        return restore(options, sqlite, path).await;
+        return restore(options, sqlite, &store, path.as_deref()).await;
     }
     let keys = crate::KeyAdmin::open(crate::OrgTable::default(), Arc::clone(&store))
         .await
@@ -531,37 +531,58 @@ async fn operate(options: &Options, command: ops::Command) -> Result<(), String>
     ops::print(ops::execute(&request, &handles).await)
 }
 
-/// `restore PATH` on a state no gateway holds (P4).
+/// `restore PATH` on a SQLite state no gateway holds, or `restore` on a PostgreSQL schema
+/// after `pg_restore` (P4).
 async fn restore(
     options: &Options,
     sqlite: Option<SqliteStore>,
-    path: &Path,
+    store: &std::sync::Arc<dyn crate::store::Store>,
+    path: Option<&Path>,
 ) -> Result<(), String> {
-    let Some(store) = sqlite else {
-        return Err(
-            "restore replaces an SQLite state; for PostgreSQL use pg_restore with every \
-             replica stopped (see the README)"
-                .to_owned(),
-        );
-    };
     let operator = ops::operator(options.operator.clone())?;
-    let restored = store
-        .restore(path, operator.clone())
-        .await
-        .map_err(|e| format!("restore {}: {}", path.display(), ops::store_error(&e)))?;
+    let (restored, from) = match (sqlite, path) {
+        (Some(sqlite), Some(path)) => (
+            sqlite
+                .restore(path, operator.clone())
+                .await
+                .map_err(|e| format!("restore {}: {}", path.display(), ops::store_error(&e)))?,
+            path.display().to_string(),
+        ),
+        (Some(_), None) => {
+            return Err("restore needs the backup: orgkey-gateway restore PATH".to_owned())
+        }
+        (None, Some(_)) => {
+            return Err(
+                "on PostgreSQL, restore a pg_dump with pg_restore (every replica stopped), \
+                 then run `orgkey-gateway --postgres URL restore` without a PATH (see the \
+                 README)"
+                    .to_owned(),
+            )
+        }
+        (None, None) => (
+            store
+                .restored(&operator)
+                .await
+                .map_err(|e| format!("restore: {}", ops::store_error(&e)))?,
+            format!("schema {}", options.schema),
+        ),
+    };
     tracing::info!(
         target: "orgkey::audit",
         actor = %operator,
         action = "restore",
-        backup = %path.display(),
+        from = %from,
         orgs = restored,
         "state restored from a backup by an operator"
     );
-    println!(
-        "restored: {} from {}",
-        options.state.display(),
-        path.display()
-    );
+    match path {
+        Some(path) => println!(
+            "restored: {} from {}",
+            options.state.display(),
+            path.display()
+        ),
+        None => println!("restored: {from}"),
+    }
     println!("orgs: {restored} (each audited as restore by {operator})");
     println!("sessions: all ended");
     Ok(())

@@ -66,10 +66,11 @@ pub enum Command {
     },
     /// Replaces the SQLite state with the backup at PATH; the gateway must be stopped. The
     /// backup's keys are current again, every session ends, each org's audit log records
-    /// `restore`.
+    /// `restore`. PostgreSQL (no PATH): run after pg_restore, every replica stopped: checks
+    /// every key opens, ends every session, audits `restore`.
     Restore {
-        /// The backup to restore.
-        path: PathBuf,
+        /// The backup to restore (SQLite).
+        path: Option<PathBuf>,
     },
 }
 

@@ -452,6 +452,19 @@ pub trait Store: Send + Sync + 'static {
     fn reseal(&self) -> StoreFuture<'_, u64> {
         Box::pin(std::future::ready(Ok(0)))
     }
+
+    /// Makes a state restored from a backup by the database's own tools (PostgreSQL's
+    /// `pg_restore`) what orgkey's restore promises (P4): every stored key must open with
+    /// this store's master keys, every session ends, and each org's audit log records
+    /// [`KeyAction::Restore`](crate::KeyAction) by `actor`, in one transaction; returns the
+    /// orgs. Stores with their own restore (SQLite: [`SqliteStore::restore`]) or nothing at
+    /// rest refuse.
+    fn restored<'a>(&'a self, actor: &'a Actor) -> StoreFuture<'a, u64> {
+        let _ = actor;
+        Box::pin(std::future::ready(Err(StoreError::Backend(
+            BackendError::msg("this store has no restore of this kind"),
+        ))))
+    }
 }
 
 /// What a change feed keeps in step in this process ([`Store::follow_changes`]): the org
@@ -654,6 +667,9 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
     }
     fn reseal(&self) -> StoreFuture<'_, u64> {
         (**self).reseal()
+    }
+    fn restored<'a>(&'a self, actor: &'a Actor) -> StoreFuture<'a, u64> {
+        (**self).restored(actor)
     }
 }
 
