@@ -423,6 +423,24 @@ impl MasterKeys {
         }
     }
 
+    /// These keys, then the keys of `older` that these lack (they only open): what a fleet
+    /// replica holds after reading its file again on the fleet's request, so that it never
+    /// drops a key it held (only [`Store::set_master_keys`](crate::store::Store) does, after
+    /// checking that no stored key needs it).
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    pub(crate) fn merged(&self, older: &MasterKeys) -> Self {
+        let mut keys = self.keys.clone();
+        for key in &older.keys {
+            if !keys.iter().any(|k| k.id == key.id) {
+                keys.push(key.clone());
+            }
+        }
+        Self {
+            keys,
+            path: self.path.clone(),
+        }
+    }
+
     /// The key that seals: the file's first.
     pub fn current(&self) -> MasterKeyId {
         self.keys[0].id
