@@ -598,6 +598,7 @@ fn readiness_follows_the_change_feed() {
     };
     let state = TempDb::new("gateway");
     let replica = format!("ready-{}", schema.name);
+    let master_key = common::fleet::MasterKeyFile::create();
     let gw = start(
         &state,
         &[
@@ -609,6 +610,8 @@ fn readiness_follows_the_change_feed() {
             &schema.name,
             "--replica-name",
             &replica,
+            "--master-key-file",
+            master_key.path(),
         ],
     );
     let ready = || get(&gw.addr, "/readyz", &[]).0;

@@ -292,6 +292,13 @@ fn operator_commands_on_postgres_are_in_force_on_every_replica_when_they_return(
     let fleet = common::fleet::Fleet::start(&schema.url, &schema.name, 2, &[]);
     exercise(
         &fleet.addrs(),
-        &["--postgres", &schema.url, "--schema", &schema.name],
+        &[
+            "--postgres",
+            &schema.url,
+            "--schema",
+            &schema.name,
+            "--master-key-file",
+            fleet.master_key.path(),
+        ],
     );
 }
