@@ -1103,3 +1103,71 @@ async fn a_wrong_master_key_file_is_refused_and_changes_nothing() {
     assert_eq!(under["acme"], new.to_hex());
     assert_eq!(under["globex"], schema.master.current().to_hex());
 }
+
+/// The operator's `master-key rotate`, `status` and `retire` (`orgkey-gateway`) on a fleet of
+/// real gateway processes sharing one master key file: requests through both replicas never
+/// fail, the replicas take the new key from the file (no `SIGHUP`), and a replica restarted
+/// after the retirement serves.
+#[cfg(feature = "gateway")]
+#[test]
+fn the_gateway_commands_rotate_and_retire_on_a_running_fleet() {
+    use common::fleet::{whoami_key, Fleet};
+    let Some(schema) = schema() else { return };
+    let mut fleet = Fleet::start(&schema.url, &schema.name, 2, &[]);
+    let file = fleet.master_key.path().to_owned();
+    let old = MasterKeys::load(&file).unwrap().current();
+    let command = |args: &[&str]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_orgkey-gateway"))
+            .args(["--postgres", &schema.url, "--schema", &schema.name])
+            .args(["--master-key-file", &file])
+            .args(args)
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&output.stdout).into_owned();
+        let err = String::from_utf8_lossy(&output.stderr).into_owned();
+        assert!(output.status.success(), "{args:?}: {out}{err}");
+        out
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let load: Vec<_> = fleet
+        .addrs()
+        .into_iter()
+        .map(|addr| {
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || {
+                let (mut checks, mut failures) = (0u32, Vec::new());
+                while !stop.load(Ordering::Relaxed) {
+                    match whoami_key(addr, common::KEY) {
+                        Ok(reply) if reply.status == 200 => {}
+                        Ok(reply) => failures.push(reply.brief()),
+                        Err(e) => failures.push(e.to_string()),
+                    }
+                    checks += 1;
+                }
+                (checks, failures)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let rotated = command(&["master-key", "rotate"]);
+    let new = MasterKeys::load(&file).unwrap().current();
+    assert_ne!(new, old);
+    assert!(rotated.contains(&format!("seals: {new}")), "{rotated}");
+    assert!(rotated.contains("resealed: 1"), "{rotated}");
+    let status = command(&["master-key", "status"]);
+    assert!(
+        status.contains(&format!("stored keys sealed under: {new}")),
+        "{status}"
+    );
+    let retired = command(&["master-key", "retire"]);
+    assert!(retired.contains(&format!("retired: {old}")), "{retired}");
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, Ordering::Relaxed);
+    for (i, thread) in load.into_iter().enumerate() {
+        let (checks, failures) = thread.join().unwrap();
+        assert!(checks > 10, "replica {i}: {checks} requests");
+        assert!(failures.is_empty(), "replica {i}: {failures:?}");
+    }
+    fleet.restart(1);
+    assert_eq!(whoami_key(fleet.addr(1), common::KEY).unwrap().status, 200);
+}
