@@ -588,6 +588,7 @@ pub fn sealed_by(sealed: &[u8]) -> Option<MasterKeyId> {
 
 /// The first bytes of every value sealed under `id` (version and id), for stores that select
 /// rows by the key that sealed them.
+#[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
 pub(crate) fn sealed_prefix(id: MasterKeyId) -> [u8; 1 + ID_LEN] {
     let mut prefix = [VERSION; 1 + ID_LEN];
     prefix[1..].copy_from_slice(&id.0);
