@@ -472,8 +472,9 @@ pub trait Store: Send + Sync + 'static {
         let _ = replica;
         None
     }
-    /// The master keys that seal at least one stored key (P4); empty for stores that keep
-    /// nothing at rest.
+    /// The master keys that seal at least one stored key (P4), and, for a store a fleet
+    /// shares, the key it seals under (PostgreSQL: `fleet_head.sealing_key`); empty for
+    /// stores that keep nothing at rest.
     fn master_keys_in_use(&self) -> StoreFuture<'_, Vec<MasterKeyId>> {
         Box::pin(std::future::ready(Ok(Vec::new())))
     }
@@ -481,7 +482,8 @@ pub trait Store: Send + Sync + 'static {
     /// Makes `master` this store's master keys (a master key file read again: `SIGHUP`, or a
     /// rotation's first half), if they open every stored key; otherwise changes nothing and
     /// fails with [`StoreError::Sealed`]. In a fleet, the store seals under a new key only
-    /// once every live replica holds it (see the backend).
+    /// once every live replica holds it, else fails with [`StoreError::MasterKeyNotShared`]
+    /// (see [`PostgresStore`](crate::store::PostgresStore)'s "Master keys in a fleet").
     fn set_master_keys(&self, master: MasterKeys) -> StoreFuture<'_, ()> {
         let _ = master;
         Box::pin(std::future::ready(Ok(())))
