@@ -483,7 +483,7 @@ pub trait Store: Send + Sync + 'static {
     /// rotation's first half), if they open every stored key; otherwise changes nothing and
     /// fails with [`StoreError::Sealed`]. In a fleet, the store seals under a new key only
     /// once every live replica holds it, else fails with [`StoreError::MasterKeyNotShared`]
-    /// (see [`PostgresStore`](crate::store::PostgresStore)'s "Master keys in a fleet").
+    /// (see `PostgresStore`'s "Master keys in a fleet").
     fn set_master_keys(&self, master: MasterKeys) -> StoreFuture<'_, ()> {
         let _ = master;
         Box::pin(std::future::ready(Ok(())))
