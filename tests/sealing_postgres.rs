@@ -24,6 +24,11 @@ use orgkey::{
     OrgTable, SealError,
 };
 
+/// The tests of this file run one at a time: they time leases, hammer replicas and kill a
+/// process, and a small machine running them together starves the fleets' lease renewals
+/// (a replica that cannot renew fails closed, which a test would take for a rotation's fault).
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn schema() -> Option<common::pg::TempSchema> {
     common::pg::TempSchema::new(
         "tests/sealing_postgres.rs",
@@ -280,6 +285,7 @@ fn master_key_texts(file: &Path) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_key_is_in_any_row_of_any_table_nor_in_any_notification() {
+    let _serial = SERIAL.lock().await;
     let Some(schema) = schema() else { return };
     let dir = Dir::new("raw");
     let file = dir.file("master.key");
@@ -356,6 +362,7 @@ async fn no_key_is_in_any_row_of_any_table_nor_in_any_notification() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_schema_written_before_sealing_is_sealed_at_connect_all_or_nothing() {
+    let _serial = SERIAL.lock().await;
     let Some(schema) = schema() else { return };
     let made = {
         let store = schema.connect().await;
@@ -377,7 +384,7 @@ async fn a_schema_written_before_sealing_is_sealed_at_connect_all_or_nothing() {
     raw.batch_execute(&format!(
         "SET search_path TO \"{s}\";
          ALTER TABLE orgs DROP COLUMN sealed_key;
-         ALTER TABLE fleet_head DROP COLUMN sealing_key;
+         ALTER TABLE fleet_head DROP COLUMN sealing_key, DROP COLUMN wanted_key;
          ALTER TABLE fleet_replicas DROP COLUMN master_keys;
          DROP FUNCTION fleet_renew(TEXT, TEXT, BIGINT, BIGINT, TEXT);
          DELETE FROM orgkey_schema_version WHERE version >= 6;
@@ -537,6 +544,7 @@ impl Load {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_live_fleet_rotates_its_master_key_without_failing_a_request() {
+    let _serial = SERIAL.lock().await;
     let Some(schema) = schema() else { return };
     let dir = Dir::new("rotate");
     // Replicas a and b share the operator's file; c has its own copy (a mounted secret),
@@ -696,6 +704,7 @@ async fn a_live_fleet_rotates_its_master_key_without_failing_a_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_replica_without_the_new_key_stops_the_rotation_and_a_rerun_finishes_it() {
+    let _serial = SERIAL.lock().await;
     let Some(schema) = schema() else { return };
     let dir = Dir::new("lacking");
     let operator = dir.file("op.key");
@@ -766,8 +775,27 @@ async fn a_replica_without_the_new_key_stops_the_rotation_and_a_rerun_finishes_i
     let under = sealed_under(&raw, &schema.name).await;
     assert!(under.values().all(|id| *id == old.to_hex()), "{under:?}");
 
-    // The file reaches b; the rerun resumes the same rotation (no third key) and finishes.
+    // The file reaches b, and b's feed reconnects before anyone asks again: its reload fetches
+    // the key the rotation wants (`fleet_head.wanted_key`).
     std::fs::copy(&operator, &b_file).unwrap();
+    let feed = [format!("orgkey-follow:{}", b.name)];
+    let before = backends(&raw, &feed).await;
+    raw.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = ANY($1)",
+        &[&before],
+    )
+    .await
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !b.store.master_keys().contains(new) {
+        assert!(
+            Instant::now() < deadline,
+            "b's reload did not fetch the key"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!before.is_empty() && backends(&raw, &feed).await != before);
+    // The rerun resumes the same rotation (no third key) and finishes.
     let resealed = rotate(&op, &operator, || {}).await.unwrap();
     assert_eq!(resealed, made.len() as u64);
     assert_eq!(MasterKeys::load(&operator).unwrap().ids().count(), 2);
@@ -810,6 +838,7 @@ async fn insert_orgs(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_reseal_never_overwrites_a_concurrent_key_change() {
+    let _serial = SERIAL.lock().await;
     const ORGS: usize = 4_000;
     let Some(schema) = schema() else { return };
     let raw = schema.raw().await;
@@ -896,6 +925,7 @@ fn reseal_child_until_killed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reseal_killed_midway_leaves_every_key_open_and_a_rerun_finishes() {
+    let _serial = SERIAL.lock().await;
     const ORGS: usize = 12_000;
     let Some(schema) = schema() else { return };
     let dir = Dir::new("crash");
@@ -1022,6 +1052,7 @@ fn event(id: &str, generation: u64) -> AuditEvent {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_master_key_file_is_refused_and_changes_nothing() {
+    let _serial = SERIAL.lock().await;
     let Some(schema) = schema() else { return };
     let store = schema.connect().await;
     for id in ["acme", "globex"] {
@@ -1112,6 +1143,7 @@ async fn a_wrong_master_key_file_is_refused_and_changes_nothing() {
 #[test]
 fn the_gateway_commands_rotate_and_retire_on_a_running_fleet() {
     use common::fleet::{whoami_key, Fleet};
+    let _serial = SERIAL.blocking_lock();
     let Some(schema) = schema() else { return };
     let mut fleet = Fleet::start(&schema.url, &schema.name, 2, &[]);
     let file = fleet.master_key.path().to_owned();
@@ -1143,6 +1175,7 @@ fn the_gateway_commands_rotate_and_retire_on_a_running_fleet() {
                         Err(e) => failures.push(e.to_string()),
                     }
                     checks += 1;
+                    std::thread::sleep(Duration::from_millis(1));
                 }
                 (checks, failures)
             })
@@ -1166,7 +1199,12 @@ fn the_gateway_commands_rotate_and_retire_on_a_running_fleet() {
     for (i, thread) in load.into_iter().enumerate() {
         let (checks, failures) = thread.join().unwrap();
         assert!(checks > 10, "replica {i}: {checks} requests");
-        assert!(failures.is_empty(), "replica {i}: {failures:?}");
+        assert!(
+            failures.is_empty(),
+            "replica {i}: {} of {checks} requests failed, first: {:?}",
+            failures.len(),
+            &failures[..failures.len().min(3)]
+        );
     }
     fleet.restart(1);
     assert_eq!(whoami_key(fleet.addr(1), common::KEY).unwrap().status, 200);

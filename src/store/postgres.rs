@@ -222,11 +222,14 @@ const MIGRATIONS: &[&str] = &[
     // 7: the fleet's master keys (P4). `fleet_head.sealing_key`: the id (hex) of the master
     // key every replica seals under, set by the first connect and switched only once every
     // replica with a live lease holds the new key (`PostgresStore::set_master_keys`);
-    // `fleet_replicas.master_keys`: the ids (hex, comma-separated) of the keys each replica
-    // holds, written with every renewal of its lease. The four-argument `fleet_renew` of
+    // `fleet_head.wanted_key`: the key a rotation asked every replica to fetch from its file
+    // (a replica that reloads fetches it too, so a feed down while it was asked misses
+    // nothing); `fleet_replicas.master_keys`: the ids (hex, comma-separated) of the keys each
+    // replica holds, written with every renewal of its lease. The four-argument `fleet_renew` of
     // release 5 stays for replicas not yet upgraded: it leaves their keys unknown, so a
     // rotation waits for them (and names them) until they are.
     "ALTER TABLE fleet_head ADD COLUMN sealing_key TEXT;
+     ALTER TABLE fleet_head ADD COLUMN wanted_key TEXT;
      ALTER TABLE fleet_replicas ADD COLUMN master_keys TEXT;
      CREATE FUNCTION fleet_renew(
          p_id TEXT, p_name TEXT, p_applied BIGINT, p_lease_ms BIGINT, p_master_keys TEXT
@@ -299,10 +302,11 @@ const MAX_SCHEMA_LEN: usize = 63;
 ///   [`Store::set_master_keys`], then [`Store::reseal`]). `set_master_keys(ring)` refuses
 ///   (nothing changed) keys that lack a key some stored key is sealed under, or the sealing
 ///   key; takes them; records their ids in this store's lease rows; and if `ring`'s first
-///   key is not the sealing key: announces `r|<id>` (again every second), on which every
-///   replica reads *its own* master key file again ([`MasterKeys::path`]: a shared file or a
-///   mounted secret brings the new key without a `SIGHUP`) and takes it, keeping the keys it
-///   had; waits, at most [`FleetConfig::wait`], until every replica with a live lease lists
+///   key is not the sealing key: records it as wanted (`fleet_head.wanted_key`) and
+///   announces `r|<id>` (again every second), on which every replica (and every replica
+///   that reloads) reads *its own* master key file again ([`MasterKeys::path`]: a shared
+///   file or a mounted secret brings the new key without a `SIGHUP`) and takes it, keeping
+///   the keys it had; waits, at most [`FleetConfig::wait`], until every replica with a live lease lists
 ///   the new key; then, in one transaction that checks the leases again under
 ///   `fleet_head`'s row lock, switches the sealing key and announces `k|<id>` (strict mode:
 ///   returns once every live replica applied it). If some live replica does not hold the new
@@ -764,10 +768,16 @@ impl Follower {
             .await
             .map_err(backend)?;
         let head = tx
-            .query_one("SELECT seq, sealing_key FROM fleet_head", &[])
+            .query_one("SELECT seq, sealing_key, wanted_key FROM fleet_head", &[])
             .await
             .map_err(backend)?;
         let sealing = parse_sealing(head.try_get(1).map_err(backend)?)?;
+        let wanted: Option<&str> = head.try_get(2).map_err(backend)?;
+        // A rotation's request to fetch a key, which this replica may have missed while its
+        // feed was down (see `r` in `apply`).
+        if let Some(wanted) = wanted.and_then(MasterKeyId::from_hex) {
+            self.store.fetch_master_key(wanted);
+        }
         let head: i64 = head.try_get(0).map_err(backend)?;
         // P4: this replica must hold the key the fleet seals under, or it could not open
         // what the others commit; it reads its master key file again first (the key may have
@@ -1491,12 +1501,7 @@ impl PostgresStore {
         let mut asked: Option<tokio::time::Instant> = None;
         loop {
             if asked.is_none_or(|at| at.elapsed() >= ASK_AGAIN) {
-                let seq = self
-                    .announced(
-                        "SELECT fleet_announce($1, 'r', $2)",
-                        &[&channel(&self.inner.schema), &hex],
-                    )
-                    .await?;
+                let seq = self.ask_for(&hex).await?;
                 tracing::info!(schema = %self.inner.schema, key = %new, seq, "asked every replica to read its master key file again");
                 asked = Some(tokio::time::Instant::now());
             }
@@ -1530,6 +1535,26 @@ impl PostgresStore {
             }
             tokio::time::sleep(Duration::from_millis(20).min(fleet.wait - waited)).await;
         }
+    }
+
+    /// Asks every replica to fetch master key `hex` from its file: records it as wanted (for
+    /// replicas that reload) and announces `r`; the announcement's number.
+    async fn ask_for(&self, hex: &str) -> Result<i64, StoreError> {
+        let mut conn = self.exclusive().await?;
+        let tx = conn.client.transaction().await.map_err(backend)?;
+        tx.execute("UPDATE fleet_head SET wanted_key = $1", &[&hex])
+            .await
+            .map_err(backend)?;
+        let seq: i64 = tx
+            .query_one(
+                "SELECT fleet_announce($1, 'r', $2)",
+                &[&channel(&self.inner.schema), &hex],
+            )
+            .await
+            .and_then(|row| row.try_get(0))
+            .map_err(backend)?;
+        tx.commit().await.map_err(backend)?;
+        Ok(seq)
     }
 
     /// One attempt of [`PostgresStore::switch_sealing`]: under `fleet_head`'s row lock (no
