@@ -225,9 +225,9 @@ const MIGRATIONS: &[&str] = &[
     // `fleet_head.wanted_key`: the key a rotation asked every replica to fetch from its file
     // (a replica that reloads fetches it too, so a feed down while it was asked misses
     // nothing); `fleet_replicas.master_keys`: the ids (hex, comma-separated) of the keys each
-    // replica holds, written with every renewal of its lease. The four-argument `fleet_renew` of
-    // release 5 stays for replicas not yet upgraded: it leaves their keys unknown, so a
-    // rotation waits for them (and names them) until they are.
+    // replica holds, written with every renewal of its lease. Migration 5's four-argument
+    // `fleet_renew` stays for replicas still running a release before this one: it leaves
+    // their keys unknown, so a rotation waits for them (and names them) until they upgrade.
     "ALTER TABLE fleet_head ADD COLUMN sealing_key TEXT;
      ALTER TABLE fleet_head ADD COLUMN wanted_key TEXT;
      ALTER TABLE fleet_replicas ADD COLUMN master_keys TEXT;
@@ -306,8 +306,8 @@ const MAX_SCHEMA_LEN: usize = 63;
 ///   announces `r|<id>` (again every second), on which every replica (and every replica
 ///   that reloads) reads *its own* master key file again ([`MasterKeys::path`]: a shared
 ///   file or a mounted secret brings the new key without a `SIGHUP`) and takes it, keeping
-///   the keys it had; waits, at most [`FleetConfig::wait`], until every replica with a live lease lists
-///   the new key; then, in one transaction that checks the leases again under
+///   the keys it had; waits, at most [`FleetConfig::wait`], until every replica with a live
+///   lease lists the new key; then, in one transaction that checks the leases again under
 ///   `fleet_head`'s row lock, switches the sealing key and announces `k|<id>` (strict mode:
 ///   returns once every live replica applied it). If some live replica does not hold the new
 ///   key in time, it fails with [`StoreError::MasterKeyNotShared`] naming them: the fleet
