@@ -233,6 +233,7 @@ impl KeyAdmin {
     }
 
     /// The store this handle commits to, if any.
+    #[cfg_attr(not(feature = "gateway"), allow(dead_code))] // the operator commands' store
     pub(crate) fn store(&self) -> Option<&Arc<dyn Store>> {
         self.store.as_ref()
     }

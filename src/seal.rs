@@ -1,7 +1,7 @@
 //! Keys at rest (P4): the master key file and the AEAD that seals each org's key.
 //!
 //! Every durable store ([`SqliteStore`](crate::store::SqliteStore),
-//! [`PostgresStore`](crate::store::PostgresStore)) keeps an org's key only as a *sealed* value:
+//! `PostgresStore`, feature `postgres`) keeps an org's key only as a *sealed* value:
 //! XChaCha20-Poly1305 under a key-encryption key ("master key") that lives in a file outside
 //! the store ([`MasterKeys`]). A copied database file, dump or backup reveals no key without
 //! that file. Keys are unsealed once, when a store loads or follows an org, into memory; the
@@ -418,6 +418,24 @@ impl MasterKeys {
         }
     }
 
+    /// These keys, then the keys of `older` that these lack (they only open): what a fleet
+    /// replica holds after reading its file again on the fleet's request, so that it never
+    /// drops a key it held (only [`Store::set_master_keys`](crate::store::Store) does, after
+    /// checking that no stored key needs it).
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    pub(crate) fn merged(&self, older: &MasterKeys) -> Self {
+        let mut keys = self.keys.clone();
+        for key in &older.keys {
+            if !keys.iter().any(|k| k.id == key.id) {
+                keys.push(key.clone());
+            }
+        }
+        Self {
+            keys,
+            path: self.path.clone(),
+        }
+    }
+
     /// The key that seals: the file's first.
     pub fn current(&self) -> MasterKeyId {
         self.keys[0].id
@@ -565,6 +583,7 @@ pub fn sealed_by(sealed: &[u8]) -> Option<MasterKeyId> {
 
 /// The first bytes of every value sealed under `id` (version and id), for stores that select
 /// rows by the key that sealed them.
+#[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
 pub(crate) fn sealed_prefix(id: MasterKeyId) -> [u8; 1 + ID_LEN] {
     let mut prefix = [VERSION; 1 + ID_LEN];
     prefix[1..].copy_from_slice(&id.0);

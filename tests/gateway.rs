@@ -598,6 +598,7 @@ fn readiness_follows_the_change_feed() {
     };
     let state = TempDb::new("gateway");
     let replica = format!("ready-{}", schema.name);
+    let master_key = common::fleet::MasterKeyFile::create();
     let gw = start(
         &state,
         &[
@@ -610,7 +611,7 @@ fn readiness_follows_the_change_feed() {
             "--replica-name",
             &replica,
             "--master-key-file",
-            &schema.master_file(),
+            master_key.path(),
         ],
     );
     let ready = || get(&gw.addr, "/readyz", &[]).0;

@@ -298,7 +298,7 @@ fn operator_commands_on_postgres_are_in_force_on_every_replica_when_they_return(
             "--schema",
             &schema.name,
             "--master-key-file",
-            &schema.master_file(),
+            fleet.master_key.path(),
         ],
     );
 }

@@ -649,7 +649,7 @@ async fn throttle_concurrent_takes_never_exceed_the_burst(store: Arc<dyn Store>)
 
 /// How many schema migrations orgkey has (one row each in `orgkey_schema_version`).
 #[cfg(feature = "postgres")]
-const PG_MIGRATIONS: i64 = 6;
+const PG_MIGRATIONS: i64 = 7;
 
 macro_rules! contract {
     ($($name:ident),* $(,)?) => {

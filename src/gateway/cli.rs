@@ -676,15 +676,14 @@ fn reload_master_keys_on_hangup(handles: ops::Handles) -> std::io::Result<()> {
                 Ok(master) => {
                     let current = master.current();
                     match handles.keys.store() {
-                        Some(store) => store
-                            .set_master_keys(master)
-                            .await
-                            .map(|()| current)
-                            .map_err(|e| e.to_string()),
+                        Some(store) => store.set_master_keys(master).await.map(|()| current),
                         None => Ok(current),
                     }
                 }
-                Err(e) => Err(e.to_string()),
+                Err(e) => {
+                    tracing::error!(file = %file.display(), error = %e, "master key file not taken; the previous keys stay in use");
+                    continue;
+                }
             };
             match reloaded {
                 Ok(current) => tracing::info!(
@@ -692,6 +691,15 @@ fn reload_master_keys_on_hangup(handles: ops::Handles) -> std::io::Result<()> {
                     seals = %current,
                     "master key file read again"
                 ),
+                // PostgreSQL: the keys were taken, but the fleet could not switch to the
+                // file's first key (some replica lacks it).
+                Err(error @ crate::store::StoreError::MasterKeyNotShared { .. }) => {
+                    tracing::error!(
+                        file = %file.display(),
+                        %error,
+                        "master key file read again and taken; the fleet did not switch to its first key"
+                    )
+                }
                 Err(error) => tracing::error!(
                     file = %file.display(),
                     %error,

@@ -27,7 +27,15 @@
 //!   it, in batches, while the gateway serves. Interrupted (a crash, a kill), it leaves every
 //!   key sealed under one of the file's keys, and running it again finishes the same rotation
 //!   (it draws a new key only when every stored key is sealed under the file's first).
-//! - `master-key retire` drops from the file the keys no stored key is sealed under.
+//!   On PostgreSQL the fleet starts sealing under the new key only once every replica with
+//!   a live lease holds it: each reads its own master key file again when the command asks
+//!   (replicas sharing the file, or reading it from a mounted secret, need nothing more).
+//!   So put the new file where every replica reads it; if some replica does not have it in
+//!   time, the command names it and changes nothing more: give it the file (`SIGHUP` or
+//!   restart) and run the command again, which resumes (see `PostgresStore`'s docs, "Master
+//!   keys in a fleet").
+//! - `master-key retire` drops from the file the keys no stored key is sealed under (nor, on
+//!   PostgreSQL, the fleet's sealing key).
 //! - `backup PATH` copies the SQLite state while the gateway serves (SQLite's online
 //!   backup); `restore PATH` replaces a stopped gateway's state with a backup: its keys are
 //!   current again, every session ends, and each org's audit log says `restore`.
@@ -82,8 +90,9 @@ pub enum MasterKeyCommand {
     Create,
     /// Shows the file's keys (the first seals) and the keys the stored keys are sealed under.
     Status,
-    /// Seals every stored key under a fresh master key, while the gateway serves; run again
-    /// after an interruption to finish.
+    /// Seals every stored key under a fresh master key, while the gateway serves (PostgreSQL:
+    /// once every replica holds it, read from its own file); run again after an interruption
+    /// or a refusal to finish.
     Rotate,
     /// Drops from the file the master keys no stored key is sealed under.
     Retire,

@@ -198,6 +198,28 @@ pub enum StoreError {
         /// The master key file, as [`MasterKeys::describe`] says it.
         file: String,
     },
+    /// The fleet seals keys under a master key this process's master key file does not hold
+    /// (P4, PostgreSQL): a commit that had a key to seal wrote nothing; a connect or a
+    /// follower's reload opened nothing. Give the process the fleet's current master key
+    /// file, then `SIGHUP` or restart it.
+    MasterKeyMissing {
+        /// The master key the fleet seals under.
+        key: MasterKeyId,
+        /// The master key file, as [`MasterKeys::describe`] says it.
+        file: String,
+    },
+    /// A fleet could not start sealing under a new master key (P4, PostgreSQL): these
+    /// replicas, holding live leases, did not hold it within the wait bound. The fleet still
+    /// seals under its previous key and nothing was sealed again; this store took the new
+    /// keys (they open everything stored).
+    MasterKeyNotShared {
+        /// The new master key.
+        key: MasterKeyId,
+        /// The replicas that do not hold it, as they registered (`--replica-name`).
+        replicas: Vec<String>,
+        /// How long the call waited for them.
+        waited: std::time::Duration,
+    },
 }
 
 /// The replicas that had not confirmed a committed change when the strict-mode wait bound
@@ -253,6 +275,25 @@ impl fmt::Display for StoreError {
                 f,
                 "the stored key of org {} cannot be opened with {file}: {error}",
                 org.as_str()
+            ),
+            Self::MasterKeyMissing { key, file } => write!(
+                f,
+                "the fleet seals keys under master key {key}, which {file} does not hold; \
+                 nothing was written. Give this process the fleet's current master key file, \
+                 then SIGHUP or restart it"
+            ),
+            Self::MasterKeyNotShared {
+                key,
+                replicas,
+                waited,
+            } => write!(
+                f,
+                "the fleet still seals under its previous master key: replica(s) {} did not \
+                 hold the new master key {key} within {} ms (their master key files lack it). \
+                 Give them the new master key file, SIGHUP or restart them, then run \
+                 master-key rotate again (it resumes this rotation); no key was sealed again",
+                replicas.join(", "),
+                waited.as_millis()
             ),
         }
     }
@@ -431,8 +472,9 @@ pub trait Store: Send + Sync + 'static {
         let _ = replica;
         None
     }
-    /// The master keys that seal at least one stored key (P4); empty for stores that keep
-    /// nothing at rest.
+    /// The master keys that seal at least one stored key (P4), and, for a store a fleet
+    /// shares, the key it seals under (PostgreSQL: `fleet_head.sealing_key`); empty for
+    /// stores that keep nothing at rest.
     fn master_keys_in_use(&self) -> StoreFuture<'_, Vec<MasterKeyId>> {
         Box::pin(std::future::ready(Ok(Vec::new())))
     }
@@ -440,7 +482,8 @@ pub trait Store: Send + Sync + 'static {
     /// Makes `master` this store's master keys (a master key file read again: `SIGHUP`, or a
     /// rotation's first half), if they open every stored key; otherwise changes nothing and
     /// fails with [`StoreError::Sealed`]. In a fleet, the store seals under a new key only
-    /// once every live replica holds it (see the backend).
+    /// once every live replica holds it, else fails with [`StoreError::MasterKeyNotShared`]
+    /// (see `PostgresStore`'s "Master keys in a fleet").
     fn set_master_keys(&self, master: MasterKeys) -> StoreFuture<'_, ()> {
         let _ = master;
         Box::pin(std::future::ready(Ok(())))

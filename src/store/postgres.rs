@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use tokio::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
-use tokio_postgres::{Client, Config, NoTls, Row, Statement};
+use tokio_postgres::{Client, Config, GenericClient, NoTls, Row, Statement};
 
 use super::{
     admin_record, backend, corrupt, from_millis, millis, org_record, sealed_key, session_record,
@@ -18,7 +18,7 @@ use crate::audit::{AuditEvent, KeyAction};
 use crate::identity::Username;
 use crate::key::{ApiKey, KeyFormat};
 use crate::org::{Actor, Generation, OrgId};
-use crate::seal::MasterKeys;
+use crate::seal::{sealed_by, sealed_prefix, MasterKeyId, MasterKeys, SealError};
 use crate::table::OrgState;
 use arc_swap::ArcSwap;
 use std::time::Duration;
@@ -219,7 +219,52 @@ const MIGRATIONS: &[&str] = &[
     // 6: keys at rest only sealed (P4): `sealed_key` replaces `api_key`, which the first
     // connect empties, sealing the keys a release before P4 wrote (in this transaction).
     "ALTER TABLE orgs ADD COLUMN sealed_key BYTEA;",
+    // 7: the fleet's master keys (P4). `fleet_head.sealing_key`: the id (hex) of the master
+    // key every replica seals under, set by the first connect and switched only once every
+    // replica with a live lease holds the new key (`PostgresStore::set_master_keys`);
+    // `fleet_head.wanted_key`: the key a rotation asked every replica to fetch from its file
+    // (a replica that reloads fetches it too, so a feed down while it was asked misses
+    // nothing); `fleet_replicas.master_keys`: the ids (hex, comma-separated) of the keys each
+    // replica holds, written with every renewal of its lease. Migration 5's four-argument
+    // `fleet_renew` stays for replicas still running a release before this one: it leaves
+    // their keys unknown, so a rotation waits for them (and names them) until they upgrade.
+    "ALTER TABLE fleet_head ADD COLUMN sealing_key TEXT;
+     ALTER TABLE fleet_head ADD COLUMN wanted_key TEXT;
+     ALTER TABLE fleet_replicas ADD COLUMN master_keys TEXT;
+     CREATE FUNCTION fleet_renew(
+         p_id TEXT, p_name TEXT, p_applied BIGINT, p_lease_ms BIGINT, p_master_keys TEXT
+     ) RETURNS BOOLEAN
+     LANGUAGE plpgsql AS $$
+     DECLARE
+         lapsed BOOLEAN;
+     BEGIN
+         SET LOCAL synchronous_commit = off;
+         SELECT r.lease_until <= clock_timestamp() INTO lapsed
+             FROM fleet_replicas r WHERE r.id = p_id;
+         INSERT INTO fleet_replicas AS r
+                 (id, name, applied_seq, lease_until, started, master_keys)
+             VALUES (p_id, p_name, p_applied,
+                     clock_timestamp() + p_lease_ms * INTERVAL '1 millisecond',
+                     clock_timestamp(), p_master_keys)
+             ON CONFLICT (id) DO UPDATE SET lease_until = EXCLUDED.lease_until,
+                 applied_seq = GREATEST(r.applied_seq, EXCLUDED.applied_seq),
+                 master_keys = EXCLUDED.master_keys;
+         RETURN COALESCE(lapsed, FALSE);
+     END $$;",
 ];
+
+/// Rows per batch (one statement, so one transaction) when sealing again (P4).
+const RESEAL_BATCH: usize = 1000;
+
+/// What one attempt to switch the fleet's sealing key found.
+enum Switched {
+    /// Switched; the `k` announcement's number.
+    Now(i64),
+    /// The fleet already seals under the new key.
+    Already,
+    /// These replicas, with live leases, do not list the new key yet.
+    Lacking(Vec<String>),
+}
 
 /// The first key of the advisory lock that serializes migrations (`orgk`); the second key is
 /// a hash of the schema name.
@@ -232,10 +277,56 @@ const MAX_SCHEMA_LEN: usize = 63;
 /// (P3, F1). Cheap to clone (shared connection).
 ///
 /// The store keeps everything in one schema of the database, named at
-/// [`PostgresStore::connect`]: the tables `orgs` and `audit` (as in the SQLite store: keys as `TEXT`, times as `BIGINT`
-/// milliseconds since the Unix epoch) and `orgkey_schema_version`, which records the
-/// migrations that ran. Migrations run at connect, in one transaction, under an advisory lock,
-/// so replicas starting together do not race.
+/// [`PostgresStore::connect`]: the tables `orgs` and `audit` (as in the SQLite store: keys
+/// only sealed, as `BYTEA`, times as `BIGINT` milliseconds since the Unix epoch), the fleet's
+/// tables, and `orgkey_schema_version`, which records the migrations that ran. Migrations run
+/// at connect, in one transaction, under an advisory lock, so replicas starting together do
+/// not race.
+///
+/// # Master keys in a fleet (P4)
+///
+/// Every key is stored sealed ([`MasterKeys::seal`]); each replica has its own master key
+/// file. A fleet never seals under a master key that some live replica cannot open:
+///
+/// - **One sealing key for the fleet.** `fleet_head.sealing_key` names the master key every
+///   commit seals under, whichever replica makes it: a commit reads it in its own transaction
+///   (with the org's row lock), and one by a process whose file lacks it fails with
+///   [`StoreError::MasterKeyMissing`], writing nothing. A new schema's sealing key is the
+///   first connecting store's [`MasterKeys::current`]. A connect fails, changing nothing,
+///   if its file lacks a key some stored key is sealed under ([`StoreError::Sealed`], naming
+///   an org) or the sealing key ([`StoreError::MasterKeyMissing`]).
+/// - **Every replica says which keys it holds**: the ids (never key material) go into its
+///   lease row (`fleet_replicas.master_keys`) with every renewal and whenever its keys
+///   change.
+/// - **Rotation** (`master-key rotate`: the file gets a new first key, then
+///   [`Store::set_master_keys`], then [`Store::reseal`]). `set_master_keys(ring)` refuses
+///   (nothing changed) keys that lack a key some stored key is sealed under, or the sealing
+///   key; takes them; records their ids in this store's lease rows; and if `ring`'s first
+///   key is not the sealing key: records it as wanted (`fleet_head.wanted_key`) and
+///   announces `r|<id>` (again every second), on which every replica (and every replica
+///   that reloads) reads *its own* master key file again ([`MasterKeys::path`]: a shared
+///   file or a mounted secret brings the new key without a `SIGHUP`) and takes it, keeping
+///   the keys it had; waits, at most [`FleetConfig::wait`], until every replica with a live
+///   lease lists the new key; then, in one transaction that checks the leases again under
+///   `fleet_head`'s row lock, switches the sealing key and announces `k|<id>` (strict mode:
+///   returns once every live replica applied it). If some live replica does not hold the new
+///   key in time, it fails with [`StoreError::MasterKeyNotShared`] naming them: the fleet
+///   still seals under the old key, and the operator gives them the new file (`SIGHUP` or
+///   restart) and runs `master-key rotate` again, which resumes. Only then does
+///   [`Store::reseal`] seal the stored keys again under the new key: batches of 1,000 rows,
+///   one statement each, each row written only if its generation and sealed value are
+///   unchanged (a concurrent commit is never overwritten), until a pass finds none left.
+///   Nothing is announced for a reseal (no key and no generation changes); every replica
+///   holds both keys, so a reload opens either. A crash leaves every key under the old or the
+///   new key; running the rotation again finishes it.
+/// - **A replica without the sealing key fails closed**: one that takes its lease while the
+///   key switches, or hears `k` for a key its file lacks, reads its file again, and if the key
+///   is not there stops vouching for its table (503) and says so, until it has the file.
+/// - `master-key retire` drops from the file the keys [`Store::master_keys_in_use`] does not
+///   name (the keys stored keys are sealed under, and the sealing key).
+///
+/// In loose mode ([`FleetMode::Loose`]) replicas hold no lease, so the switch cannot wait for
+/// them: they read their files again on `r` and fail closed on `k` if the key is not there.
 ///
 /// # Concurrency
 ///
@@ -277,7 +368,8 @@ const MAX_SCHEMA_LEN: usize = 63;
 ///   loopback, a Unix socket (`host=/var/run/postgresql`) or a trusted network.
 /// - The connection keeps session state (`search_path`, prepared statements): point it at
 ///   PostgreSQL or at a session-mode pooler, not at a transaction-mode pooler.
-/// - Keys are stored as they are: protect the database like the keys themselves.
+/// - Keys are stored sealed (P4): a dump or a copy of the database reveals no key without a
+///   replica's master key file; keep that file apart from the database and its backups.
 #[derive(Clone)]
 pub struct PostgresStore {
     inner: Arc<Inner>,
@@ -287,12 +379,122 @@ struct Inner {
     config: Config,
     schema: String,
     format: KeyFormat,
-    /// The master keys that seal and open the stored keys (P4).
+    /// The master keys that open the stored keys (P4).
     master: ArcSwap<MasterKeys>,
+    /// The master key the fleet seals under, as this store last heard it (at connect, at a
+    /// follower's reload, from a `k` announcement, at a commit). Commits read it again in
+    /// their own transaction.
+    sealing: std::sync::Mutex<MasterKeyId>,
+    /// The lease rows of this store's followers (strict mode), whose `master_keys` it updates
+    /// when its keys change.
+    leases: std::sync::Mutex<Vec<String>>,
     conn: RwLock<Conn>,
     fleet: FleetConfig,
     /// The last change this process's follower applied (-1: no follower).
     applied: tokio::sync::watch::Sender<i64>,
+}
+
+impl Inner {
+    fn sealing(&self) -> MasterKeyId {
+        *self.sealing.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set_sealing(&self, id: MasterKeyId) {
+        *self.sealing.lock().unwrap_or_else(|p| p.into_inner()) = id;
+    }
+
+    /// A follower's new life replaced its lease row `previous` with `next`.
+    fn lease_changed(&self, previous: &str, next: &str) {
+        let mut leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+        leases.retain(|id| id != previous);
+        leases.push(next.to_owned());
+    }
+
+    fn leases(&self) -> Vec<String> {
+        self.leases
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// The ids of `master`'s keys as a lease row lists them: hex, comma-separated.
+fn id_list(master: &MasterKeys) -> String {
+    master
+        .ids()
+        .map(MasterKeyId::to_hex)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The fleet's sealing key as `fleet_head` stores it.
+fn parse_sealing(text: Option<&str>) -> Result<MasterKeyId, StoreError> {
+    text.and_then(MasterKeyId::from_hex)
+        .ok_or_else(|| corrupt("the fleet's sealing key id (fleet_head.sealing_key) is invalid"))
+}
+
+/// The master key the fleet seals under, read now.
+async fn read_sealing<C: GenericClient + Sync>(client: &C) -> Result<MasterKeyId, StoreError> {
+    let row = client
+        .query_one("SELECT sealing_key FROM fleet_head", &[])
+        .await
+        .map_err(backend)?;
+    parse_sealing(row.try_get(0).map_err(backend)?)
+}
+
+/// The master keys that seal at least one stored key (P4).
+async fn stored_key_ids<C: GenericClient + Sync>(
+    client: &C,
+) -> Result<Vec<MasterKeyId>, StoreError> {
+    let rows = client
+        .query(
+            "SELECT DISTINCT substring(sealed_key FROM 1 FOR 9) FROM orgs
+             WHERE sealed_key IS NOT NULL",
+            &[],
+        )
+        .await
+        .map_err(backend)?;
+    rows.iter()
+        .map(|row| {
+            let head: &[u8] = row.try_get(0).map_err(backend)?;
+            sealed_by(head).ok_or_else(|| corrupt("a stored key is not a sealed value"))
+        })
+        .collect()
+}
+
+/// Fails if `master` lacks a key that seals a stored key ([`StoreError::Sealed`], naming an
+/// org sealed under it) or, if given, the fleet's sealing key
+/// ([`StoreError::MasterKeyMissing`]). Reads only: a wrong master key file changes nothing.
+async fn check_master<C: GenericClient + Sync>(
+    client: &C,
+    master: &MasterKeys,
+    sealing: Option<MasterKeyId>,
+) -> Result<(), StoreError> {
+    for id in stored_key_ids(client).await? {
+        if master.contains(id) {
+            continue;
+        }
+        let row = client
+            .query_one(
+                "SELECT id FROM orgs WHERE substring(sealed_key FROM 1 FOR 9) = $1 LIMIT 1",
+                &[&&sealed_prefix(id)[..]],
+            )
+            .await
+            .map_err(backend)?;
+        let org: &str = row.try_get(0).map_err(backend)?;
+        return Err(StoreError::Sealed {
+            org: OrgId::new(org).map_err(|_| corrupt("stored org id is invalid"))?,
+            error: SealError::UnknownMasterKey(id),
+            file: master.describe(),
+        });
+    }
+    match sealing {
+        Some(key) if !master.contains(key) => Err(StoreError::MasterKeyMissing {
+            key,
+            file: master.describe(),
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// The notification channel of a schema (at most 63 bytes, as PostgreSQL identifiers).
@@ -526,10 +728,13 @@ impl Follower {
         }
         let fleet = self.fleet();
         let lease_ms = fleet.lease.as_millis() as i64;
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
-            [&self.id, &fleet.name, &self.applied, &lease_ms];
+        // The master keys this replica holds go with every renewal (P4): a rotation switches
+        // the fleet to a new key only once every live lease lists it.
+        let keys = id_list(&self.store.inner.master.load());
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
+            [&self.id, &fleet.name, &self.applied, &lease_ms, &keys];
         let sent = crate::table::monotonic_ms();
-        let renewal = client.query_one("SELECT fleet_renew($1, $2, $3, $4)", &params);
+        let renewal = client.query_one("SELECT fleet_renew($1, $2, $3, $4, $5)", &params);
         match tokio::time::timeout(fleet.stall_bound(), renewal).await {
             Ok(Ok(row)) => {
                 if row.try_get::<_, bool>(0).map_err(backend)? {
@@ -562,11 +767,29 @@ impl Follower {
             .start()
             .await
             .map_err(backend)?;
-        let head: i64 = tx
-            .query_one("SELECT seq FROM fleet_head", &[])
+        let head = tx
+            .query_one("SELECT seq, sealing_key, wanted_key FROM fleet_head", &[])
             .await
-            .and_then(|row| row.try_get(0))
             .map_err(backend)?;
+        let sealing = parse_sealing(head.try_get(1).map_err(backend)?)?;
+        let wanted: Option<&str> = head.try_get(2).map_err(backend)?;
+        // A rotation's request to fetch a key, which this replica may have missed while its
+        // feed was down (see `r` in `apply`).
+        if let Some(wanted) = wanted.and_then(MasterKeyId::from_hex) {
+            self.store.fetch_master_key(wanted);
+        }
+        let head: i64 = head.try_get(0).map_err(backend)?;
+        // P4: this replica must hold the key the fleet seals under, or it could not open
+        // what the others commit; it reads its master key file again first (the key may have
+        // reached it there), else it fails closed until it does.
+        inner.set_sealing(sealing);
+        if !self.store.fetch_master_key(sealing) {
+            let master = inner.master.load();
+            return Err(StoreError::MasterKeyMissing {
+                key: sealing,
+                file: master.describe(),
+            });
+        }
         let rows = tx.query(SELECT_ORGS, &[]).await.map_err(backend)?;
         for row in &rows {
             let (org, state) = state_of(org_from_row(row, inner.format, &inner.master.load())?);
@@ -649,6 +872,27 @@ impl Follower {
                     sessions.deleted(&digest);
                 }
             }
+            // P4: a rotation asks every replica to read its master key file again (the new
+            // key reaches a replica there: a shared file, a mounted secret); the ids it holds
+            // go with the renewal that confirms this change.
+            "r" => {
+                if let Some(id) = MasterKeyId::from_hex(change.subject) {
+                    self.store.fetch_master_key(id);
+                }
+            }
+            // P4: the fleet seals under this key from now on. Every live lease listed it; a
+            // replica that does not hold it (it took its lease meanwhile) fails closed.
+            "k" => {
+                if let Some(id) = MasterKeyId::from_hex(change.subject) {
+                    self.store.inner.set_sealing(id);
+                    if !self.store.fetch_master_key(id) {
+                        return Err(StoreError::MasterKeyMissing {
+                            key: id,
+                            file: self.store.inner.master.load().describe(),
+                        });
+                    }
+                }
+            }
             _ => {}
         }
         Ok(())
@@ -704,6 +948,7 @@ impl Follower {
             // runs out; rows long dead go too.
             if self.strict() {
                 let previous = std::mem::replace(&mut self.id, random_id());
+                inner.lease_changed(&previous, &self.id);
                 client
                     .execute(
                         "DELETE FROM fleet_replicas WHERE id IN (
@@ -942,13 +1187,16 @@ impl PostgresStore {
         if config.get_application_name().is_none() {
             config.application_name(format!("orgkey:{}", fleet.name));
         }
-        let conn = Conn::open(&config, schema, Some((&master, format))).await?;
+        let (conn, sealing) = Conn::open(&config, schema, Some((&master, format))).await?;
+        let sealing = sealing.ok_or_else(|| corrupt("the connect did not read the sealing key"))?;
         Ok(Self {
             inner: Arc::new(Inner {
                 config,
                 schema: schema.to_owned(),
                 format,
                 master: ArcSwap::from_pointee(master),
+                sealing: std::sync::Mutex::new(sealing),
+                leases: std::sync::Mutex::new(Vec::new()),
                 conn: RwLock::new(conn),
                 fleet,
                 applied: tokio::sync::watch::Sender::new(-1),
@@ -964,6 +1212,19 @@ impl PostgresStore {
     /// The schema this store keeps its tables in.
     pub fn schema(&self) -> &str {
         &self.inner.schema
+    }
+
+    /// The master key the fleet seals under (P4), as this store last heard it: at connect,
+    /// at its follower's reloads and announcements, at its own commits and rotations.
+    pub fn sealing_key(&self) -> MasterKeyId {
+        self.inner.sealing()
+    }
+
+    /// The master keys this store opens with now (P4): what it connected with, or took
+    /// since ([`Store::set_master_keys`], or its follower reading the file again on the
+    /// fleet's request).
+    pub fn master_keys(&self) -> Arc<MasterKeys> {
+        self.inner.master.load_full()
     }
 
     /// Sends `payload` to every follower of this schema, on the shared connection.
@@ -1151,6 +1412,291 @@ impl PostgresStore {
         }
     }
 
+    /// Makes sure this process holds master key `id` (P4): if its keys lack it, reads its
+    /// master key file again ([`MasterKeys::path`]) and, if the file holds it, takes the
+    /// file's keys, keeping the ones it had (a replica never drops a key on the fleet's
+    /// request: only [`Store::set_master_keys`] does, after its checks). Answers whether it
+    /// holds `id` now.
+    fn fetch_master_key(&self, id: MasterKeyId) -> bool {
+        let master = self.inner.master.load_full();
+        if master.contains(id) {
+            return true;
+        }
+        let schema = &self.inner.schema;
+        let Some(path) = master.path() else {
+            tracing::warn!(schema = %schema, key = %id, "the fleet uses master key {id}, which this process lacks, and its master keys were not read from a file it could read again");
+            return false;
+        };
+        match MasterKeys::load(path) {
+            Ok(file) if file.contains(id) => {
+                self.inner.master.rcu(|held| {
+                    if held.contains(id) {
+                        Arc::clone(held)
+                    } else {
+                        Arc::new(file.merged(held))
+                    }
+                });
+                tracing::info!(schema = %schema, key = %id, file = %path.display(), "master key file read again; it holds the fleet's new master key");
+                true
+            }
+            Ok(_) => {
+                tracing::error!(schema = %schema, key = %id, file = %path.display(), "the fleet uses master key {id}, which this replica's master key file does not hold: give it the fleet's current file");
+                false
+            }
+            Err(error) => {
+                tracing::error!(schema = %schema, key = %id, %error, "the fleet uses master key {id}, and this replica's master key file cannot be read again");
+                false
+            }
+        }
+    }
+
+    /// Writes the ids of this store's master keys into its followers' lease rows.
+    async fn record_master_keys(&self) -> Result<(), StoreError> {
+        let leases = self.inner.leases();
+        if leases.is_empty() {
+            return Ok(());
+        }
+        let ids = id_list(&self.inner.master.load());
+        let conn = self.shared().await?;
+        conn.client
+            .execute(
+                "UPDATE fleet_replicas SET master_keys = $2 WHERE id = ANY($1)",
+                &[&leases, &ids],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    /// [`Store::set_master_keys`]: see the type's docs, "Master keys in a fleet".
+    async fn take_master_keys(&self, master: MasterKeys) -> Result<(), StoreError> {
+        let sealing = {
+            let conn = self.shared().await?;
+            let sealing = read_sealing(&conn.client).await?;
+            check_master(&conn.client, &master, Some(sealing)).await?;
+            sealing
+        };
+        let new = master.current();
+        self.inner.master.store(Arc::new(master));
+        self.inner.set_sealing(sealing);
+        self.record_master_keys().await?;
+        if new == sealing {
+            return Ok(());
+        }
+        self.switch_sealing(new).await
+    }
+
+    /// Switches the fleet to sealing under `new` once every replica with a live lease holds
+    /// it: asks them all to read their master key files again (`r`, again every second),
+    /// waits at most the wait bound for every live lease to list `new`, then, in one
+    /// transaction that checks the leases again, sets `fleet_head.sealing_key` and announces
+    /// `k`; in strict mode it returns once every live replica has applied that.
+    async fn switch_sealing(&self, new: MasterKeyId) -> Result<(), StoreError> {
+        /// How often the request to read the master key file again is repeated (for replicas
+        /// whose feed reconnected meanwhile and so did not hear it).
+        const ASK_AGAIN: Duration = Duration::from_secs(1);
+        let fleet = &self.inner.fleet;
+        let hex = new.to_hex();
+        let started = tokio::time::Instant::now();
+        let mut asked: Option<tokio::time::Instant> = None;
+        loop {
+            if asked.is_none_or(|at| at.elapsed() >= ASK_AGAIN) {
+                let seq = self.ask_for(&hex).await?;
+                tracing::info!(schema = %self.inner.schema, key = %new, seq, "asked every replica to read its master key file again");
+                asked = Some(tokio::time::Instant::now());
+            }
+            let lacking = match self.try_switch(&hex).await? {
+                Switched::Now(seq) => {
+                    self.inner.set_sealing(new);
+                    tracing::info!(schema = %self.inner.schema, key = %new, "the fleet seals under a new master key");
+                    match self.settle(seq).await {
+                        Err(StoreError::Unconfirmed(unconfirmed)) => {
+                            // Switched all the same, and commits read the key in their own
+                            // transaction: a replica that did not confirm still seals under it.
+                            tracing::warn!(schema = %self.inner.schema, %unconfirmed, "sealing key switched");
+                            return Ok(());
+                        }
+                        settled => return settled,
+                    }
+                }
+                Switched::Already => {
+                    self.inner.set_sealing(new);
+                    return Ok(());
+                }
+                Switched::Lacking(names) => names,
+            };
+            let waited = started.elapsed();
+            if waited >= fleet.wait {
+                return Err(StoreError::MasterKeyNotShared {
+                    key: new,
+                    replicas: lacking,
+                    waited,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(20).min(fleet.wait - waited)).await;
+        }
+    }
+
+    /// Asks every replica to fetch master key `hex` from its file: records it as wanted (for
+    /// replicas that reload) and announces `r`; the announcement's number.
+    async fn ask_for(&self, hex: &str) -> Result<i64, StoreError> {
+        let mut conn = self.exclusive().await?;
+        let tx = conn.client.transaction().await.map_err(backend)?;
+        tx.execute("UPDATE fleet_head SET wanted_key = $1", &[&hex])
+            .await
+            .map_err(backend)?;
+        let seq: i64 = tx
+            .query_one(
+                "SELECT fleet_announce($1, 'r', $2)",
+                &[&channel(&self.inner.schema), &hex],
+            )
+            .await
+            .and_then(|row| row.try_get(0))
+            .map_err(backend)?;
+        tx.commit().await.map_err(backend)?;
+        Ok(seq)
+    }
+
+    /// One attempt of [`PostgresStore::switch_sealing`]: under `fleet_head`'s row lock (no
+    /// change is announced meanwhile), the replicas with a live lease that do not list `new`;
+    /// if none, the switch, announced.
+    async fn try_switch(&self, new: &str) -> Result<Switched, StoreError> {
+        let mut conn = self.exclusive().await?;
+        let tx = conn.client.transaction().await.map_err(backend)?;
+        let current: Option<String> = tx
+            .query_one("SELECT sealing_key FROM fleet_head FOR UPDATE", &[])
+            .await
+            .and_then(|row| row.try_get(0))
+            .map_err(backend)?;
+        if current.as_deref() == Some(new) {
+            return Ok(Switched::Already);
+        }
+        let lacking = tx
+            .query(
+                "SELECT name FROM fleet_replicas
+                 WHERE lease_until > clock_timestamp()
+                   AND NOT ($1 = ANY(string_to_array(COALESCE(master_keys, ''), ',')))
+                 ORDER BY name",
+                &[&new],
+            )
+            .await
+            .map_err(backend)?;
+        if !lacking.is_empty() {
+            let names = lacking
+                .iter()
+                .map(|row| row.try_get::<_, String>(0))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(backend)?;
+            return Ok(Switched::Lacking(names));
+        }
+        tx.execute("UPDATE fleet_head SET sealing_key = $1", &[&new])
+            .await
+            .map_err(backend)?;
+        let seq: i64 = tx
+            .query_one(
+                "SELECT fleet_announce($1, 'k', $2)",
+                &[&channel(&self.inner.schema), &new],
+            )
+            .await
+            .and_then(|row| row.try_get(0))
+            .map_err(backend)?;
+        tx.commit().await.map_err(backend)?;
+        Ok(Switched::Now(seq))
+    }
+
+    /// [`Store::reseal`]: pages through the orgs by id, [`RESEAL_BATCH`] at a time, sealing
+    /// again under the fleet's sealing key every key sealed under another (one statement per
+    /// batch, so one transaction); each row is written only if its generation and sealed
+    /// value are still the ones read, so a concurrent commit is never overwritten (its row
+    /// is looked at again in the next pass). Done when a pass from the start finds nothing.
+    async fn reseal_all(&self) -> Result<u64, StoreError> {
+        let format = self.inner.format;
+        let mut done = 0u64;
+        let mut after = String::new();
+        loop {
+            let conn = self.shared().await?;
+            let sealing = read_sealing(&conn.client).await?;
+            self.inner.set_sealing(sealing);
+            let master = self.inner.master.load_full();
+            if !master.contains(sealing) {
+                return Err(StoreError::MasterKeyMissing {
+                    key: sealing,
+                    file: master.describe(),
+                });
+            }
+            let rows = conn
+                .client
+                .query(
+                    "SELECT id, generation, sealed_key FROM orgs
+                     WHERE id > $1 AND sealed_key IS NOT NULL
+                       AND substring(sealed_key FROM 1 FOR 9) <> $2
+                     ORDER BY id LIMIT $3",
+                    &[&after, &&sealed_prefix(sealing)[..], &(RESEAL_BATCH as i64)],
+                )
+                .await
+                .map_err(backend)?;
+            if rows.is_empty() {
+                if after.is_empty() {
+                    return Ok(done);
+                }
+                after.clear();
+                continue;
+            }
+            let (mut ids, mut generations, mut old, mut new) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for row in &rows {
+                let id: String = row.try_get(0).map_err(backend)?;
+                let stored: i64 = row.try_get(1).map_err(backend)?;
+                let sealed: Vec<u8> = row.try_get(2).map_err(backend)?;
+                let org = OrgId::new(&id).map_err(|_| corrupt("stored org id is invalid"))?;
+                let generation = Generation::new(
+                    u64::try_from(stored).map_err(|_| corrupt("stored generation is negative"))?,
+                );
+                let key = master
+                    .open(&org, generation, &sealed, format)
+                    .map_err(|error| StoreError::Sealed {
+                        org: org.clone(),
+                        error,
+                        file: master.describe(),
+                    })?;
+                new.push(
+                    master
+                        .seal_under(sealing, &org, generation, &key)
+                        .map_err(backend)?,
+                );
+                ids.push(id);
+                generations.push(stored);
+                old.push(sealed);
+            }
+            after.clone_from(&ids[ids.len() - 1]);
+            let written = conn
+                .client
+                .execute(
+                    "UPDATE orgs o SET sealed_key = u.new
+                     FROM unnest($1::TEXT[], $2::BIGINT[], $3::BYTEA[], $4::BYTEA[])
+                         AS u(id, generation, old, new)
+                     WHERE o.id = u.id AND o.generation = u.generation
+                       AND o.sealed_key = u.old",
+                    &[&ids, &generations, &old, &new],
+                )
+                .await
+                .map_err(backend)?;
+            done += written;
+        }
+    }
+
+    /// [`Store::master_keys_in_use`]: the keys stored keys are sealed under, and the fleet's
+    /// sealing key.
+    async fn keys_in_use(&self) -> Result<Vec<MasterKeyId>, StoreError> {
+        let conn = self.shared().await?;
+        let mut ids = stored_key_ids(&conn.client).await?;
+        let sealing = read_sealing(&conn.client).await?;
+        if !ids.contains(&sealing) {
+            ids.push(sealing);
+        }
+        Ok(ids)
+    }
+
     /// The connection, shared with other statements outside transactions; reconnects first
     /// if it was lost.
     async fn shared(&self) -> Result<RwLockReadGuard<'_, Conn>, StoreError> {
@@ -1168,7 +1714,9 @@ impl PostgresStore {
         let mut conn = self.inner.conn.write().await;
         if conn.client.is_closed() {
             tracing::info!(schema = %self.inner.schema, "reconnecting to PostgreSQL");
-            *conn = Conn::open(&self.inner.config, &self.inner.schema, None).await?;
+            *conn = Conn::open(&self.inner.config, &self.inner.schema, None)
+                .await?
+                .0;
         }
         Ok(conn)
     }
@@ -1176,13 +1724,14 @@ impl PostgresStore {
 
 impl Conn {
     /// Connects, points `search_path` at `schema`, migrates, and prepares the statements.
-    /// Connects; `seal` (at the first connect) seals keys a release before P4 wrote in
-    /// clear, with the migration that adds `sealed_key`.
+    /// With `seal` (the store's first connect) it also checks the master keys against the
+    /// schema and seals keys a release before P4 wrote in clear (see [`migrate`]), and
+    /// answers the fleet's sealing key.
     async fn open(
         config: &Config,
         schema: &str,
         seal: Option<(&MasterKeys, KeyFormat)>,
-    ) -> Result<Self, StoreError> {
+    ) -> Result<(Self, Option<MasterKeyId>), StoreError> {
         let (mut client, connection) = config.connect(NoTls).await.map_err(backend)?;
         let name = schema.to_owned();
         tokio::spawn(async move {
@@ -1198,9 +1747,9 @@ impl Conn {
             ))
             .await
             .map_err(backend)?;
-        migrate(&mut client, schema, seal).await?;
+        let sealing = migrate(&mut client, schema, seal).await?;
         let statements = Statements::prepare(&client).await?;
-        Ok(Self { client, statements })
+        Ok((Self { client, statements }, sealing))
     }
 }
 
@@ -1214,7 +1763,12 @@ impl Statements {
             )
             .await?,
 
-            lock_org: prepare("SELECT generation FROM orgs WHERE id = $1 FOR UPDATE").await?,
+            // The org's row, locked, and the key the fleet seals under now (P4).
+            lock_org: prepare(
+                "SELECT o.generation, h.sealing_key FROM orgs o, fleet_head h
+                 WHERE o.id = $1 FOR UPDATE OF o",
+            )
+            .await?,
             update_org: prepare(
                 "UPDATE orgs SET subscribed = $2, sealed_key = $3, generation = $4,
                      modified_by = $5, modified_ms = $6, api_key = NULL
@@ -1252,12 +1806,16 @@ impl Statements {
 }
 
 /// Creates the schema if missing and runs the migrations it has not had, in one transaction
-/// under an advisory lock (so concurrent connects wait for each other).
+/// under an advisory lock (so concurrent connects wait for each other). With `seal` (a
+/// store's first connect), in the same transaction: sets the fleet's sealing key if it has
+/// none yet, fails if the master keys lack a key the schema uses ([`check_master`]; the
+/// transaction rolls back, so a wrong file changes nothing), and seals what a release before
+/// P4 stored in clear; answers the sealing key.
 async fn migrate(
     client: &mut Client,
     schema: &str,
     seal: Option<(&MasterKeys, KeyFormat)>,
-) -> Result<(), StoreError> {
+) -> Result<Option<MasterKeyId>, StoreError> {
     let tx = client.transaction().await.map_err(backend)?;
     tx.execute(
         "SELECT pg_advisory_xact_lock($1, hashtext($2))",
@@ -1322,10 +1880,57 @@ async fn migrate(
         .await
         .map_err(backend)?;
     }
-    if let Some((master, format)) = seal {
-        seal_plaintext(&tx, master, format).await?;
+    let sealing = match seal {
+        Some((master, format)) => {
+            let sealing = first_sealing_key(&tx, master).await?;
+            check_master(&tx, master, Some(sealing)).await?;
+            seal_plaintext(&tx, master, sealing, format).await?;
+            Some(sealing)
+        }
+        None => None,
+    };
+    tx.commit().await.map_err(backend)?;
+    Ok(sealing)
+}
+
+/// The fleet's sealing key; set first if the schema has none: a new schema, or one that
+/// release 6 sealed (each replica under its own file's first key). Then it is the key the
+/// most recently changed sealed key is under, if `master` holds it (the fleet's replicas
+/// opened it), else `master`'s first.
+async fn first_sealing_key(
+    tx: &tokio_postgres::Transaction<'_>,
+    master: &MasterKeys,
+) -> Result<MasterKeyId, StoreError> {
+    let row = tx
+        .query_one("SELECT sealing_key FROM fleet_head", &[])
+        .await
+        .map_err(backend)?;
+    let stored: Option<&str> = row.try_get(0).map_err(backend)?;
+    if stored.is_some() {
+        return parse_sealing(stored);
     }
-    tx.commit().await.map_err(backend)
+    let newest = tx
+        .query_opt(
+            "SELECT substring(sealed_key FROM 1 FOR 9) FROM orgs WHERE sealed_key IS NOT NULL
+             ORDER BY modified_ms DESC NULLS LAST LIMIT 1",
+            &[],
+        )
+        .await
+        .map_err(backend)?;
+    let newest = match &newest {
+        Some(row) => sealed_by(row.try_get::<_, &[u8]>(0).map_err(backend)?),
+        None => None,
+    };
+    let sealing = newest
+        .filter(|id| master.contains(*id))
+        .unwrap_or_else(|| master.current());
+    tx.execute(
+        "UPDATE fleet_head SET sealing_key = $1 WHERE sealing_key IS NULL",
+        &[&sealing.to_hex()],
+    )
+    .await
+    .map_err(backend)?;
+    Ok(sealing)
 }
 
 /// Seals, in the migration's transaction, the keys a release before P4 stored in clear
@@ -1335,6 +1940,7 @@ async fn migrate(
 async fn seal_plaintext(
     tx: &tokio_postgres::Transaction<'_>,
     master: &MasterKeys,
+    sealing: MasterKeyId,
     format: KeyFormat,
 ) -> Result<(), StoreError> {
     let rows = tx
@@ -1354,7 +1960,9 @@ async fn seal_plaintext(
         let generation = Generation::new(
             u64::try_from(generation).map_err(|_| corrupt("stored generation is negative"))?,
         );
-        let sealed = master.seal(&org, generation, &key).map_err(backend)?;
+        let sealed = master
+            .seal_under(sealing, &org, generation, &key)
+            .map_err(backend)?;
         tx.execute(
             "UPDATE orgs SET sealed_key = $2, api_key = NULL WHERE id = $1",
             &[&id, &sealed],
@@ -1458,7 +2066,6 @@ impl Store for PostgresStore {
             let generation = to_i64(next.generation.get(), "generation out of range")?;
             let audit_generation = to_i64(audit.generation.get(), "generation out of range")?;
             let master = self.inner.master.load_full();
-            let sealed = sealed_key(&master, master.current(), next)?;
             let mut conn = self.exclusive().await?;
             let Conn { client, statements } = &mut *conn;
             // Dropping `tx` without committing (any early return) queues a ROLLBACK ahead of
@@ -1468,13 +2075,27 @@ impl Store for PostgresStore {
                 .query_opt(&statements.lock_org, &[&next.org.as_str()])
                 .await
                 .map_err(backend)?;
-            let stored: i64 = match stored {
+            let (stored, sealing): (i64, MasterKeyId) = match stored {
                 None => return Err(StoreError::NotFound),
-                Some(row) => row.try_get(0).map_err(backend)?,
+                Some(row) => (
+                    row.try_get(0).map_err(backend)?,
+                    parse_sealing(row.try_get(1).map_err(backend)?)?,
+                ),
             };
             if stored != expected {
                 return Err(StoreError::Conflict);
             }
+            // P4: sealed under the key the fleet seals under as of this transaction (every
+            // live replica holds it); a process that lacks it writes nothing. A change
+            // without a key (delete, unsubscribe) needs no master key.
+            self.inner.set_sealing(sealing);
+            if next.key.is_some() && !master.contains(sealing) {
+                return Err(StoreError::MasterKeyMissing {
+                    key: sealing,
+                    file: master.describe(),
+                });
+            }
+            let sealed = sealed_key(&master, sealing, next)?;
             tx.execute(
                 &statements.update_org,
                 &[
@@ -1839,6 +2460,18 @@ impl Store for PostgresStore {
 
     fn follow_changes(&self, replica: Replica) -> Option<ChangeFollower> {
         Some(self.follow(replica))
+    }
+
+    fn master_keys_in_use(&self) -> StoreFuture<'_, Vec<MasterKeyId>> {
+        Box::pin(self.keys_in_use())
+    }
+
+    fn set_master_keys(&self, master: MasterKeys) -> StoreFuture<'_, ()> {
+        Box::pin(self.take_master_keys(master))
+    }
+
+    fn reseal(&self) -> StoreFuture<'_, u64> {
+        Box::pin(self.reseal_all())
     }
 }
 

@@ -377,9 +377,30 @@ pub struct Fleet {
     pub url: String,
     pub schema: String,
     extra: Vec<String>,
-    /// The fleet's master key file (P4), shared by its replicas.
-    pub master_file: std::path::PathBuf,
     pub replicas: Vec<Replica>,
+    /// The master key file every replica (and operator command) opens the schema with (P4).
+    pub master_key: MasterKeyFile,
+}
+
+/// A master key file in the temporary directory, deleted when dropped.
+pub struct MasterKeyFile(pub PathBuf);
+
+impl MasterKeyFile {
+    pub fn create() -> Self {
+        let path = std::env::temp_dir().join(format!("orgkey-fleet-{}.key", random_hex(8)));
+        orgkey::MasterKeys::create(&path).unwrap();
+        Self(path)
+    }
+
+    pub fn path(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+}
+
+impl Drop for MasterKeyFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 impl Fleet {
@@ -391,12 +412,8 @@ impl Fleet {
             url: url.to_owned(),
             schema: schema.to_owned(),
             extra: extra.iter().map(|s| (*s).to_owned()).collect(),
-            master_file: {
-                let file = super::pg::master_file(schema);
-                orgkey::MasterKeys::load_or_create(&file).unwrap();
-                file
-            },
             replicas: Vec::new(),
+            master_key: MasterKeyFile::create(),
         };
         for i in 0..n {
             let name = format!("{tag}-{}", char::from(b'a' + i as u8));
@@ -412,8 +429,7 @@ impl Fleet {
         let mut child = Command::new(env!("CARGO_BIN_EXE_orgkey-gateway"))
             .args(["--listen", "127.0.0.1:0", "--postgres", &self.url])
             .args(["--schema", &self.schema, "--replica-name", name])
-            .arg("--master-key-file")
-            .arg(&self.master_file)
+            .args(["--master-key-file", self.master_key.path()])
             .args(["--api-key", KEY, "--org-id", ORG])
             .args(&self.extra)
             .env("ORGKEY_ADMIN_PASSWORD", PASSWORD)
