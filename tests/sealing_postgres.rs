@@ -1209,3 +1209,53 @@ fn the_gateway_commands_rotate_and_retire_on_a_running_fleet() {
     fleet.restart(1);
     assert_eq!(whoami_key(fleet.addr(1), common::KEY).unwrap().status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restored_after_pg_restore_ends_every_session_and_audits_each_org() {
+    let _serial = SERIAL.lock().await;
+    let Some(schema) = schema() else { return };
+    let store = schema.connect().await;
+    for id in ["acme", "globex"] {
+        store.create_org(&org(id)).await.unwrap();
+        store
+            .commit(
+                Generation::new(0),
+                &record(id, Some("AbCdEf123456"), 1),
+                &event(id, 1),
+            )
+            .await
+            .unwrap();
+    }
+    for n in 0..3u8 {
+        let session = orgkey::store::SessionRecord {
+            digest: [n; 32],
+            org: org("acme"),
+            admin: orgkey::Username::new("admin@acme.example").unwrap(),
+            generation: Generation::new(1),
+            credential_version: 1,
+            created: std::time::SystemTime::now(),
+            last_used: std::time::SystemTime::now(),
+        };
+        store.put_session(&session).await.unwrap();
+    }
+    assert_eq!(store.load_sessions().await.unwrap().len(), 3);
+    // Another master key file: refused before anything changes.
+    let stranger = connect(&schema, "stranger", MasterKeys::generate().unwrap()).await;
+    assert!(
+        stranger.is_err(),
+        "a stranger's master key opens the schema"
+    );
+    assert_eq!(store.restored(&ops()).await.unwrap(), 2);
+    assert!(store.load_sessions().await.unwrap().is_empty());
+    for id in ["acme", "globex"] {
+        let last = &store.audit_page(&org(id), None, 1).await.unwrap()[0];
+        assert_eq!(last.event.action, KeyAction::Restore);
+        assert_eq!(last.event.actor, ops());
+        assert_eq!(last.event.generation, Generation::new(1));
+    }
+    // The keys are the restored ones, still sealed and still opening.
+    let orgs = store.load_orgs().await.unwrap();
+    assert!(orgs
+        .iter()
+        .all(|o| o.key.as_ref().unwrap().expose_secret() == "AbCdEf123456"));
+}

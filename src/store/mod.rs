@@ -7,7 +7,7 @@
 //! effect (P1); [`Admins::open`](crate::Admins::open) and
 //! [`Sessions::open`](crate::Sessions::open) do the same for admin accounts and sessions. On
 //! PostgreSQL every replica follows every change (F1, F2; see
-//! [`PostgresStore::follow`](crate::store::PostgresStore)).
+//! `PostgresStore::follow`, feature `postgres`).
 //!
 //! A commit that fails with [`StoreError::Backend`] while the connection broke may still
 //! have been written (the outcome is unknown to the client); treat such an error as "reload

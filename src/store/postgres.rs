@@ -2365,6 +2365,43 @@ impl Store for PostgresStore {
         })
     }
 
+    /// After `pg_restore` (P4): every key must open; then, in one transaction, every session
+    /// is deleted (each announced, so a replica left running drops it too) and each org's
+    /// audit log records `restore` by `actor`.
+    fn restored<'a>(&'a self, actor: &'a Actor) -> StoreFuture<'a, u64> {
+        Box::pin(async move {
+            let orgs = self.load_orgs().await?;
+            let mut conn = self.exclusive().await?;
+            let Conn { client, statements } = &mut *conn;
+            let tx = client.transaction().await.map_err(backend)?;
+            tx.execute(
+                "WITH gone AS (DELETE FROM sessions RETURNING digest)
+                 SELECT fleet_announce($1, 's-', encode(digest, 'hex')) FROM gone",
+                &[&channel(&self.inner.schema)],
+            )
+            .await
+            .map_err(backend)?;
+            let at = millis(SystemTime::now());
+            for org in &orgs {
+                let generation = to_i64(org.generation.get(), "generation out of range")?;
+                tx.execute(
+                    &statements.insert_audit,
+                    &[
+                        &org.org.as_str(),
+                        &actor.as_str(),
+                        &KeyAction::Restore.as_str(),
+                        &at,
+                        &generation,
+                    ],
+                )
+                .await
+                .map_err(backend)?;
+            }
+            tx.commit().await.map_err(backend)?;
+            Ok(orgs.len() as u64)
+        })
+    }
+
     fn throttle_take<'a>(
         &'a self,
         keys: &'a ThrottleKeys,
