@@ -504,6 +504,23 @@ fn channel(schema: &str) -> String {
     name
 }
 
+/// Announces `<seq>|<kind>|<subject>` on `schema`'s channel from within `tx` (delivered when
+/// it commits); the change's number.
+async fn announce_in(
+    tx: &tokio_postgres::Transaction<'_>,
+    schema: &str,
+    kind: &str,
+    subject: &str,
+) -> Result<i64, StoreError> {
+    tx.query_one(
+        "SELECT fleet_announce($1, $2, $3)",
+        &[&channel(schema), &kind, &subject],
+    )
+    .await
+    .and_then(|row| row.try_get(0))
+    .map_err(backend)
+}
+
 fn state_of(record: OrgRecord) -> (OrgId, OrgState) {
     (
         record.org,
@@ -1545,14 +1562,7 @@ impl PostgresStore {
         tx.execute("UPDATE fleet_head SET wanted_key = $1", &[&hex])
             .await
             .map_err(backend)?;
-        let seq: i64 = tx
-            .query_one(
-                "SELECT fleet_announce($1, 'r', $2)",
-                &[&channel(&self.inner.schema), &hex],
-            )
-            .await
-            .and_then(|row| row.try_get(0))
-            .map_err(backend)?;
+        let seq = announce_in(&tx, &self.inner.schema, "r", hex).await?;
         tx.commit().await.map_err(backend)?;
         Ok(seq)
     }
@@ -1592,14 +1602,7 @@ impl PostgresStore {
         tx.execute("UPDATE fleet_head SET sealing_key = $1", &[&new])
             .await
             .map_err(backend)?;
-        let seq: i64 = tx
-            .query_one(
-                "SELECT fleet_announce($1, 'k', $2)",
-                &[&channel(&self.inner.schema), &new],
-            )
-            .await
-            .and_then(|row| row.try_get(0))
-            .map_err(backend)?;
+        let seq = announce_in(&tx, &self.inner.schema, "k", new).await?;
         tx.commit().await.map_err(backend)?;
         Ok(Switched::Now(seq))
     }
@@ -2124,17 +2127,8 @@ impl Store for PostgresStore {
             // F1: every follower of this schema hears "<seq>|o|org:generation" when this
             // commits (a notification is delivered at COMMIT, never for a rolled-back
             // change). Never key material.
-            let seq: i64 = tx
-                .query_one(
-                    "SELECT fleet_announce($1, 'o', $2)",
-                    &[
-                        &channel(&self.inner.schema),
-                        &format!("{}:{}", next.org.as_str(), next.generation.get()),
-                    ],
-                )
-                .await
-                .and_then(|row| row.try_get(0))
-                .map_err(backend)?;
+            let subject = format!("{}:{}", next.org.as_str(), next.generation.get());
+            let seq = announce_in(&tx, &self.inner.schema, "o", &subject).await?;
             tx.commit().await.map_err(backend)?;
             drop(conn);
             self.settle(seq).await
