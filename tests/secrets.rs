@@ -14,6 +14,36 @@ assert_not_impl_any!(orgkey::Password: PartialEq, Eq, std::fmt::Display, std::ha
 assert_not_impl_any!(orgkey::session::SessionToken: PartialEq, Eq, std::fmt::Display, std::hash::Hash, Clone);
 assert_impl_all!(orgkey::session::SessionToken: subtle::ConstantTimeEq, std::fmt::Debug);
 assert_not_impl_any!(orgkey::session::LoginRequest: PartialEq, std::fmt::Display);
+assert_not_impl_any!(orgkey::MasterKeys: PartialEq, Eq, std::fmt::Display, std::hash::Hash, Copy);
+
+#[test]
+fn debug_of_master_keys_shows_ids_and_never_key_bytes() {
+    let dir = std::env::temp_dir().join(format!("orgkey-secrets-mk-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("master.key");
+    let keys = orgkey::MasterKeys::create(&file)
+        .unwrap()
+        .with_new_key()
+        .unwrap();
+    keys.save(&file).unwrap();
+    let debug = format!("{keys:?}");
+    let text = std::fs::read_to_string(&file).unwrap();
+    let mut secrets = 0;
+    for line in text
+        .lines()
+        .filter(|l| l.starts_with("orgkey-master-key-v1 "))
+    {
+        let encoded = line.split_whitespace().nth(1).unwrap();
+        assert!(!debug.contains(encoded), "{debug}");
+        secrets += 1;
+    }
+    assert_eq!(secrets, 2);
+    for id in keys.ids() {
+        assert!(debug.contains(&id.to_hex()), "{debug}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
 
 #[test]
 fn debug_of_passwords_login_requests_and_stored_admins_never_shows_the_secret() {
