@@ -271,6 +271,17 @@ fn a_backup_made_while_serving_restores_its_keys_ends_every_session_and_is_audit
     );
     let secrets: HashSet<Vec<u8>> = [KEY.as_bytes().to_vec()].into();
     assert!(!holds_any(&std::fs::read(&backup.0).unwrap(), &secrets));
+    // A relative path is the operator's directory's, not the gateway's.
+    let here = std::env::temp_dir().join(format!("orgkey-seal-backup-cwd-{}", std::process::id()));
+    std::fs::create_dir_all(&here).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_orgkey-gateway"))
+        .args(["--state", &state, "backup", "relative.db"])
+        .current_dir(&here)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(here.join("relative.db").exists());
+    std::fs::remove_dir_all(&here).unwrap();
     // A second backup to the same file is refused.
     let (code, _, err) = run(&["--state", &state, "backup", backup.path()]);
     assert_eq!(code, 1);

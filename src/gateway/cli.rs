@@ -483,6 +483,15 @@ async fn operate(options: &Options, command: ops::Command) -> Result<(), String>
         println!("seals: {}", master.current());
         return Ok(());
     }
+    // A running gateway writes the backup: a relative path means the operator's directory,
+    // not the gateway's.
+    let command = match command {
+        ops::Command::Backup { path } => ops::Command::Backup {
+            path: std::path::absolute(&path)
+                .map_err(|e| format!("backup {}: {e}", path.display()))?,
+        },
+        other => other,
+    };
     let request = ops::Request::new(command, options.operator.clone())?;
     let mut sqlite = None;
     let (master_file, store): (PathBuf, Arc<dyn Store>) = match &options.postgres {
