@@ -177,8 +177,8 @@ impl SqliteStore {
             return Err(corrupt("SQLite refused synchronous=FULL"));
         }
         migrate(&mut conn)?;
-        // Before anything is written: a wrong master key file changes nothing.
-        check_master(&conn, &master)?;
+        // The master keys were checked above, under the lock, on every key stored (a state
+        // older than schema 5 or a new file holds none yet).
         seal_plaintext(&mut conn, format, &master)?;
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
