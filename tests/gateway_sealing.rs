@@ -36,6 +36,18 @@ fn run(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// A gateway start on `state` with the master key file `file`: (exit code, stdout, stderr).
+fn serve_with_key_file(state: &str, file: &str) -> (i32, String, String) {
+    run(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--state",
+        state,
+        "--master-key-file",
+        file,
+    ])
+}
+
 fn key_file(state: &str) -> String {
     format!("{state}.master-key")
 }
@@ -116,14 +128,7 @@ fn the_first_start_creates_the_master_key_file_and_a_missing_or_wrong_one_stops_
     let (code, out, err) = run(&["--master-key-file", &other, "master-key", "create"]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains(&format!("master key file: {other}")), "{out}");
-    let (code, _, err) = run(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--state",
-        &state,
-        "--master-key-file",
-        &other,
-    ]);
+    let (code, _, err) = serve_with_key_file(&state, &other);
     assert_eq!(code, 1, "{err}");
     assert!(
         err.contains(&other) && err.contains("does not hold"),
@@ -137,14 +142,7 @@ fn the_first_start_creates_the_master_key_file_and_a_missing_or_wrong_one_stops_
     std::fs::remove_file(&other).unwrap();
 
     // A named file that does not exist: refused, named.
-    let (code, _, err) = run(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--state",
-        &state,
-        "--master-key-file",
-        &other,
-    ]);
+    let (code, _, err) = serve_with_key_file(&state, &other);
     assert_eq!(code, 1, "{err}");
     assert!(
         err.contains(&other) && err.contains("does not exist"),

@@ -736,6 +736,26 @@ async fn sqlite_state_survives_reopening_and_uses_wal() {
     );
 }
 
+/// A stored key that opens but is not of the deployment's key format: a clear error naming
+/// the org, never the key.
+fn assert_refused_for_its_format(err: StoreError) {
+    assert!(
+        matches!(
+            &err,
+            StoreError::Sealed {
+                error: orgkey::SealError::NotAKey,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let message = err.to_string();
+    assert!(
+        message.contains("org acme") && message.contains("key format"),
+        "{message}"
+    );
+    assert!(!message.contains("AbCdEf123456"));
+}
 #[tokio::test]
 async fn sqlite_refuses_a_key_that_does_not_match_the_deployment_format() {
     let db = TempDb::new("format");
@@ -760,23 +780,7 @@ async fn sqlite_refuses_a_key_that_does_not_match_the_deployment_format() {
         common::master_for(&db.0),
     )
     .unwrap();
-    let err = store.load_orgs().await.unwrap_err();
-    assert!(
-        matches!(
-            &err,
-            StoreError::Sealed {
-                error: orgkey::SealError::NotAKey,
-                ..
-            }
-        ),
-        "{err:?}"
-    );
-    let message = err.to_string();
-    assert!(
-        message.contains("org acme") && message.contains("key format"),
-        "{message}"
-    );
-    assert!(!message.contains("AbCdEf123456"));
+    assert_refused_for_its_format(store.load_orgs().await.unwrap_err());
 }
 
 #[cfg(feature = "postgres")]
@@ -1096,23 +1100,7 @@ async fn postgres_refuses_a_key_that_does_not_match_the_deployment_format() {
             .unwrap();
     }
     let store = schema.connect_with(KeyFormat::with_len(22).unwrap()).await;
-    let err = store.load_orgs().await.unwrap_err();
-    assert!(
-        matches!(
-            &err,
-            StoreError::Sealed {
-                error: orgkey::SealError::NotAKey,
-                ..
-            }
-        ),
-        "{err:?}"
-    );
-    let message = err.to_string();
-    assert!(
-        message.contains("org acme") && message.contains("key format"),
-        "{message}"
-    );
-    assert!(!message.contains("AbCdEf123456"));
+    assert_refused_for_its_format(store.load_orgs().await.unwrap_err());
 }
 
 /// F1: a change committed through one replica reaches another replica's table through the

@@ -554,7 +554,7 @@ async fn restore(
             sqlite
                 .restore(path, operator.clone())
                 .await
-                .map_err(|e| format!("restore {}: {}", path.display(), ops::store_error(&e)))?,
+                .map_err(|e| format!("restore {}: {}", path.display(), super::causes(&e)))?,
             path.display().to_string(),
         ),
         (Some(_), None) => {
@@ -572,7 +572,7 @@ async fn restore(
             store
                 .restored(&operator)
                 .await
-                .map_err(|e| format!("restore: {}", ops::store_error(&e)))?,
+                .map_err(|e| format!("restore: {}", super::causes(&e)))?,
             format!("schema {}", options.schema),
         ),
     };
@@ -668,7 +668,7 @@ fn state_error(options: &Options, e: &crate::store::StoreError) -> String {
     format!(
         "state file {}: {}; nothing was served or changed",
         options.state.display(),
-        ops::store_error(e)
+        super::causes(e)
     )
 }
 

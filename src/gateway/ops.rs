@@ -423,11 +423,6 @@ pub(crate) async fn execute(request: &Request, handles: &Handles) -> Result<Vec<
     }
 }
 
-/// A store error with its cause (a backend's message says what failed; never a secret).
-pub(crate) fn store_error(e: &crate::store::StoreError) -> String {
-    super::causes(e)
-}
-
 /// The store behind `handles`.
 fn store(handles: &Handles) -> Result<&std::sync::Arc<dyn crate::store::Store>, String> {
     handles
@@ -460,7 +455,7 @@ async fn master_key(
     let in_use = store
         .master_keys_in_use()
         .await
-        .map_err(|e| format!("state: {}", store_error(&e)))?;
+        .map_err(|e| format!("state: {}", super::causes(&e)))?;
     match command {
         MasterKeyCommand::Create => Err(format!(
             "master key file {} exists and is in use (it is never overwritten)",
@@ -491,11 +486,11 @@ async fn master_key(
             store
                 .set_master_keys(master)
                 .await
-                .map_err(|e| format!("state: {}", store_error(&e)))?;
+                .map_err(|e| format!("state: {}", super::causes(&e)))?;
             let resealed = store
                 .reseal()
                 .await
-                .map_err(|e| format!("state: {}", store_error(&e)))?;
+                .map_err(|e| format!("state: {}", super::causes(&e)))?;
             tracing::info!(
                 target: "orgkey::audit",
                 actor = %actor,
@@ -507,7 +502,7 @@ async fn master_key(
             let left = store
                 .master_keys_in_use()
                 .await
-                .map_err(|e| format!("state: {}", store_error(&e)))?;
+                .map_err(|e| format!("state: {}", super::causes(&e)))?;
             let mut lines = vec![
                 format!("master key file: {}", file.display()),
                 format!("seals: {current}"),
@@ -551,7 +546,7 @@ async fn master_key(
             store
                 .set_master_keys(kept)
                 .await
-                .map_err(|e| format!("state: {}", store_error(&e)))?;
+                .map_err(|e| format!("state: {}", super::causes(&e)))?;
             tracing::info!(
                 target: "orgkey::audit",
                 actor = %actor,
@@ -576,7 +571,7 @@ async fn backup(path: &Path, handles: &Handles) -> Result<Vec<String>, String> {
         sqlite
             .backup(path)
             .await
-            .map_err(|e| format!("backup {}: {}", path.display(), store_error(&e)))?;
+            .map_err(|e| format!("backup {}: {}", path.display(), super::causes(&e)))?;
         let master = sqlite.master_keys();
         return Ok(vec![
             format!("backup: {}", path.display()),
